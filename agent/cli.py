@@ -1,0 +1,125 @@
+"""`node-health`: the command line. Exit codes: 0 healthy, 1 fault, 2 could not decide or bad
+configuration."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from agent import __version__
+
+app = typer.Typer(
+    help="Health agent for GPU and Trainium nodes in Kubernetes.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+checks_app = typer.Typer(help="Inspect the checks.", no_args_is_help=True)
+app.add_typer(checks_app, name="checks")
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        envvar="NODE_HEALTH_CONFIG",
+        help="YAML settings file.",
+        dir_okay=False,
+        show_default=False,
+    ),
+]
+
+
+def _setup(config: Path | None, **overrides: object):
+    """Settings, identity and planned checks; a configuration error exits 2 with its key."""
+    from agent import identity, logs
+    from agent.config import ConfigError, load_settings
+    from agent.plan import plan
+    from checks.api import CheckContext
+
+    try:
+        settings = load_settings(config, **overrides)
+        logs.configure(settings.log_level)
+        ident = identity.resolve(settings)
+        ctx = CheckContext(host_root=settings.host_root, instance_type=ident.instance_type)
+        planned = plan(settings, ctx)
+    except ConfigError as exc:
+        typer.echo(f"node-health: configuration error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    return settings, ident, planned
+
+
+@app.command()
+def run(
+    config: ConfigOption = None,
+    once: Annotated[
+        bool,
+        typer.Option(
+            "--once",
+            help="Run every enabled check once, print the events and exit: "
+            "0 healthy, 1 fault, 2 undecided.",
+        ),
+    ] = False,
+    dry_run: Annotated[
+        bool | None,
+        typer.Option("--dry-run", help="Decide and report, but change nothing on the node."),
+    ] = None,
+) -> None:
+    """Run the agent (the daemon), or one pass of every check with --once."""
+    from agent.daemon import run_daemon, run_once
+
+    settings, ident, planned = _setup(config, dry_run=dry_run)
+    main = run_once if once else run_daemon
+    raise typer.Exit(asyncio.run(main(settings, ident, planned)))
+
+
+@checks_app.command("list")
+def checks_list(
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table.")] = False,
+) -> None:
+    """Each check: enabled or not, how often it runs, and what it needs that is missing."""
+    _, _, planned = _setup(config)
+    rows = []
+    for pc in planned:
+        if pc.error:
+            state = f"error: {pc.error}"
+        elif not pc.enabled:
+            state = "disabled"
+        elif pc.missing:
+            state = "skipped: " + ", ".join(pc.missing)
+        else:
+            state = "enabled"
+        every = "streams" if pc.interval is None else f"every {pc.interval:g}s"
+        rows.append(
+            {
+                "check": pc.name,
+                "state": state,
+                "enabled": pc.enabled,
+                "runs": every if pc.check else "-",
+                "timeout_s": pc.timeout,
+                "missing": pc.missing,
+                "description": pc.description,
+            }
+        )
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    width = max((len(r["check"]) for r in rows), default=5) + 2
+    typer.echo(f"{'CHECK':<{width}}{'RUNS':<14}{'TIMEOUT':<9}STATE")
+    for r in rows:
+        typer.echo(f"{r['check']:<{width}}{r['runs']:<14}{r['timeout_s']:<9g}{r['state']}")
+
+
+@app.command()
+def version() -> None:
+    """Print the agent's version."""
+    typer.echo(f"node-health {__version__} (python {sys.version.split()[0]})")
+
+
+def main() -> None:
+    app()

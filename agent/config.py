@@ -1,0 +1,194 @@
+"""Settings: a YAML file (`--config` / NODE_HEALTH_CONFIG) and NODE_HEALTH_* variables.
+
+Environment variables win over the file; nested keys use `__`
+(`NODE_HEALTH_CHECKS__MEMORY__INTERVAL=10`). Any error names the key and the CLI exits 2.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from checks.api import Action, Check
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(value: Any) -> Any:
+    """'10m' -> 600.0; numbers are seconds; anything else is left for pydantic to reject."""
+    if isinstance(value, str) and (m := _DURATION.match(value)):
+        return float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+
+
+class ConfigError(Exception):
+    """A configuration problem, already phrased for the operator."""
+
+
+def default_state_dir() -> Path:
+    """Where spool and state live by default: the XDG state dir, so no root is needed."""
+    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(base) / "node-health"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CheckSettings(BaseModel):
+    """Per-check settings. Keys other than these three are the check's own options."""
+
+    model_config = ConfigDict(extra="allow")
+
+    enabled: bool | None = None
+    interval: Duration | None = None
+    timeout: Duration | None = None
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class RuleMatch(Strict):
+    """Shell-style patterns (fnmatch) on a finding's fields; all given must match."""
+
+    check: str | None = None
+    condition: str | None = None
+    reason: str | None = None
+    component: str | None = None
+    action: Action | None = None
+
+
+class PolicyRule(Strict):
+    """One line of the policy table: which findings, and what they mean for the node."""
+
+    name: str
+    match: RuleMatch = RuleMatch()
+    action: Action | None = Field(None, description="replaces the finding's recommended action")
+    count: int = Field(1, ge=1, description="occurrences needed before the action applies")
+    window: Duration | None = Field(None, description="the occurrences must fall within this")
+    latch: bool | None = Field(
+        None, description="hold the verdict until a reboot (default: for reboot and replace)"
+    )
+    clean_polls: int = Field(3, ge=1, description="consecutive clean polls that clear it")
+    ttl: Duration | None = Field(None, description="cleared this long after the last fault")
+    escalate: bool = Field(True, description="back after the reboot it asked for: replace")
+
+
+class PolicySettings(Strict):
+    rules: list[PolicyRule] = Field(
+        default_factory=list, description="tried before the packaged table, first match wins"
+    )
+    replace_builtin: bool = Field(False, description="use only `rules`, not the packaged table")
+    temporary_ttl: Duration = Field(3600.0, description="how long an event-only fault counts")
+    escalation_window: Duration = Field(7 * 86400.0, description="how long a reboot is remembered")
+
+
+class NodeKeys(Strict):
+    """Label, taint and annotation names the agent writes (HyperPod's by default)."""
+
+    health_status_label: str = "sagemaker.amazonaws.com/node-health-status"
+    deep_health_check_label: str = "sagemaker.amazonaws.com/deep-health-check-status"
+    taint_key: str = "sagemaker.amazonaws.com/node-health-status"
+    fault_details_annotation: str = "sagemaker.amazonaws.com/fault-details"
+
+
+class SpoolSettings(Strict):
+    max_segment_bytes: int = Field(8 * 1024 * 1024, ge=4096)
+    max_segments: int = Field(8, ge=2)
+
+
+_config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("config_file")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="NODE_HEALTH_", env_nested_delimiter="__", extra="forbid", populate_by_name=True
+    )
+
+    node_name: str | None = Field(
+        None, validation_alias=AliasChoices("node_name", "NODE_HEALTH_NODE_NAME", "NODE_NAME")
+    )
+    instance_id: str | None = None
+    instance_type: str | None = None
+    region: str | None = None
+    cluster_name: str | None = None
+    cluster_id: str | None = None
+    node_group: str | None = None
+
+    host_root: Path = Path("/")
+    state_dir: Path = Field(default_factory=default_state_dir)
+    dry_run: bool = False
+    imds: Literal["auto", "on", "off"] = "auto"
+    imds_endpoint: str = "http://169.254.169.254"
+    imds_timeout: Duration = 1.0
+    http_listen: str = Field("127.0.0.1:9870", description="host:port; empty turns it off")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    stdout_events: bool = True
+    spool: SpoolSettings = SpoolSettings()
+    checks: dict[str, CheckSettings] = Field(default_factory=dict)
+    policy: PolicySettings = PolicySettings()
+    node_keys: NodeKeys = NodeKeys()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = _config_file.get(None)
+        yaml_source = YamlConfigSettingsSource(settings_cls, yaml_file=path) if path else None
+        return tuple(s for s in (init_settings, env_settings, yaml_source) if s is not None)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings, phrasing every failure as a ConfigError that names the key."""
+    if config_file is not None and not config_file.is_file():
+        raise ConfigError(f"config file {config_file} does not exist")
+    token = _config_file.set(config_file)
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        raise ConfigError(describe(exc)) from None
+    except Exception as exc:  # a YAML syntax error, an unreadable file
+        raise ConfigError(f"cannot read {config_file}: {exc}") from None
+    finally:
+        _config_file.reset(token)
+
+
+def check_options(name: str, cls: type[Check], cfg: CheckSettings | None) -> BaseModel:
+    """Validate one check's own options against its model; errors name `checks.<name>.<key>`."""
+    try:
+        return cls.Options.model_validate(cfg.options if cfg else {})
+    except ValidationError as exc:
+        raise ConfigError(describe(exc, prefix=("checks", name))) from None
+
+
+def describe(exc: ValidationError, prefix: tuple[str, ...] = ()) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(part) for part in (*prefix, *err["loc"])) or "(top level)"
+        got = f" (got {err['input']!r})" if err["type"] != "missing" and "input" in err else ""
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown setting")
+        else:
+            lines.append(f"{key}: {err['msg']}{got}")
+    return "; ".join(lines)

@@ -1,0 +1,206 @@
+"""The daemon: wires checks -> policy -> events and node state, and owns their lifetimes.
+
+Data flows one way: runner (findings) -> policy (changes) -> event builder -> sinks, and the
+policy's desired node state -> node writer. Every long-lived resource is an async context
+manager entered here and closed in reverse order on SIGTERM/SIGINT, after a last flush.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import structlog
+
+from agent.config import Settings
+from agent.events import EventBuilder
+from agent.identity import Identity
+from agent.metrics import Metrics
+from agent.nodestate import LocalStateFile, NodeWriter, desired
+from agent.plan import PlannedCheck
+from agent.policy import (
+    Change,
+    Policy,
+    StateCorruptError,
+    Verdict,
+    read_boot_id,
+    rule_table,
+)
+from agent.runner import CHECK_ERROR, Runner
+from agent.server import HealthServer
+from agent.sinks import Fanout, Sink
+from agent.sinks.spool import SpoolSink
+from agent.sinks.stdout import StdoutSink
+from checks.api import Action, Finding, Status
+
+log = structlog.get_logger("agent.daemon")
+
+
+@dataclass(frozen=True)
+class Paths:
+    policy_state: str = "policy-state.json"
+    node_state: str = "node-state.json"
+    spool: str = "spool"
+
+
+class Agent:
+    """One agent: built from settings, run with `serve()` until `stop()`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        identity: Identity,
+        checks: list[PlannedCheck],
+        sinks: list[Sink] | None = None,
+        writer: NodeWriter | None = None,
+    ) -> None:
+        self.settings = settings
+        self.identity = identity
+        state = settings.state_dir
+        self.metrics = Metrics()
+        self.spool = SpoolSink(
+            state / Paths.spool, settings.spool.max_segment_bytes, settings.spool.max_segments
+        )
+        if sinks is None:
+            sinks = [self.spool, *([StdoutSink()] if settings.stdout_events else [])]
+        self.sinks = sinks
+        self.fanout = Fanout(sinks, on_error=self._sink_failed)
+        self.writer = writer or LocalStateFile(state / Paths.node_state)
+        self.builder = EventBuilder(identity, dry_run=settings.dry_run)
+        boot_id = read_boot_id(settings.host_root / "proc/sys/kernel/random/boot_id")
+        rules = rule_table(settings.policy)
+        try:
+            self.policy = Policy(rules, settings.policy, state / Paths.policy_state, boot_id)
+        except StateCorruptError as exc:
+            log.error("policy_state_unreadable", error=str(exc))
+            self.policy = Policy(rules, settings.policy, state / Paths.policy_state, boot_id)
+        failed = {
+            t.check
+            for t in self.policy.trackers.values()
+            if t.condition == CHECK_ERROR and t.status is Status.UNKNOWN
+        }
+        self.runner = Runner(checks, self.handle, self.metrics, failed=failed)
+        self._stop = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._ready = False
+
+    def _sink_failed(self, sink: str) -> None:
+        self.metrics.sink_errors.labels(sink).inc()
+
+    async def handle(self, findings: list[Finding]) -> None:
+        async with self._lock:
+            await self._publish(self.policy.observe(findings))
+        self._wake.set()
+
+    async def _publish(self, changes: Iterable[Change]) -> None:
+        changes = list(changes)
+        for change in changes:
+            event = self.builder.render(change)
+            self.metrics.events.labels(event["level"]).inc()
+            await self.fanout.emit(event)
+        self.metrics.spool_dropped.set(self.spool.dropped_events)
+        self.metrics.set_verdict(self.policy.verdict)
+        self.policy.save()
+        if changes:
+            await self._reconcile()
+
+    async def _reconcile(self) -> None:
+        if self.settings.dry_run:
+            return
+        try:
+            await self.writer.apply(desired(self.policy, self.settings.node_keys))
+        except Exception as exc:  # the node write is retried at the next change
+            log.error("node_write_failed", error=repr(exc))
+
+    async def _expiry_loop(self) -> None:
+        """Wake at the policy's next deadline (a TTL) and let conditions clear themselves."""
+        while True:
+            deadline = self.policy.next_deadline()
+            timeout = None if deadline is None else max(0.0, deadline - self.policy.clock())
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            async with self._lock:
+                await self._publish(self.policy.expire())
+
+    async def _after_first_round(self) -> None:
+        await self.runner.first_round.wait()
+        async with self._lock:
+            await self._publish(self.policy.release_hold())
+        self._ready = True
+        log.info("first_round_done", verdict=str(self.policy.verdict))
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def serve(self) -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            for sink in self.sinks:
+                await stack.enter_async_context(sink)
+            if self.settings.http_listen:
+                await stack.enter_async_context(
+                    HealthServer(
+                        self.settings.http_listen,
+                        self.metrics,
+                        live=lambda: not self._stop.is_set(),
+                        ready=lambda: self._ready,
+                    )
+                )
+            async with self._lock:
+                await self._publish(self.policy.observe([]))  # what loading found (a reboot)
+                await self._reconcile()  # level-triggered: make the node match on start
+            log.info(
+                "agent_started",
+                node=self.identity.node_name,
+                verdict=str(self.policy.verdict),
+                checks=[c.name for c in self.runner.checks],
+                dry_run=self.settings.dry_run,
+            )
+            tasks = [
+                asyncio.create_task(coro)
+                for coro in (self.runner.serve(), self._expiry_loop(), self._after_first_round())
+            ]
+            await self._stop.wait()
+            log.info("agent_stopping")
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.fanout.flush()
+            self.policy.save()
+        log.info("agent_stopped")
+
+
+async def run_daemon(settings: Settings, identity: Identity, checks: list[PlannedCheck]) -> int:
+    agent = Agent(settings, identity, checks)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, agent.stop)
+    await agent.serve()
+    return 0
+
+
+async def run_once(settings: Settings, identity: Identity, checks: list[PlannedCheck]) -> int:
+    """Every enabled check once; every finding as an event on stdout; nothing else changes.
+
+    Exit 0 healthy, 1 a fault that asks for an action, 2 no fault but a check could not decide.
+    """
+    policy = Policy(rule_table(settings.policy), settings.policy)
+    runner = Runner(checks, handle=_ignore, metrics=Metrics())
+    findings = await runner.run_round()
+    builder = EventBuilder(identity, dry_run=settings.dry_run)
+    async with StdoutSink() as out:
+        for change in policy.observe(findings, report_all=True):
+            await out.emit(builder.render(change))
+    if policy.verdict is not Verdict.SCHEDULABLE or any(
+        f.status is Status.FAULT and f.action is not Action.NONE for f in findings
+    ):
+        return 1
+    return 2 if any(f.status is Status.UNKNOWN for f in findings) else 0
+
+
+async def _ignore(findings: list[Finding]) -> None:
+    return None

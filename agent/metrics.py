@@ -1,0 +1,49 @@
+"""Prometheus metrics, in a registry of the agent's own (so tests can run several agents)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from agent.policy import Verdict
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.check_runs = Counter(
+            "node_health_check_runs",
+            "Check runs (of a streaming check: its findings) by result: ok, fault or unknown",
+            ["check", "result"],
+            registry=r,
+        )
+        self.check_success = Gauge(
+            "node_health_check_success",
+            "1 when the check's last run decided, 0 when it timed out or failed",
+            ["check"],
+            registry=r,
+        )
+        self.check_duration = Histogram(
+            "node_health_check_duration_seconds",
+            "Check run time",
+            ["check"],
+            registry=r,
+            buckets=(0.01, 0.05, 0.25, 1, 5, 30, 120, 600),
+        )
+        self.verdict = Gauge(
+            "node_health_verdict", "1 for the node's current verdict", ["verdict"], registry=r
+        )
+        self.events = Counter(
+            "node_health_events", "Events emitted, by level", ["level"], registry=r
+        )
+        self.sink_errors = Counter(
+            "node_health_sink_errors", "Events a sink failed to take", ["sink"], registry=r
+        )
+        self.spool_dropped = Gauge(
+            "node_health_spool_dropped_events",
+            "Events dropped from a full spool since start",
+            registry=r,
+        )
+
+    def set_verdict(self, current: Verdict) -> None:
+        for v in Verdict:
+            self.verdict.labels(str(v)).set(1 if v is current else 0)

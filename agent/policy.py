@@ -1,0 +1,404 @@
+"""Decide what findings mean for the node: the verdict, with hysteresis, from a rule table.
+
+Kept apart from detection (checks) and from reporting (events, sinks, node writers): it takes
+findings and returns `Change`s. Rules:
+- a fault counts once `count` occurrences fall within `window` (per check/condition/component);
+- reboot- and replace-class verdicts latch until the node reboots (a new boot id);
+- the same reboot-class fault again after that reboot escalates to replace;
+- a condition clears after `clean_polls` clean polls in a row, or `ttl` after its last fault;
+- unknown is never a fault and never a clean poll.
+The state is persisted so that an agent restart neither forgets a fault nor reports it twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import fnmatch
+import json
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agent.config import PolicyRule, PolicySettings
+from checks.api import Action, Finding, Status
+
+
+class Verdict(enum.StrEnum):
+    """The node-health-status label values."""
+
+    SCHEDULABLE = "Schedulable"
+    UNSCHEDULABLE = "Unschedulable"
+    PENDING_REBOOT = "UnschedulablePendingReboot"
+    PENDING_REPLACEMENT = "UnschedulablePendingReplacement"
+
+    @property
+    def rank(self) -> int:
+        return list(Verdict).index(self)
+
+
+VERDICT_OF_ACTION = {
+    Action.NONE: Verdict.SCHEDULABLE,
+    Action.RESTART_APP: Verdict.SCHEDULABLE,
+    Action.REBOOT: Verdict.PENDING_REBOOT,
+    Action.REPLACE: Verdict.PENDING_REPLACEMENT,
+}
+
+
+def builtin_rules() -> list[PolicyRule]:
+    text = resources.files("agent").joinpath("policy.yaml").read_text()
+    return [PolicyRule.model_validate(r) for r in yaml.safe_load(text)["rules"]]
+
+
+def rule_table(settings: PolicySettings) -> list[PolicyRule]:
+    """The settings' rules first, then the packaged ones (unless replaced)."""
+    return [*settings.rules, *(() if settings.replace_builtin else builtin_rules())]
+
+
+@dataclass
+class Tracker:
+    """What the policy remembers of one (check, condition, component)."""
+
+    check: str
+    condition: str
+    component: str
+    temporary: bool
+    rule: str
+    status: Status
+    reason: str
+    message: str
+    action: Action = Action.NONE
+    evidence: dict[str, Any] = field(default_factory=dict)
+    occurrences: list[float] = field(default_factory=list)
+    active: bool = False
+    changed: float = 0.0  # when `active` last flipped (the condition's transition time)
+    last_fault: float | None = None
+    clean: int = 0
+    escalated: bool = False
+
+    @property
+    def key(self) -> str:
+        return key_of(self.check, self.condition, self.component)
+
+
+def key_of(check: str, condition: str, component: str) -> str:
+    return f"{check}\t{condition}\t{component}"
+
+
+@dataclass(frozen=True)
+class Reported:
+    """A finding worth an event: new, changed, temporary, or a condition turning on."""
+
+    finding: Finding
+    tracker: Tracker
+    needed: int  # occurrences the rule needs
+
+
+@dataclass(frozen=True)
+class Cleared:
+    tracker: Tracker
+    why: str
+
+
+@dataclass(frozen=True)
+class VerdictChanged:
+    old: Verdict
+    new: Verdict
+    cause: Tracker | None
+    why: str
+
+
+@dataclass(frozen=True)
+class RebootSeen:
+    boot_id: str
+    cleared: int
+
+
+Change = Reported | Cleared | VerdictChanged | RebootSeen
+
+
+class Policy:
+    def __init__(
+        self,
+        rules: list[PolicyRule],
+        settings: PolicySettings,
+        state_path: Path | None = None,
+        boot_id: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.rules = rules
+        self.settings = settings
+        self.state_path = state_path
+        self.clock = clock
+        self._patterns = [_compile(r) for r in rules]
+        self.trackers: dict[str, Tracker] = {}
+        self.verdict = Verdict.SCHEDULABLE
+        self.latched: Verdict | None = None
+        self.latched_keys: list[str] = []
+        self.rebooted_for: dict[str, float] = {}
+        self.boot_id = boot_id
+        self.hold: Verdict | None = None  # kept after a reboot until the first round of checks
+        self.pending: list[Change] = []  # changes found while loading, for the first caller
+        self._dirty = False
+        if state_path is not None:
+            self._load(state_path, boot_id)
+
+    # ---- deciding ------------------------------------------------------------------------
+
+    def observe(self, findings: Iterable[Finding], report_all: bool = False) -> list[Change]:
+        """Take a batch of findings; return what changed, the verdict last."""
+        changes, self.pending = self.pending, []
+        now = self.clock()
+        for f in findings:
+            changes += self._observe(f, now, report_all)
+        return self._settle(changes)
+
+    def expire(self) -> list[Change]:
+        """Clear conditions whose TTL ran out; call at `next_deadline()`."""
+        now = self.clock()
+        changes: list[Change] = []
+        for t in list(self.trackers.values()):
+            ttl = self._ttl(t)
+            expired = ttl is not None and t.last_fault is not None and now - t.last_fault >= ttl
+            if t.active and expired:
+                self._deactivate(t, now)
+                changes.append(Cleared(t, f"no recurrence for {ttl:g}s"))
+            elif t.temporary and not t.active and (t.last_fault or 0) + self._window(t) <= now:
+                del self.trackers[t.key]  # an old event: nothing left to count
+                self._dirty = True
+        return self._settle(changes)
+
+    def next_deadline(self) -> float | None:
+        deadlines = []
+        for t in self.trackers.values():
+            ttl = self._ttl(t)
+            if t.active and ttl is not None and t.last_fault is not None:
+                deadlines.append(t.last_fault + ttl)
+            elif t.temporary and not t.active:
+                deadlines.append((t.last_fault or 0) + self._window(t))
+        return min(deadlines, default=None)
+
+    def release_hold(self) -> list[Change]:
+        """The first round of checks after a reboot is in: the verdict may now go down."""
+        self.hold = None
+        return self._settle([])
+
+    def _observe(self, f: Finding, now: float, report_all: bool) -> list[Change]:
+        idx = self._rule_index(f)
+        rule = self.rules[idx]
+        key = key_of(f.check, f.condition, f.component)
+        t = self.trackers.get(key)
+        new = t is None
+        if t is None:
+            t = Tracker(
+                f.check,
+                f.condition,
+                f.component,
+                f.temporary,
+                rule.name,
+                f.status,
+                f.reason,
+                f.message,
+                changed=now,
+            )
+            self.trackers[key] = t
+        self._dirty = True
+        changed = new or t.status != f.status
+        was_active = t.active
+        t.rule = rule.name
+        if f.status is Status.UNKNOWN:
+            t.status = f.status
+            return [Reported(f, t, rule.count)] if changed or report_all else []
+        if f.status is Status.FAULT:
+            self._fault(t, f, rule, now)
+        elif t.active:
+            t.clean += 1
+            if t.clean >= rule.clean_polls:
+                t.status, t.reason, t.message = f.status, f.reason, f.message
+                self._deactivate(t, now)
+                return [Cleared(t, f"{t.clean} clean polls in a row")]
+            return [Reported(f, t, rule.count)] if report_all else []
+        t.status, t.reason, t.message, t.evidence = f.status, f.reason, f.message, dict(f.evidence)
+        report = report_all or changed or f.temporary or t.active != was_active
+        return [Reported(f, t, rule.count)] if report else []
+
+    def _fault(self, t: Tracker, f: Finding, rule: PolicyRule, now: float) -> None:
+        t.clean = 0
+        t.last_fault = now
+        t.occurrences.append(now)
+        if rule.window is not None:
+            t.occurrences = [ts for ts in t.occurrences if now - ts <= rule.window]
+        t.occurrences = t.occurrences[-rule.count :]
+        action = rule.action or f.action
+        since = self.rebooted_for.get(t.key)
+        if (
+            rule.escalate
+            and action is Action.REBOOT
+            and since is not None
+            and now - since <= self.settings.escalation_window
+        ):
+            action, t.escalated = Action.REPLACE, True
+        t.status, t.reason, t.message, t.evidence = f.status, f.reason, f.message, dict(f.evidence)
+        if len(t.occurrences) < rule.count:
+            return
+        if not t.active:
+            t.active, t.changed, t.action = True, now, action
+        elif action.rank > t.action.rank:
+            t.action = action
+        latch = rule.latch if rule.latch is not None else action.rank >= Action.REBOOT.rank
+        verdict = VERDICT_OF_ACTION[t.action]
+        if latch and verdict is not Verdict.SCHEDULABLE:
+            if self.latched is None or verdict.rank > self.latched.rank:
+                self.latched = verdict
+            if t.key not in self.latched_keys:
+                self.latched_keys.append(t.key)
+
+    def _deactivate(self, t: Tracker, now: float) -> None:
+        t.active, t.changed, t.clean = False, now, 0
+        t.occurrences.clear()
+        t.action = Action.NONE
+        t.escalated = False
+        if t.status is Status.FAULT:
+            t.status = Status.OK
+        self._dirty = True
+
+    def _settle(self, changes: list[Change]) -> list[Change]:
+        new, cause = self._compute()
+        if new is not self.verdict:
+            why = cause.message if cause else "no active fault"
+            changes.append(VerdictChanged(self.verdict, new, cause, why))
+            self.verdict = new
+            self._dirty = True
+        return changes
+
+    def _compute(self) -> tuple[Verdict, Tracker | None]:
+        verdict, cause = Verdict.SCHEDULABLE, None
+        for t in self.trackers.values():
+            v = VERDICT_OF_ACTION[t.action] if t.active else Verdict.SCHEDULABLE
+            if v.rank > verdict.rank:
+                verdict, cause = v, t
+        if self.latched is not None and self.latched.rank > verdict.rank:
+            verdict = self.latched
+            cause = next(
+                (self.trackers[k] for k in reversed(self.latched_keys) if k in self.trackers), cause
+            )
+        if self.hold is not None and self.hold.rank > verdict.rank:
+            verdict = self.hold
+        return verdict, cause
+
+    def _rule_index(self, f: Finding) -> int:
+        for i, pats in enumerate(self._patterns):
+            if all(_fits(pat, getattr(f, name)) for name, pat in pats):
+                return i
+        raise LookupError(f"no policy rule matches {f.check}/{f.condition}; add a catch-all")
+
+    def _ttl(self, t: Tracker) -> float | None:
+        rule = self._rule_named(t.rule)
+        if rule is not None and rule.ttl is not None:
+            return rule.ttl
+        return self.settings.temporary_ttl if t.temporary else None
+
+    def _window(self, t: Tracker) -> float:
+        rule = self._rule_named(t.rule)
+        return (rule.window if rule and rule.window else 0.0) or self.settings.temporary_ttl
+
+    def _rule_named(self, name: str) -> PolicyRule | None:
+        return next((r for r in self.rules if r.name == name), None)
+
+    # ---- persistence ---------------------------------------------------------------------
+
+    def save(self) -> None:
+        if self.state_path is None or not self._dirty:
+            return
+        state = {
+            "version": 1,
+            "boot_id": self.boot_id,
+            "verdict": self.verdict,
+            "latched": self.latched,
+            "hold": self.hold,
+            "latched_keys": self.latched_keys,
+            "rebooted_for": self.rebooted_for,
+            "trackers": [dataclasses.asdict(t) for t in self.trackers.values()],
+        }
+        write_atomic(self.state_path, json.dumps(state, indent=1))
+        self._dirty = False
+
+    def _load(self, path: Path, boot_id: str | None) -> None:
+        try:
+            state = json.loads(path.read_text())
+            trackers = [_tracker(d) for d in state["trackers"]]
+            verdict = Verdict(state["verdict"])
+            latched = Verdict(state["latched"]) if state["latched"] else None
+        except FileNotFoundError:
+            return
+        except (ValueError, KeyError, TypeError) as exc:
+            # Keep the unreadable file for a person to look at; start clean rather than crash.
+            with contextlib.suppress(OSError):
+                path.replace(path.with_suffix(".corrupt"))
+            raise StateCorruptError(f"{path}: {exc}; moved aside, starting afresh") from exc
+        self.trackers = {t.key: t for t in trackers}
+        self.verdict, self.latched = verdict, latched
+        self.hold = Verdict(state["hold"]) if state.get("hold") else None
+        self.latched_keys = list(state.get("latched_keys", []))
+        self.rebooted_for = dict(state.get("rebooted_for", {}))
+        old_boot = state.get("boot_id")
+        if boot_id and old_boot and boot_id != old_boot:
+            self._rebooted(boot_id)
+
+    def _rebooted(self, boot_id: str) -> None:
+        """A new boot: the reboot was the remediation. Remember what it was for, start clean."""
+        now = self.clock()
+        if self.latched is Verdict.PENDING_REBOOT:
+            self.rebooted_for.update({k: now for k in self.latched_keys})
+        window = self.settings.escalation_window
+        self.rebooted_for = {k: ts for k, ts in self.rebooted_for.items() if now - ts <= window}
+        cleared = len(self.trackers)
+        self.hold = self.verdict if self.verdict is not Verdict.SCHEDULABLE else None
+        self.trackers.clear()
+        self.latched, self.latched_keys = None, []
+        self.pending.append(RebootSeen(boot_id, cleared))
+        self._dirty = True
+
+
+class StateCorruptError(RuntimeError):
+    """The persisted state could not be read; it was moved aside."""
+
+
+def _tracker(d: dict[str, Any]) -> Tracker:
+    d = dict(d)
+    d["status"] = Status(d["status"])
+    d["action"] = Action(d["action"])
+    return Tracker(**d)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a file so that a crash leaves the old or the new content, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _compile(rule: PolicyRule) -> list[tuple[str, str]]:
+    return [(name, str(pat)) for name, pat in rule.match.model_dump(exclude_none=True).items()]
+
+
+def _fits(pattern: str, value: object) -> bool:
+    return fnmatch.fnmatchcase(str(value), pattern)
+
+
+def read_boot_id(path: Path) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None

@@ -1,0 +1,146 @@
+"""Run checks on the event loop, each isolated from the others.
+
+A check that hangs is timed out, one that raises is caught: either becomes an `unknown` finding
+with the reason, and the other checks never notice. Polling checks run every `interval`;
+streaming checks are followed and restarted with backoff when their source fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+
+import structlog
+
+from agent.metrics import Metrics
+from agent.plan import PlannedCheck
+from checks.api import Finding, PollingCheck, Status, StreamingCheck
+
+log = structlog.get_logger("agent.runner")
+
+CHECK_ERROR = "CheckError"  # the condition of a check that could not decide
+Handler = Callable[[list[Finding]], Awaitable[None]]
+
+
+def unknown(check: str, reason: str, message: str) -> Finding:
+    return Finding(
+        component="agent",
+        condition=CHECK_ERROR,
+        status=Status.UNKNOWN,
+        reason=reason,
+        message=message,
+        check=check,
+    )
+
+
+class Runner:
+    def __init__(
+        self,
+        checks: list[PlannedCheck],
+        handle: Handler,
+        metrics: Metrics,
+        failed: set[str] | None = None,
+        stream_backoff: tuple[float, float] = (1.0, 300.0),
+    ) -> None:
+        self.checks = [c for c in checks if c.runnable]
+        self.handle = handle
+        self.metrics = metrics
+        self.failed = set(failed or ())  # checks whose last run could not decide
+        self.stream_backoff = stream_backoff
+        self.first_round = asyncio.Event()
+        self._pending_first = {c.name for c in self.checks if c.interval is not None}
+
+    async def run_round(self) -> list[Finding]:
+        """Run every check once, concurrently (streaming ones over what their source holds)."""
+        results = await asyncio.gather(*(self.run_one(c, follow=False) for c in self.checks))
+        return [f for batch in results for f in batch]
+
+    async def run_one(self, pc: PlannedCheck, follow: bool = False) -> list[Finding]:
+        """One run of one check: its findings, or an unknown finding saying why there are none."""
+        assert pc.check is not None
+        start = time.perf_counter()
+        try:
+            async with asyncio.timeout(pc.timeout):
+                if isinstance(pc.check, PollingCheck):
+                    found = list(await pc.check.poll())
+                else:
+                    found = [f async for f in pc.check.stream(follow=False)]
+        except TimeoutError:
+            found = [unknown(pc.name, "CheckTimeout", f"{pc.name} timed out after {pc.timeout:g}s")]
+        except Exception as exc:
+            log.warning("check_failed", check=pc.name, error=repr(exc))
+            found = [unknown(pc.name, "CheckException", f"{pc.name}: {type(exc).__name__}: {exc}")]
+        self.metrics.check_duration.labels(pc.name).observe(time.perf_counter() - start)
+        return self._stamp(pc.name, found)
+
+    def _stamp(self, name: str, found: list[Finding]) -> list[Finding]:
+        """Name the check on each finding, and close its CheckError once it decides again."""
+        failed = any(f.condition == CHECK_ERROR and f.status is Status.UNKNOWN for f in found)
+        result = (
+            "unknown"
+            if failed
+            else ("fault" if any(f.status is Status.FAULT for f in found) else "ok")
+        )
+        self.metrics.check_runs.labels(name, result).inc()
+        self.metrics.check_success.labels(name).set(0 if failed else 1)
+        found = [replace(f, check=name) for f in found]
+        if failed:
+            self.failed.add(name)
+        elif name in self.failed:
+            self.failed.discard(name)
+            found.append(
+                Finding(
+                    component="agent",
+                    condition=CHECK_ERROR,
+                    status=Status.OK,
+                    reason="CheckRecovered",
+                    message=f"{name} decides again",
+                    check=name,
+                )
+            )
+        return found
+
+    async def serve(self) -> None:
+        """Run every check until cancelled."""
+        if not self._pending_first:
+            self.first_round.set()
+        async with asyncio.TaskGroup() as tg:
+            for pc in self.checks:
+                loop = self._poll_loop if pc.interval is not None else self._stream_loop
+                tg.create_task(loop(pc), name=f"check:{pc.name}")
+
+    async def _deliver(self, findings: list[Finding]) -> None:
+        try:
+            await self.handle(findings)
+        except Exception as exc:  # the decision or a report failed: keep checking
+            log.error("handle_failed", error=repr(exc))
+
+    async def _poll_loop(self, pc: PlannedCheck) -> None:
+        assert pc.interval is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            await self._deliver(await self.run_one(pc))
+            if pc.name in self._pending_first:
+                self._pending_first.discard(pc.name)
+                if not self._pending_first:
+                    self.first_round.set()
+            await asyncio.sleep(max(0.0, started + pc.interval - loop.time()))
+
+    async def _stream_loop(self, pc: PlannedCheck) -> None:
+        assert isinstance(pc.check, StreamingCheck)
+        delay, ceiling = self.stream_backoff
+        while True:
+            try:
+                async for finding in pc.check.stream(follow=True):
+                    await self._deliver(self._stamp(pc.name, [finding]))
+                    delay = self.stream_backoff[0]
+                reason, message = "StreamEnded", f"{pc.name}: its source ended"
+            except Exception as exc:
+                log.warning("stream_failed", check=pc.name, error=repr(exc))
+                reason, message = "CheckException", f"{pc.name}: {type(exc).__name__}: {exc}"
+            await self._deliver(self._stamp(pc.name, [unknown(pc.name, reason, message)]))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, ceiling)

@@ -1,0 +1,73 @@
+"""`/healthz`, `/readyz` and `/metrics` over plain asyncio: no thread, no web framework."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Self
+
+import structlog
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from agent.metrics import Metrics
+
+log = structlog.get_logger("agent.server")
+_STATUS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class HealthServer:
+    def __init__(
+        self, listen: str, metrics: Metrics, live: Callable[[], bool], ready: Callable[[], bool]
+    ) -> None:
+        self.host, self.port = parse_listen(listen)
+        self.metrics = metrics
+        self.live = live
+        self.ready = ready
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> Self:
+        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("http_listening", host=self.host, port=self.port)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(5):
+                head = await reader.readuntil(b"\r\n\r\n")
+            method, path, *_ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
+            code, ctype, body = self._route(method, path.split("?", 1)[0])
+            writer.write(
+                f"HTTP/1.1 {code} {_STATUS[code]}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                + (b"" if method == "HEAD" else body)
+            )
+            await writer.drain()
+        except (TimeoutError, ValueError, ConnectionError, asyncio.IncompleteReadError):
+            pass  # a bad or slow client gets nothing; the agent carries on
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    def _route(self, method: str, path: str) -> tuple[int, str, bytes]:
+        text = "text/plain; charset=utf-8"
+        if method not in ("GET", "HEAD"):
+            return 405, text, b"method not allowed\n"
+        if path == "/metrics":
+            return 200, CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry)
+        if path in ("/healthz", "/readyz"):
+            ok = self.live() if path == "/healthz" else self.ready()
+            return (200, text, b"ok\n") if ok else (503, text, b"not ready\n")
+        return 404, text, b"not found\n"

@@ -1,0 +1,1 @@
+"""Pluggable node health checks. Each check detects; the agent decides and reports."""

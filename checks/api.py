@@ -1,0 +1,142 @@
+"""The check plugin API: what a check declares about itself and what it reports.
+
+Checks only detect. They know nothing of Kubernetes, CloudWatch or the node verdict: they yield
+`Finding`s, and the agent's policy decides what those mean for the node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import shutil
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Status(enum.StrEnum):
+    """What a check saw for one condition on one component."""
+
+    OK = "ok"
+    FAULT = "fault"
+    UNKNOWN = "unknown"  # the check could not decide: never treated as a fault
+
+
+class Action(enum.StrEnum):
+    """Recommended remediation, after NVIDIA's XID catalog and NVSentinel's RecommendedAction."""
+
+    NONE = "none"
+    RESTART_APP = "restart_app"
+    REBOOT = "reboot"
+    REPLACE = "replace"
+
+    @property
+    def rank(self) -> int:
+        return _ACTION_RANK[self]
+
+
+_ACTION_RANK = {Action.NONE: 0, Action.RESTART_APP: 1, Action.REBOOT: 2, Action.REPLACE: 3}
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One observation: `condition` on `component` is `status`, and what to do about it.
+
+    `temporary` findings are events (a log line that happened); the others describe a state that
+    holds until a later finding says otherwise.
+    """
+
+    component: str
+    condition: str
+    status: Status
+    reason: str
+    message: str
+    action: Action = Action.NONE
+    evidence: Mapping[str, Any] = field(default_factory=dict)
+    temporary: bool = False
+    check: str = ""
+    ts: float = field(default_factory=time.time)
+
+
+class NoOptions(BaseModel):
+    """Options model of a check that takes none: any key given is an error."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True, slots=True)
+class CheckContext:
+    """What the agent hands every check: where the host is, and what node this is."""
+
+    host_root: Path = Path("/")
+    instance_type: str | None = None
+
+    def path(self, path: str) -> Path:
+        """An absolute host path (`/proc/meminfo`) as seen under the host root."""
+        return self.host_root / path.lstrip("/")
+
+
+class Check:
+    """Base of every check. Subclass `PollingCheck` or `StreamingCheck`, not this."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    timeout: ClassVar[float] = 30.0
+    enabled_by_default: ClassVar[bool] = True
+    needs_executables: ClassVar[tuple[str, ...]] = ()
+    needs_paths: ClassVar[tuple[str, ...]] = ()  # host paths, read under the host root
+    Options: ClassVar[type[BaseModel]] = NoOptions
+
+    def __init__(self, ctx: CheckContext, options: BaseModel | None = None) -> None:
+        self.ctx = ctx
+        self.options = options if options is not None else self.Options()
+
+    def missing(self) -> list[str]:
+        """What this check needs and the host lacks, in words (`dcgmi not found`)."""
+        gone = [f"{exe} not found" for exe in self.needs_executables if shutil.which(exe) is None]
+        gone += [f"{p} not found" for p in self.needs_paths if not self.ctx.path(p).exists()]
+        return gone
+
+
+class PollingCheck(Check):
+    """A check run every `interval` seconds.
+
+    Implement `collect` (blocking, run in a worker thread so it never stalls the event loop) or
+    override `poll` (async).
+    """
+
+    interval: ClassVar[float] = 60.0
+
+    _busy: bool = False
+
+    async def poll(self) -> list[Finding]:
+        # A timed-out thread cannot be killed; refuse to pile a second one on top of it.
+        if self._busy:
+            raise CheckBusyError("the previous run has not returned yet")
+        self._busy = True
+        return await asyncio.to_thread(self._collect_and_release)
+
+    def _collect_and_release(self) -> list[Finding]:
+        try:
+            return self.collect()
+        finally:
+            self._busy = False
+
+    def collect(self) -> list[Finding]:
+        raise NotImplementedError(f"{type(self).__name__} implements neither collect nor poll")
+
+
+class StreamingCheck(Check):
+    """A check that follows a source (a log, an event API) and yields findings as they come."""
+
+    def stream(self, follow: bool = True) -> AsyncIterator[Finding]:
+        """Yield findings from the source; with `follow=False`, only what it holds now."""
+        raise NotImplementedError
+
+
+class CheckBusyError(RuntimeError):
+    """A polling check was due while its previous run was still going."""
