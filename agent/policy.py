@@ -87,6 +87,12 @@ class Tracker:
     def key(self) -> str:
         return key_of(self.check, self.condition, self.component)
 
+    def snapshot(self) -> Tracker:
+        """A copy for a change to carry: the tracker itself keeps changing."""
+        return dataclasses.replace(
+            self, occurrences=list(self.occurrences), evidence=dict(self.evidence)
+        )
+
 
 def key_of(check: str, condition: str, component: str) -> str:
     return f"{check}\t{condition}\t{component}"
@@ -169,7 +175,7 @@ class Policy:
             expired = ttl is not None and t.last_fault is not None and now - t.last_fault >= ttl
             if t.active and expired:
                 self._deactivate(t, now)
-                changes.append(Cleared(t, f"no recurrence for {ttl:g}s"))
+                changes.append(Cleared(t.snapshot(), f"no recurrence for {ttl:g}s"))
             elif t.temporary and not t.active and (t.last_fault or 0) + self._window(t) <= now:
                 del self.trackers[t.key]  # an old event: nothing left to count
                 self._dirty = True
@@ -215,7 +221,7 @@ class Policy:
         t.rule = rule.name
         if f.status is Status.UNKNOWN:
             t.status = f.status
-            return [Reported(f, t, rule.count)] if changed or report_all else []
+            return [Reported(f, t.snapshot(), rule.count)] if changed or report_all else []
         if f.status is Status.FAULT:
             self._fault(t, f, rule, now)
         elif t.active:
@@ -223,11 +229,11 @@ class Policy:
             if t.clean >= rule.clean_polls:
                 t.status, t.reason, t.message = f.status, f.reason, f.message
                 self._deactivate(t, now)
-                return [Cleared(t, f"{t.clean} clean polls in a row")]
-            return [Reported(f, t, rule.count)] if report_all else []
+                return [Cleared(t.snapshot(), f"{t.clean} clean polls in a row")]
+            return [Reported(f, t.snapshot(), rule.count)] if report_all else []
         t.status, t.reason, t.message, t.evidence = f.status, f.reason, f.message, dict(f.evidence)
         report = report_all or changed or f.temporary or t.active != was_active
-        return [Reported(f, t, rule.count)] if report else []
+        return [Reported(f, t.snapshot(), rule.count)] if report else []
 
     def _fault(self, t: Tracker, f: Finding, rule: PolicyRule, now: float) -> None:
         t.clean = 0
@@ -273,7 +279,8 @@ class Policy:
         new, cause = self._compute()
         if new is not self.verdict:
             why = cause.message if cause else "no active fault"
-            changes.append(VerdictChanged(self.verdict, new, cause, why))
+            snap = cause.snapshot() if cause else None
+            changes.append(VerdictChanged(self.verdict, new, snap, why))
             self.verdict = new
             self._dirty = True
         return changes

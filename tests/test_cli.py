@@ -1,0 +1,114 @@
+"""The `node-health` command as an operator runs it: output and exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent import __version__
+
+
+def node_health(
+    env: dict[str, str], *args: str, timeout: float = 30
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "agent", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def config(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def events(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines()]
+
+
+def test_version(cli_env) -> None:
+    out = node_health(cli_env, "version")
+    assert out.returncode == 0 and f"node-health {__version__}" in out.stdout
+
+
+def test_once_on_a_healthy_host_prints_events_and_exits_0(cli_env, tmp_path) -> None:
+    cfg = config(tmp_path, "checks:\n  hang: {enabled: false}\n")
+    out = node_health(cli_env, "run", "--once", "--config", cfg)
+    assert out.returncode == 0, out.stderr
+    by_check = {e["check"]: e for e in events(out.stdout)}
+    assert by_check["memory"]["evidence"]["available_percent"] == 82.82
+    assert by_check["fixed"]["status"] == "ok"
+    assert not (tmp_path / "state").exists()  # --once changes nothing
+
+
+def test_once_with_a_fault_exits_1(cli_env, tmp_path) -> None:
+    cfg = config(
+        tmp_path,
+        "checks:\n  hang: {enabled: false}\n  memory:\n"
+        "    available_min_percent: 90\n    polls: 1\n    action: reboot\n",
+    )
+    out = node_health(cli_env, "run", "--once", "-c", cfg)
+    assert out.returncode == 1
+    msgs = [e["msg"] for e in events(out.stdout)]
+    assert any(m.startswith("Encountered FaultyInstance. Reboot the Instance.") for m in msgs)
+
+
+def test_once_with_an_undecided_check_exits_2(cli_env) -> None:
+    out = node_health(cli_env, "run", "--once")
+    assert out.returncode == 2
+    hang = [e for e in events(out.stdout) if e["check"] == "hang"]
+    assert hang[0]["status"] == "unknown" and hang[0]["reason"] == "CheckTimeout"
+
+
+def test_checks_list_shows_state_interval_and_what_is_missing(cli_env, tmp_path) -> None:
+    cfg = config(tmp_path, "checks:\n  hang: {enabled: false}\n  memory: {interval: 2m}\n")
+    out = node_health(cli_env, "checks", "list", "--config", cfg)
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0]: line for line in out.stdout.splitlines()[1:]}
+    assert "every 120s" in rows["memory"] and "enabled" in rows["memory"]
+    assert rows["hang"].endswith("disabled")
+    assert (
+        "skipped: dcgmi-not-on-this-machine not found, /dev/nvidia-not-here not found"
+        in rows["needs"]
+    )
+    as_json = json.loads(node_health(cli_env, "checks", "list", "--json").stdout)
+    assert {r["check"] for r in as_json} == {"memory", "fixed", "hang", "needs"}
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "message"),
+    [
+        ("checks:\n  memory:\n    interval: soon\n", "checks.memory.interval: Input should be"),
+        (
+            "checks:\n  memory:\n    available_min_percent: 120\n",
+            "checks.memory.available_min_percent: Input should be less than or equal to 100",
+        ),
+        ("checks:\n  memroy: {}\n", "checks.memroy: no such check"),
+        ("spool:\n  max_segmnets: 3\n", "spool.max_segmnets: unknown setting"),
+        ("policy:\n  rules:\n    - name: x\n      action: explode\n", "policy.rules.0.action:"),
+        ("checks: [\n", "cannot read"),
+    ],
+)
+def test_bad_config_exits_2_naming_the_key(cli_env, tmp_path, yaml_text, message) -> None:
+    out = node_health(cli_env, "run", "--once", "--config", config(tmp_path, yaml_text))
+    assert out.returncode == 2
+    assert "configuration error" in out.stderr and message in out.stderr
+    assert out.stdout == ""
+
+
+def test_bad_environment_variable_exits_2(cli_env) -> None:
+    out = node_health(cli_env | {"NODE_HEALTH_SPOOL__MAX_SEGMENTS": "lots"}, "checks", "list")
+    assert out.returncode == 2 and "spool.max_segments" in out.stderr
+
+
+def test_missing_config_file_exits_2(cli_env, tmp_path) -> None:
+    out = node_health(cli_env, "run", "--config", str(tmp_path / "nope.yaml"))
+    assert out.returncode == 2 and "does not exist" in out.stderr

@@ -1,0 +1,156 @@
+"""The daemon as it runs on a node: events, node state, restarts, SIGTERM, health endpoints."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+LABEL = "sagemaker.amazonaws.com/node-health-status"
+
+
+def start(env: dict[str, str], *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "agent", "run", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def spooled(state: Path) -> list[dict]:
+    return [
+        json.loads(line)
+        for seg in sorted((state / "spool").glob("*.jsonl"))
+        for line in seg.read_text().splitlines()
+    ]
+
+
+def wait_for(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> float:
+    start_t = time.monotonic()
+    proc.send_signal(sig)
+    proc.wait(timeout=10)
+    return time.monotonic() - start_t
+
+
+def faulty(tmp_path: Path, action: str = "reboot") -> str:
+    cfg = tmp_path / "faulty.yaml"
+    cfg.write_text(
+        "checks:\n  hang: {enabled: false}\n  needs: {enabled: false}\n"
+        f"  fixed:\n    status: fault\n    action: {action}\n"
+        "    condition: NvidiaGPUUnhealthy\n    component: gpu:0\n"
+        "    reason: XidHardwareFailure\n"
+    )
+    return str(cfg)
+
+
+def test_fault_reaches_spool_stdout_and_node_state_and_sigterm_exits_0(cli_env, tmp_path):
+    state = tmp_path / "state"
+    proc = start(cli_env, "--config", faulty(tmp_path))
+    wait_for(lambda: any("verdict" in e for e in spooled(state)))
+    assert stop(proc) < 5
+    assert proc.returncode == 0
+    stdout = [json.loads(line) for line in proc.stdout.read().splitlines()]
+    events = spooled(state)
+    assert events == stdout  # the same events, spooled before shipping
+    verdict = next(e for e in events if "verdict" in e)
+    assert verdict["verdict"] == "UnschedulablePendingReboot"
+    assert verdict["msg"].startswith("Encountered FaultyInstance. Reboot the Instance.")
+    node = json.loads((state / "node-state.json").read_text())
+    assert node["labels"][LABEL] == "UnschedulablePendingReboot"
+    assert node["taints"] == [
+        {"key": LABEL, "value": "UnschedulablePendingReboot", "effect": "NoSchedule"}
+    ]
+    gpu = next(c for c in node["conditions"] if c["type"] == "NvidiaGPUUnhealthy")
+    assert (gpu["status"], gpu["reason"]) == ("True", "XidHardwareFailure")
+    details = json.loads(node["annotations"]["sagemaker.amazonaws.com/fault-details"])
+    assert details[0]["type"] == "NvidiaGPUUnhealthy"
+    assert "agent_stopped" in proc.stderr.read()
+
+
+def test_restart_keeps_the_verdict_and_reports_nothing_twice(cli_env, tmp_path):
+    state = tmp_path / "state"
+    cfg = faulty(tmp_path, action="replace")
+    proc = start(cli_env, "--config", cfg)
+    wait_for(lambda: any("verdict" in e for e in spooled(state)))
+    stop(proc)
+    first = len(spooled(state))
+    port = free_port()
+    proc = start(cli_env | {"NODE_HEALTH_HTTP_LISTEN": f"127.0.0.1:{port}"}, "--config", cfg)
+    wait_for(lambda: _answers(port) and get(f"http://127.0.0.1:{port}/readyz")[0] == 200)
+    time.sleep(1.0)  # twenty more polls of the same fault
+    stop(proc)
+    assert len(spooled(state)) == first
+    node = json.loads((state / "node-state.json").read_text())
+    assert node["labels"][LABEL] == "UnschedulablePendingReplacement"
+
+
+def test_sigint_also_flushes_and_exits_0(cli_env, tmp_path):
+    proc = start(cli_env, "--config", faulty(tmp_path))
+    wait_for(lambda: any("verdict" in e for e in spooled(tmp_path / "state")))
+    stop(proc, signal.SIGINT)
+    assert proc.returncode == 0
+
+
+def test_dry_run_reports_but_changes_nothing_on_the_node(cli_env, tmp_path):
+    state = tmp_path / "state"
+    proc = start(cli_env, "--config", faulty(tmp_path), "--dry-run")
+    wait_for(lambda: any("verdict" in e for e in spooled(state)))
+    stop(proc)
+    assert all(e["dry_run"] for e in spooled(state))
+    assert not (state / "node-state.json").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def test_health_readiness_and_metrics_endpoints(cli_env, tmp_path):
+    port = free_port()
+    env = cli_env | {"NODE_HEALTH_HTTP_LISTEN": f"127.0.0.1:{port}"}
+    proc = start(env, "--config", faulty(tmp_path))
+    try:
+        wait_for(lambda: _answers(port))
+        wait_for(lambda: get(f"http://127.0.0.1:{port}/readyz")[0] == 200)
+        assert get(f"http://127.0.0.1:{port}/healthz") == (200, "ok\n")
+        code, body = get(f"http://127.0.0.1:{port}/metrics")
+        assert code == 200
+        assert 'node_health_verdict{verdict="UnschedulablePendingReboot"} 1.0' in body
+        assert 'node_health_check_runs_total{check="fixed",result="fault"}' in body
+        assert get(f"http://127.0.0.1:{port}/nope")[0] == 404
+    finally:
+        stop(proc)
+
+
+def _answers(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False
