@@ -49,14 +49,7 @@ class Paths:
 class Agent:
     """One agent: built from settings, run with `serve()` until `stop()`."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        identity: Identity,
-        checks: list[PlannedCheck],
-        sinks: list[Sink] | None = None,
-        writer: NodeWriter | None = None,
-    ) -> None:
+    def __init__(self, settings: Settings, identity: Identity, checks: list[PlannedCheck]) -> None:
         self.settings = settings
         self.identity = identity
         state = settings.state_dir
@@ -64,11 +57,12 @@ class Agent:
         self.spool = SpoolSink(
             state / Paths.spool, settings.spool.max_segment_bytes, settings.spool.max_segments
         )
-        if sinks is None:
-            sinks = [self.spool, *([StdoutSink()] if settings.stdout_events else [])]
-        self.sinks = sinks
-        self.fanout = Fanout(sinks, on_error=self._sink_failed)
-        self.writer = writer or LocalStateFile(state / Paths.node_state)
+        # The spool first: an event is on disk before any other sink ships it.
+        self.sinks: list[Sink] = [self.spool]
+        if settings.stdout_events:
+            self.sinks.append(StdoutSink())
+        self.fanout = Fanout(self.sinks, on_error=self._sink_failed)
+        self.writer: NodeWriter = LocalStateFile(state / Paths.node_state)
         self.builder = EventBuilder(identity, dry_run=settings.dry_run)
         boot_id = read_boot_id(settings.host_root / "proc/sys/kernel/random/boot_id")
         rules = rule_table(settings.policy)

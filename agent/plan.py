@@ -37,7 +37,9 @@ def plan(settings: Settings, ctx: CheckContext) -> list[PlannedCheck]:
         try:
             cls = registry.load(name, ref)
         except registry.PluginError as exc:
-            planned.append(PlannedCheck(name, enabled=bool(cfg and cfg.enabled), error=str(exc)))
+            # Installed but broken: on unless the settings turn it off, so the error is seen.
+            enabled = cfg.enabled if cfg and cfg.enabled is not None else True
+            planned.append(PlannedCheck(name, enabled=enabled, error=str(exc)))
             continue
         enabled = cfg.enabled if cfg and cfg.enabled is not None else cls.enabled_by_default
         options = check_options(name, cls, cfg)

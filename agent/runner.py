@@ -45,6 +45,11 @@ class Runner:
         stream_backoff: tuple[float, float] = (1.0, 300.0),
     ) -> None:
         self.checks = [c for c in checks if c.runnable]
+        for c in checks:  # said once, here; a check that cannot run is never a fault
+            if c.enabled and c.error:
+                log.error("check_not_loaded", check=c.name, error=c.error)
+            elif c.enabled and c.missing:
+                log.warning("check_skipped", check=c.name, missing=c.missing)
         self.handle = handle
         self.metrics = metrics
         self.failed = set(failed or ())  # checks whose last run could not decide

@@ -31,8 +31,12 @@ def daemon_footprint(seconds: float) -> dict[str, float]:
             "NODE_HEALTH_IMDS": "off",
             "NODE_HEALTH_HTTP_LISTEN": "127.0.0.1:19870",
         }
-        proc = subprocess.Popen([sys.executable, "-m", "agent", "run"], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             _wait_ready("http://127.0.0.1:19870/readyz")
             p = psutil.Process(proc.pid)

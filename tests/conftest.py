@@ -54,6 +54,7 @@ SAMPLE_ENTRY_POINTS = """\
 fixed = tests.plugins.sample_checks:FixedCheck
 hang = tests.plugins.sample_checks:HangCheck
 needs = tests.plugins.sample_checks:NeedsCheck
+broken = tests.plugins.no_such_module:Missing
 """
 
 

@@ -9,6 +9,10 @@ from tests.conftest import REPO
 
 
 def test_ruff_check_passes() -> None:
-    out = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", str(REPO)],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "--no-cache", str(REPO)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stdout + out.stderr

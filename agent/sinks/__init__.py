@@ -6,7 +6,8 @@ closes them in reverse; the spool comes first so an event is on disk before anyt
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Self
+from collections.abc import Callable
+from typing import Protocol, Self
 
 import structlog
 
@@ -30,7 +31,7 @@ class Sink(Protocol):
 class Fanout:
     """Send each event to every sink; a failing sink is logged and counted, never fatal."""
 
-    def __init__(self, sinks: list[Sink], on_error: Any = None) -> None:
+    def __init__(self, sinks: list[Sink], on_error: Callable[[str], None] | None = None) -> None:
         self.sinks = sinks
         self.on_error = on_error
 
