@@ -9,7 +9,7 @@ from __future__ import annotations
 import socket
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from agent.config import Settings
@@ -35,15 +35,8 @@ class Identity:
 
 def resolve(settings: Settings) -> Identity:
     """Blocking (IMDS is a network call): run it in a thread from async code."""
-    ident = Identity(
-        node_name=settings.node_name or socket.gethostname(),
-        instance_id=settings.instance_id,
-        instance_type=settings.instance_type,
-        region=settings.region,
-        cluster_name=settings.cluster_name,
-        cluster_id=settings.cluster_id,
-        node_group=settings.node_group,
-    )
+    given = {f.name: getattr(settings, f.name) for f in fields(Identity)}
+    ident = Identity(**given | {"node_name": settings.node_name or socket.gethostname()})
     missing = [f for f in _IMDS_FIELDS if getattr(ident, f) is None]
     if not missing or not _imds_wanted(settings):
         return ident

@@ -144,6 +144,7 @@ class Policy:
         self.state_path = state_path
         self.clock = clock
         self._patterns = [_compile(r) for r in rules]
+        self._by_name = {r.name: r for r in reversed(rules)}  # the first of a name wins
         self.trackers: dict[str, Tracker] = {}
         self.verdict = Verdict.SCHEDULABLE
         self.latched: Verdict | None = None
@@ -197,8 +198,7 @@ class Policy:
         return self._settle([])
 
     def _observe(self, f: Finding, now: float, report_all: bool) -> list[Change]:
-        idx = self._rule_index(f)
-        rule = self.rules[idx]
+        rule = self._rule_for(f)
         key = key_of(f.check, f.condition, f.component)
         t = self.trackers.get(key)
         new = t is None
@@ -227,9 +227,10 @@ class Policy:
         elif t.active:
             t.clean += 1
             if t.clean >= rule.clean_polls:
+                why = f"{t.clean} clean polls in a row"
                 t.status, t.reason, t.message = f.status, f.reason, f.message
                 self._deactivate(t, now)
-                return [Cleared(t.snapshot(), f"{t.clean} clean polls in a row")]
+                return [Cleared(t.snapshot(), why)]
             return [Reported(f, t.snapshot(), rule.count)] if report_all else []
         t.status, t.reason, t.message, t.evidence = f.status, f.reason, f.message, dict(f.evidence)
         report = report_all or changed or f.temporary or t.active != was_active
@@ -300,10 +301,10 @@ class Policy:
             verdict = self.hold
         return verdict, cause
 
-    def _rule_index(self, f: Finding) -> int:
-        for i, pats in enumerate(self._patterns):
+    def _rule_for(self, f: Finding) -> PolicyRule:
+        for rule, pats in zip(self.rules, self._patterns, strict=True):
             if all(_fits(pat, getattr(f, name)) for name, pat in pats):
-                return i
+                return rule
         raise LookupError(f"no policy rule matches {f.check}/{f.condition}; add a catch-all")
 
     def _ttl(self, t: Tracker) -> float | None:
@@ -317,7 +318,7 @@ class Policy:
         return (rule.window if rule and rule.window else 0.0) or self.settings.temporary_ttl
 
     def _rule_named(self, name: str) -> PolicyRule | None:
-        return next((r for r in self.rules if r.name == name), None)
+        return self._by_name.get(name)
 
     # ---- persistence ---------------------------------------------------------------------
 

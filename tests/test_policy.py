@@ -131,6 +131,7 @@ def test_flapping_finding_does_not_flap_the_verdict(clock: Clock) -> None:
         assert verdicts(policy.observe([poll(Status.OK)])) == []
     changes = policy.observe([poll(Status.OK)])
     assert isinstance(changes[0], Cleared)
+    assert changes[0].why == "3 clean polls in a row"
     assert verdicts(changes) == [Verdict.SCHEDULABLE]
 
 
