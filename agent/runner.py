@@ -16,7 +16,7 @@ import structlog
 
 from agent.metrics import Metrics
 from agent.plan import PlannedCheck
-from checks.api import Finding, PollingCheck, Status, StreamingCheck
+from checks.api import Action, Finding, PollingCheck, Status, StreamingCheck
 
 log = structlog.get_logger("agent.runner")
 
@@ -33,6 +33,16 @@ def unknown(check: str, reason: str, message: str) -> Finding:
         message=message,
         check=check,
     )
+
+
+def _valid(f: object) -> Finding:
+    """A plugin's finding with its enums coerced (`"reboot"` -> Action.REBOOT), or an error."""
+    if not isinstance(f, Finding):
+        raise TypeError(f"{type(f).__name__} instead of a Finding")
+    fields = (f.component, f.condition, f.reason, f.message)
+    if not all(isinstance(v, str) for v in fields) or not f.component or not f.condition:
+        raise ValueError(f"a finding without component, condition, reason or message: {f!r}")
+    return replace(f, status=Status(f.status), action=Action(f.action), evidence=dict(f.evidence))
 
 
 class Runner:
@@ -82,6 +92,10 @@ class Runner:
 
     def _stamp(self, name: str, found: list[Finding]) -> list[Finding]:
         """Name the check on each finding, and close its CheckError once it decides again."""
+        try:
+            found = [_valid(f) for f in found]
+        except (TypeError, ValueError) as exc:
+            found = [unknown(name, "InvalidFinding", f"{name} returned {exc}")]
         failed = any(f.condition == CHECK_ERROR and f.status is Status.UNKNOWN for f in found)
         result = (
             "unknown"

@@ -7,7 +7,7 @@ import time
 
 from agent.metrics import Metrics
 from agent.runner import CHECK_ERROR, Runner
-from checks.api import Finding, Status
+from checks.api import Action, Finding, Status
 from tests.conftest import planned
 from tests.plugins.sample_checks import (
     BlockingCheck,
@@ -54,6 +54,25 @@ async def test_raising_check_becomes_unknown_with_its_reason() -> None:
     assert [(f.status, f.condition) for f in boom] == [(Status.UNKNOWN, CHECK_ERROR)]
     assert "RuntimeError: sensor exploded" in boom[0].message
     assert [f.status for f in findings if f.check == "fixed"] == [Status.OK]
+
+
+class SloppyCheck(FixedCheck):
+    name = "sloppy"
+
+    def collect(self) -> list:
+        if self.polls == 0:
+            self.polls += 1
+            return [Finding("gpu:0", "GpuHealth", "fault", "Bad", "m", "reboot")]  # plain strings
+        return [{"status": "fault"}]
+
+
+async def test_plugin_findings_are_coerced_or_rejected_never_crash() -> None:
+    runner = Runner([planned(SloppyCheck)], Collector(), Metrics())
+    (first,) = await runner.run_round()
+    assert (first.status, first.action) == (Status.FAULT, Action.REBOOT)
+    (second,) = await runner.run_round()
+    assert (second.status, second.reason) == (Status.UNKNOWN, "InvalidFinding")
+    assert "dict instead of a Finding" in second.message
 
 
 async def test_blocking_check_never_stalls_the_event_loop() -> None:
