@@ -45,7 +45,11 @@ def _setup(config: Path | None, **overrides: object):
         settings = load_settings(config, **overrides)
         logs.configure(settings.log_level)
         ident = identity.resolve(settings)
-        ctx = CheckContext(host_root=settings.host_root, instance_type=ident.instance_type)
+        ctx = CheckContext(
+            host_root=settings.host_root,
+            instance_type=ident.instance_type,
+            state_dir=settings.state_dir,
+        )
         planned = plan(settings, ctx)
     except ConfigError as exc:
         typer.echo(f"node-health: configuration error: {exc}", err=True)

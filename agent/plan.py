@@ -43,7 +43,10 @@ def plan(settings: Settings, ctx: CheckContext) -> list[PlannedCheck]:
             continue
         enabled = cfg.enabled if cfg and cfg.enabled is not None else cls.enabled_by_default
         options = check_options(name, cls, cfg)
-        check = cls(ctx, options)
+        try:
+            check = cls(ctx, options)
+        except ValueError as exc:  # e.g. a rules file the check cannot use
+            raise ConfigError(f"checks.{name}: {exc}") from None
         interval = None
         if isinstance(check, PollingCheck):
             interval = (cfg.interval if cfg else None) or cls.interval

@@ -151,6 +151,7 @@ class Runner:
     async def _stream_loop(self, pc: PlannedCheck) -> None:
         assert isinstance(pc.check, StreamingCheck)
         delay, ceiling = self.stream_backoff
+        said = ""
         while True:
             try:
                 async for finding in pc.check.stream(follow=True):
@@ -158,8 +159,12 @@ class Runner:
                     delay = self.stream_backoff[0]
                 reason, message = "StreamEnded", f"{pc.name}: its source ended"
             except Exception as exc:
-                log.warning("stream_failed", check=pc.name, error=repr(exc))
                 reason, message = "CheckException", f"{pc.name}: {type(exc).__name__}: {exc}"
+                # Said once; the same failure on every retry is not news.
+                (log.debug if message == said else log.warning)(
+                    "stream_failed", check=pc.name, error=repr(exc), retry_in=delay
+                )
+                said = message
             await self._deliver(self._stamp(pc.name, [unknown(pc.name, reason, message)]))
             await asyncio.sleep(delay)
             delay = min(delay * 2, ceiling)

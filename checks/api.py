@@ -88,6 +88,7 @@ class CheckContext:
 
     host_root: Path = Path("/")
     instance_type: str | None = None
+    state_dir: Path | None = None  # where a check may keep a small state file of its own
 
     def path(self, path: str) -> Path:
         """An absolute host path (`/proc/meminfo`) as seen under the host root."""

@@ -18,6 +18,7 @@ ENTRY_POINT_GROUP = "node_health.checks"
 # name -> "module:Class"; imported only when used, so a disabled check costs no memory.
 BUILTIN: dict[str, str] = {
     "memory": "checks.memory:MemoryCheck",
+    "kernel_log": "checks.kernel_log.check:KernelLogCheck",
 }
 
 

@@ -77,5 +77,6 @@ def cli_env(tmp_path: Path, host_root: Path) -> dict[str, str]:
         NODE_HEALTH_IMDS="off",
         NODE_HEALTH_HTTP_LISTEN="",
         NODE_HEALTH_NODE_NAME="node-a",
+        PATH=str(tmp_path / "no-tools"),  # no host tool (journalctl, dcgmi) leaks into a test
     )
     return env

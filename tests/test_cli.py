@@ -80,7 +80,14 @@ def test_checks_list_shows_state_interval_and_what_is_missing(cli_env, tmp_path)
         in rows["needs"]
     )
     as_json = json.loads(node_health(cli_env, "checks", "list", "--json").stdout)
-    assert {r["check"] for r in as_json} == {"memory", "fixed", "hang", "needs", "broken"}
+    assert {r["check"] for r in as_json} == {
+        "memory",
+        "kernel_log",
+        "fixed",
+        "hang",
+        "needs",
+        "broken",
+    }
     assert (
         "error: check 'broken': cannot load 'tests.plugins.no_such_module:Missing'"
         in (rows["broken"])
@@ -94,9 +101,11 @@ def test_a_check_that_cannot_run_says_so_once_and_the_rest_runs(cli_env, tmp_pat
     logs = [json.loads(line) for line in out.stderr.splitlines()]
     assert [(entry["event"], entry["check"]) for entry in logs] == [
         ("check_not_loaded", "broken"),
+        ("check_skipped", "kernel_log"),
         ("check_skipped", "needs"),
     ]
-    assert logs[1]["missing"] == [
+    assert logs[1]["missing"][0].startswith("no kernel log source (/dev/kmsg not readable")
+    assert logs[2]["missing"] == [
         "dcgmi-not-on-this-machine not found",
         "/dev/nvidia-not-here not found",
     ]

@@ -75,6 +75,12 @@ def unescape_kmsg(message: str) -> str:
 
 def journal_message(line: str) -> tuple[str, Stamp] | None:
     """MESSAGE and time of one `journalctl -o json` line; None when it is not one."""
+    entry = journal_entry(line)
+    return None if entry is None else (entry[0], entry[1])
+
+
+def journal_entry(line: str) -> tuple[str, Stamp, str | None] | None:
+    """MESSAGE, time and __CURSOR of one `journalctl -o json` line."""
     try:
         entry = json.loads(line)
         message = entry["MESSAGE"]
@@ -87,7 +93,12 @@ def journal_message(line: str) -> tuple[str, Stamp] | None:
     wall = _number(entry.get("__REALTIME_TIMESTAMP"))
     mono = _number(entry.get("__MONOTONIC_TIMESTAMP"))
     wall = wall / 1e6 if wall is not None else None
-    return message, Stamp(mono / 1e6 if mono is not None else wall, wall)
+    cursor = entry.get("__CURSOR")
+    return (
+        message,
+        Stamp(mono / 1e6 if mono is not None else wall, wall),
+        cursor if isinstance(cursor, str) else None,
+    )
 
 
 def _number(value: object) -> float | None:

@@ -1,0 +1,191 @@
+"""The kernel-log check: follow the kernel log and report what the rules find, live.
+
+Source `auto` takes /dev/kmsg where it can be read, else the journal, else the first log file
+that exists, and says which once. At start it reads what the source holds since boot, so a
+fault from before the agent started is seen; the position of the last reported record is kept
+under the state directory, so an agent restart does not report it twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import structlog
+from pydantic import BaseModel, ConfigDict, Field
+
+from checks.api import Duration, Finding, Status, StreamingCheck
+from checks.kernel_log import rules
+from checks.kernel_log.classifier import Classifier
+from checks.kernel_log.sources import (
+    Chunk,
+    FileSource,
+    Gap,
+    JournalSource,
+    KmsgSource,
+    Record,
+    SourceError,
+)
+
+log = structlog.get_logger("checks.kernel_log")
+STATE_FILE = "kernel-log.json"
+
+
+class KernelLogOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: Literal["auto", "kmsg", "journal", "file"] = "auto"
+    kmsg_path: str = "/dev/kmsg"
+    journalctl: str = "journalctl"
+    files: list[str] = Field(default_factory=lambda: ["/var/log/kern.log", "/var/log/messages"])
+    rules_files: list[Path] = Field(default_factory=list, description="tried before the packaged")
+    rules: list[dict[str, Any]] = Field(default_factory=list, description="inline, tried first")
+    disable_rules: list[str] = Field(default_factory=list)
+    engine: Literal["auto", "hyperscan", "re"] = "auto"
+    dedup: Duration | None = None
+
+
+def ruleset(opts: KernelLogOptions) -> rules.RuleSet:
+    """The packaged rules with the settings' files and inline rules before them."""
+    extra = [rules.RuleFile.model_validate({"rules": opts.rules})] if opts.rules else []
+    extra += [rules.load_file(p) for p in opts.rules_files]
+    return rules.build(extra, set(opts.disable_rules), opts.dedup)
+
+
+class KernelLogCheck(StreamingCheck):
+    name = "kernel_log"
+    description = "kernel log rules: XID/SXid, Neuron, hung tasks, OOM, filesystems, I/O, MCE, AER"
+    Options: ClassVar[type[BaseModel]] = KernelLogOptions
+
+    def __init__(self, ctx: Any, options: BaseModel | None = None) -> None:
+        super().__init__(ctx, options)
+        opts: KernelLogOptions = self.options  # type: ignore[assignment]
+        self.rules = ruleset(opts)  # a bad rule is a configuration error, found at start
+        self._said_source = False
+
+    def missing(self) -> list[str]:
+        opts: KernelLogOptions = self.options  # type: ignore[assignment]
+        if opts.source == "auto" and self._pick(opts) is None:
+            return [
+                f"no kernel log source ({opts.kmsg_path} not readable, {opts.journalctl} "
+                f"not found, none of {', '.join(opts.files)})"
+            ]
+        return []
+
+    def _pick(self, opts: KernelLogOptions) -> str | None:
+        if opts.source != "auto":
+            return opts.source  # whatever is wrong with it, opening it will say
+        kmsg = self.ctx.path(opts.kmsg_path)
+        for kind in ("kmsg", "journal", "file"):
+            if kind == "kmsg" and os.access(kmsg, os.R_OK):
+                return kind
+            if kind == "journal" and shutil.which(opts.journalctl):
+                return kind
+            if kind == "file" and self._first_file(opts) is not None:
+                return kind
+        return None
+
+    def _first_file(self, opts: KernelLogOptions) -> Path | None:
+        return next((p for f in opts.files if (p := self.ctx.path(f)).is_file()), None)
+
+    async def stream(self, follow: bool = True) -> AsyncIterator[Finding]:
+        opts: KernelLogOptions = self.options  # type: ignore[assignment]
+        kind = self._pick(opts)
+        if kind is None:
+            raise SourceError(self.missing()[0])
+        # A one-off run (follow=False) reports everything since boot and remembers nothing.
+        state = self._load_state() if follow else {}
+        boot_id = self._boot_id()
+        if state.get("boot_id") != boot_id:
+            state = {"boot_id": boot_id}
+        source = self._source(kind, opts, state)
+        if not self._said_source:
+            log.info("kernel_log_source", source=kind, engine=self._classifier().engine_name)
+            self._said_source = True
+        classifier = self._classifier()
+        async for item in source.items(follow):
+            if isinstance(item, Gap):
+                yield Finding(
+                    "kmsg",
+                    "KernelLogGap",
+                    Status.UNKNOWN,
+                    "RecordsLost",
+                    f"{item.lost} kernel log records were overwritten before they could be read",
+                    evidence={"lost": item.lost},
+                    temporary=True,
+                )
+                continue
+            found = (
+                list(classifier.bulk(item.data))
+                if isinstance(item, Chunk)
+                else [f]
+                if (f := classifier.record(item.text, item.when))
+                else []
+            )
+            for finding in found:
+                yield finding
+            if found and follow:
+                self._save_state(kind, state, item)
+
+    def _classifier(self) -> Classifier:
+        opts: KernelLogOptions = self.options  # type: ignore[assignment]
+        return Classifier(self.rules, engine=opts.engine, boot_time=self._boot_time())
+
+    def _source(self, kind: str, opts: KernelLogOptions, state: dict[str, Any]) -> Any:
+        if kind == "kmsg":
+            return KmsgSource(
+                self.ctx.path(opts.kmsg_path), state.get("kmsg_seq"), self._boot_time()
+            )
+        if kind == "journal":
+            return JournalSource(opts.journalctl, state.get("journal_cursor"), self.ctx.host_root)
+        path = self._first_file(opts) or self.ctx.path(opts.files[0])
+        pos = state.get("files", {}).get(str(path), {})
+        return FileSource(path, pos.get("inode"), pos.get("offset", 0))
+
+    def _save_state(self, kind: str, state: dict[str, Any], item: Record | Chunk) -> None:
+        if kind == "kmsg":
+            state["kmsg_seq"] = item.position["seq"]
+        elif kind == "journal" and item.position.get("cursor"):
+            state["journal_cursor"] = item.position["cursor"]
+        elif kind == "file":
+            opts: KernelLogOptions = self.options  # type: ignore[assignment]
+            state.setdefault("files", {})[str(self._first_file(opts))] = item.position
+        path = self._state_path()
+        if path is None:
+            return
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(state))
+        tmp.replace(path)
+
+    def _load_state(self) -> dict[str, Any]:
+        path = self._state_path()
+        try:
+            return json.loads(path.read_text()) if path else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _state_path(self) -> Path | None:
+        if self.ctx.state_dir is None:
+            return None
+        self.ctx.state_dir.mkdir(parents=True, exist_ok=True)
+        return self.ctx.state_dir / STATE_FILE
+
+    def _boot_id(self) -> str | None:
+        try:
+            return self.ctx.path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        except OSError:
+            return None
+
+    def _boot_time(self) -> float | None:
+        """Unix time of boot (`btime` in /proc/stat), to date records timed since boot."""
+        try:
+            for line in self.ctx.path("/proc/stat").read_text().splitlines():
+                if line.startswith("btime "):
+                    return float(line.split()[1])
+        except (OSError, ValueError):
+            pass
+        return None

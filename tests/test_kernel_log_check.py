@@ -1,0 +1,269 @@
+"""The kernel-log check on live sources: a FIFO as /dev/kmsg, files, a fake journalctl."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.metrics import Metrics
+from agent.runner import Runner
+from checks.api import Action, CheckContext, Finding, Status
+from checks.kernel_log import sources
+from checks.kernel_log.check import KernelLogCheck, KernelLogOptions
+from tests.conftest import planned
+
+KERNEL = Path(__file__).parent / "fixtures" / "kernel"
+BIN = Path(__file__).parent / "bin"
+XID79 = "NVRM: Xid (PCI:0000:b9:00): 79, GPU has fallen off the bus."
+XID13 = KERNEL / "faults" / "xid13-burst-gpud.log"
+
+
+def kmsg_line(seq: int, message: str, usec: int = 0) -> str:
+    """A record as /dev/kmsg gives it (Documentation/ABI/testing/dev-kmsg)."""
+    return f"6,{seq},{usec},-;{message}\n"
+
+
+def append(path: Path, text: str) -> None:
+    with open(path, "a") as fh:
+        fh.write(text)
+
+
+def host(tmp_path: Path, boot_id: str = "boot-1") -> Path:
+    root = tmp_path / "host"
+    (root / "dev").mkdir(parents=True, exist_ok=True)
+    (root / "proc/sys/kernel/random").mkdir(parents=True, exist_ok=True)
+    (root / "proc/sys/kernel/random/boot_id").write_text(boot_id + "\n")
+    (root / "proc/stat").write_text("cpu  1 2 3 4\nbtime 1724280000\n")
+    return root
+
+
+def check(root: Path, tmp_path: Path, **options) -> KernelLogCheck:
+    ctx = CheckContext(host_root=root, state_dir=tmp_path / "state")
+    return KernelLogCheck(ctx, KernelLogOptions(**options))
+
+
+async def collect(
+    c: KernelLogCheck, follow: bool = False, limit: int | None = None, timeout: float = 5
+) -> list[Finding]:
+    """Findings until `limit`; then the stream is resumed once more, as the daemon does
+    after handling a finding, which is when the check records its position."""
+    out: list[Finding] = []
+    stream = c.stream(follow=follow)
+
+    async def run() -> None:
+        async for f in stream:
+            out.append(f)
+            if limit is not None and len(out) >= limit:
+                return
+
+    await asyncio.wait_for(run(), timeout)
+    if limit is not None:
+        with contextlib.suppress(TimeoutError, StopAsyncIteration):
+            await asyncio.wait_for(anext(stream), 0.3)
+    await stream.aclose()
+    return out
+
+
+async def test_a_line_in_kmsg_becomes_a_finding_within_100_ms(tmp_path) -> None:
+    root = host(tmp_path)
+    fifo = root / "dev/kmsg"
+    os.mkfifo(fifo)
+    writer = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)  # a writer that stays, like the kernel
+    got: asyncio.Queue[tuple[float, Finding]] = asyncio.Queue()
+
+    async def handle(findings: list[Finding]) -> None:
+        for f in findings:
+            got.put_nowait((time.perf_counter(), f))
+
+    runner = Runner([planned(KernelLogCheck, CheckContext(host_root=root))], handle, Metrics())
+    task = asyncio.create_task(runner.serve())
+    await asyncio.sleep(0.2)  # the check is up and waiting on the FIFO
+    latencies = []
+    for seq in range(1, 6):
+        start = time.perf_counter()
+        os.write(writer, kmsg_line(seq, XID79.replace("b9", f"b{seq}"), seq * 10_000_000).encode())
+        at, finding = await asyncio.wait_for(got.get(), 1)
+        latencies.append(at - start)
+        assert finding.reason == "Xid79" and finding.action is Action.REPLACE
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    os.close(writer)
+    assert max(latencies) < 0.1, latencies
+
+
+async def test_backlog_since_boot_is_read_and_a_restart_reports_nothing_twice(tmp_path) -> None:
+    root = host(tmp_path)
+    (root / "dev/kmsg").write_text(
+        kmsg_line(1, "Linux version 6.8.0")
+        + " SUBSYSTEM=pci\n"
+        + kmsg_line(2, XID79, 5_000_000)
+        + kmsg_line(3, "EXT4-fs (nvme0n1p1): mounted")
+    )
+    first = await collect(check(root, tmp_path), follow=True, limit=1)
+    assert [f.reason for f in first] == ["Xid79"]
+    assert first[0].evidence["log_time"] == "2024-08-21T22:40:05Z"  # btime + 5 s
+    append(root / "dev/kmsg", kmsg_line(4, XID79.replace("b9", "ba"), 9_000_000))
+    again = await collect(check(root, tmp_path), follow=True, limit=1)
+    assert [f.component for f in again] == ["gpu:0000:ba:00"]  # only the new one
+
+
+async def test_a_new_boot_reads_its_own_log_from_the_start(tmp_path) -> None:
+    root = host(tmp_path)
+    (root / "dev/kmsg").write_text(kmsg_line(7, XID79))
+    await collect(check(root, tmp_path), follow=True, limit=1)
+    root = host(tmp_path, boot_id="boot-2")  # sequence numbers start again after a reboot
+    assert len(await collect(check(root, tmp_path), follow=True, limit=1)) == 1
+
+
+async def test_one_off_read_reports_everything_and_remembers_nothing(tmp_path) -> None:
+    root = host(tmp_path)
+    (root / "dev/kmsg").write_text(kmsg_line(1, XID79))
+    for _ in range(2):
+        assert len(await collect(check(root, tmp_path))) == 1
+    assert not (tmp_path / "state" / "kernel-log.json").exists()
+
+
+async def test_ring_buffer_overrun_is_said_and_reading_goes_on(tmp_path, monkeypatch) -> None:
+    root = host(tmp_path)
+    (root / "dev/kmsg").write_text(kmsg_line(1, "boot") + kmsg_line(2, "more"))
+    real_read = os.read
+    calls = {"n": 0}
+
+    def read(fd: int, n: int) -> bytes:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return kmsg_line(1, "boot").encode()
+        if calls["n"] == 2:
+            raise OSError(errno.EPIPE, "Broken pipe")
+        if calls["n"] == 3:
+            return kmsg_line(40, XID79).encode()
+        return real_read(fd, 0)
+
+    monkeypatch.setattr(sources.os, "read", read)
+    found = await collect(check(root, tmp_path))
+    assert [(f.status, f.condition) for f in found] == [
+        (Status.UNKNOWN, "KernelLogGap"),
+        (Status.FAULT, "NvidiaGPUUnhealthy"),
+    ]
+    assert found[0].evidence["lost"] == 38
+
+
+async def test_log_file_is_followed_across_rotation_and_truncation(tmp_path) -> None:
+    root = host(tmp_path)
+    (root / "var/log").mkdir(parents=True)
+    kern = root / "var/log/kern.log"
+    kern.write_bytes(XID13.read_bytes())
+    c = check(root, tmp_path, source="file")
+    got: list[Finding] = []
+
+    async def follow() -> None:
+        async for f in c.stream(follow=True):
+            got.append(f)
+
+    task = asyncio.create_task(follow())
+    await _until(lambda: len(got) == 2)
+    kern.rename(root / "var/log/kern.log.1")  # logrotate: move, then a new file
+    kern.write_text("Jun 11 09:44:44 gpu-7 kernel: " + XID79 + "\n")
+    await _until(lambda: len(got) == 3)
+    kern.write_text("")  # copytruncate: the file shrinks, then grows again
+    await asyncio.sleep(0.6)
+    append(kern, "Jun 11 09:45:44 gpu-7 kernel: " + XID79.replace("b9", "bc") + "\n")
+    await _until(lambda: len(got) == 4)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert [f.reason for f in got] == ["Xid13", "Xid109", "Xid79", "Xid79"]
+    assert got[-1].component == "gpu:0000:bc:00"
+
+
+async def _until(predicate, timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+def journal(tmp_path: Path, messages: list[str]) -> Path:
+    """Entries in systemd's journal JSON format (one object a line), our real messages."""
+    path = tmp_path / "journal.json"
+    path.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "__CURSOR": f"s=abc;i={i}",
+                    "__REALTIME_TIMESTAMP": str(1724281529000000 + i),
+                    "__MONOTONIC_TIMESTAMP": str(1843308145 + i),
+                    "_TRANSPORT": "kernel",
+                    "PRIORITY": "3",
+                    "SYSLOG_IDENTIFIER": "kernel",
+                    "MESSAGE": m,
+                }
+            )
+            + "\n"
+            for i, m in enumerate(messages)
+        )
+    )
+    return path
+
+
+async def test_journal_source_resumes_after_its_cursor(tmp_path, monkeypatch) -> None:
+    root = host(tmp_path)
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv(
+        "FAKE_JOURNAL",
+        str(
+            journal(
+                tmp_path, ["Linux version 6.8.0", XID79, "nvme nvme0: pci function 0000:01:00.0"]
+            )
+        ),
+    )
+    first = await collect(check(root, tmp_path, source="journal"), follow=True, limit=1)
+    assert [f.reason for f in first] == ["Xid79"]
+    assert first[0].evidence["log_time"] == "2024-08-21T23:05:29Z"
+    state = json.loads((tmp_path / "state" / "kernel-log.json").read_text())
+    assert state["journal_cursor"] == "s=abc;i=1"
+    with pytest.raises(TimeoutError):  # nothing new after the cursor
+        await collect(check(root, tmp_path, source="journal"), follow=True, limit=1, timeout=1)
+
+
+async def test_journalctl_failure_is_a_clear_error(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_JOURNAL_FAIL", "1")
+    with pytest.raises(sources.SourceError, match="insufficient permissions"):
+        await collect(check(host(tmp_path), tmp_path, source="journal"))
+
+
+def test_auto_picks_what_can_be_read_and_says_when_nothing_can(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    root = host(tmp_path)
+    c = check(root, tmp_path)
+    assert c.missing() == [
+        "no kernel log source (/dev/kmsg not readable, journalctl not "
+        "found, none of /var/log/kern.log, /var/log/messages)"
+    ]
+    (root / "var/log").mkdir(parents=True)
+    (root / "var/log/messages").write_text("")
+    assert c.missing() == []
+
+
+async def test_unreadable_kmsg_becomes_one_unknown_finding(tmp_path) -> None:
+    root = host(tmp_path)
+    got: list[Finding] = []
+
+    async def handle(findings: list[Finding]) -> None:
+        got.extend(findings)
+
+    c = planned(KernelLogCheck, CheckContext(host_root=root), source="kmsg")
+    runner = Runner([c], handle, Metrics(), stream_backoff=(0.05, 0.05))
+    task = asyncio.create_task(runner.serve())
+    await asyncio.sleep(0.3)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert len(got) >= 3 and all(f.status is Status.UNKNOWN for f in got)
+    assert "cannot read" in got[0].message and "dev/kmsg: No such file" in got[0].message

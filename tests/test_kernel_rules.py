@@ -1,0 +1,229 @@
+"""The kernel-log rules on verbatim real lines (tests/fixtures/kernel/SOURCES.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from checks.api import Action
+from checks.kernel_log import rules
+from checks.kernel_log.classifier import Classifier
+from checks.kernel_log.formats import Stamp, journal_message, unescape_kmsg
+
+KERNEL = Path(__file__).parent / "fixtures" / "kernel"
+ENGINES = ["hyperscan", "re"]
+R, RA, B, P = Action.RESTART_APP, Action.REBOOT, Action.NONE, Action.REPLACE
+
+# file -> [(reason, component, action)] in order: what an operator sees for each real log.
+EXPECTED = {
+    "xid71-nvlink-hyperpod-doc.log": [("Xid71", "gpu:0000:b9:00", RA)],
+    # One XID 13 printed as three lines is one fault; the XID 109 that follows is another.
+    "xid13-burst-gpud.log": [("Xid13", "gpu:0000:cb:00", R), ("Xid109", "gpu:0000:cb:00", RA)],
+    "xid45-caused-by-nvlink5.log": [
+        ("Xid45CausedByXid149", "gpu:0000:dc:00", B),
+        ("Xid45CausedByXid145", "gpu:0000:ed:00", B),
+        ("Xid45CausedByXid145", "gpu:0000:ba:00", B),
+        ("Xid45CausedByXid145", "gpu:0000:97:00", B),
+    ],
+    "xid144-150-nvlink5-gpud.log": [
+        ("Xid149", "gpu:0019:01:00", RA),
+        ("Xid145", "gpu:0018:01:00", B),
+        ("Xid144", "gpu:0000:01:00", B),
+    ],
+    "xid154-recovery-action-nvsentinel.log": [("Xid154", "gpu:0008:01:00", RA)],
+    "xid43-dra-driver.log": [("Xid43", "gpu:0009:01:00", B)],
+    "xid119-gsp-gpud500.log": [("Xid119", "gpu:0000:9b:00", RA)],
+    "gpu-fallen-off-bus-no-xid-nvsentinel.log": [("Xid79", "gpu:0000:b3:00", P)],
+    "sxid-nvsentinel-e2e.log": [
+        ("SXid20009", "nvswitch:0000:c3:00", B),
+        ("SXid28006", "nvswitch:0000:c3:00", B),
+        ("SXid24007", "nvswitch:0000:c3:00", P),
+    ],
+    "neuron-hw-err-neuron-sdk-doc.log": [("SRAM_UNCORRECTABLE_ERROR", "neuron:0", P)],
+    "hung-task-logrotate.log": [("TaskHung", "node", B)],
+    "hung-task-kworker-sof.log": [("TaskHung", "node", B)],
+    "oom-memcg-uwsgi.log": [("OOMKilling", "node", B)],
+    "oom-kubepods-k8s56891.log": [("OOMKilling", "node", B)],
+    # Six soft lockups on CPU 0 in three minutes: the fifth crosses the rate and asks for a
+    # reboot; an RCU stall before them is an event.
+    "soft-lockup-rcu-cloud-hypervisor.log": [
+        ("RCUStall", "node", B),
+        *[("SoftLockup", "cpu:0", B)] * 4,
+        ("SoftLockup", "cpu:0", RA),
+        ("SoftLockup", "cpu:0", B),
+    ],
+    "nvme-removed-nvme-cli.log": [("NvmeIOTimeout", "nvme2", B), ("NvmeRemoved", "nvme2", P)],
+    "nvme-timeouts-propolis.log": [("NvmeIOTimeout", "nvme1", B)],
+    "block-io-error-spdk.log": [("BufferIOError", "nvme0n1", B)],
+    "block-io-error-nvmecha.log": [("BlockIOError", "nvme0n1", B), ("BufferIOError", "nvme0n1", B)],
+    "io-ext4-sonic23146.log": [
+        ("BlockIOError", "loop1", B),
+        ("Ext4Warning", "fs:loop1", B),
+        ("BufferIOError", "loop1", B),
+        ("Ext4Error", "fs:loop1", B),
+    ],
+    "ext4-readonly-wsl.log": [("Ext4Error", "fs:sdb", B), ("FilesystemIsReadOnly", "fs:sdb", RA)],
+    "xfs-shutdown-npd845.log": [("XfsHasShutdown", "fs:dm-4", RA)],
+    "edac-ce-osm.log": [
+        ("MachineCheckEventsLogged", "node", B),
+        ("EdacCorrectedError", "memory:MC0", B),
+    ],
+    "edac-ue-cper-ovro117.log": [
+        ("EdacUncorrectedError", "memory:MC3", P),
+        ("CperRecoverableError", "node", B),
+        ("MachineCheckEventsLogged", "node", B),
+    ],
+    "aer-corrected-coreboot.log": [("PcieCorrectedError", "pci:0000:00:1c.1", B)] * 2,
+    "aer-correctable-rebar.log": [("PcieCorrectedError", "pci:0000:05:00.1", B)],
+    "aer-fatal-returnn1500.log": [("PcieFatalError", "pci:0000:00:03.0", RA)],
+    "pids-fork-rejected-icinga.log": [("ForkRejectedByPidsLimit", "node", B)],
+    "conntrack-full-k8s71261.log": [("ConntrackTableFull", "node", B)] * 2,
+    "conntrack-full-kube-aws.log": [("ConntrackTableFull", "node", B)],
+}
+
+
+@pytest.fixture(scope="module")
+def ruleset() -> rules.RuleSet:
+    return rules.build()
+
+
+def classify(ruleset: rules.RuleSet, data: bytes, engine: str = "re") -> list:
+    return list(Classifier(ruleset, engine=engine).bulk(data))
+
+
+def test_every_fault_fixture_has_an_expectation() -> None:
+    assert {p.name for p in (KERNEL / "faults").glob("*.log")} == set(EXPECTED)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_real_fault_lines(ruleset, engine: str, name: str) -> None:
+    found = classify(ruleset, (KERNEL / "faults" / name).read_bytes(), engine)
+    assert [(f.reason, f.component, f.action) for f in found] == EXPECTED[name]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("path", sorted((KERNEL / "benign").glob("*.log")), ids=lambda p: p.name)
+def test_benign_lines_of_healthy_nodes_stay_silent(ruleset, engine: str, path: Path) -> None:
+    assert classify(ruleset, path.read_bytes(), engine) == []
+
+
+def test_xid_finding_carries_what_an_operator_needs(ruleset) -> None:
+    (f,) = classify(ruleset, (KERNEL / "faults" / "xid119-gsp-gpud500.log").read_bytes())
+    assert f.condition == "NvidiaGPUUnhealthy" and f.temporary
+    assert f.message.startswith("NVRM: Xid (PCI:0000:9b:00): 119, pid=4071838, name=python")
+    assert f.evidence["xid"] == "119" and f.evidence["pid"] == "4071838"
+    assert f.evidence["process"] == "python"
+    assert f.evidence["mnemonic"] == "GSP_RPC_TIMEOUT"
+    assert f.evidence["nvidia_bucket"] == "RESET_GPU"
+
+
+def test_oom_kill_names_the_pod_from_its_cgroup(ruleset) -> None:
+    (f,) = classify(ruleset, (KERNEL / "faults" / "oom-kubepods-k8s56891.log").read_bytes())
+    assert f.evidence["process"] == "java" and f.evidence["pid"] == "28438"
+    assert f.evidence["pod_uid"] == "95387fa4-da9c-11e7-9d36-5254b24cbf5e"
+
+
+def test_secondary_xid_points_at_its_root_cause(ruleset) -> None:
+    f = classify(ruleset, (KERNEL / "faults" / "xid45-caused-by-nvlink5.log").read_bytes())[0]
+    assert f.evidence["cause"] == "149" and f.action is Action.NONE
+
+
+def test_permanent_conditions_are_not_events(ruleset) -> None:
+    found = classify(ruleset, (KERNEL / "faults" / "ext4-readonly-wsl.log").read_bytes())
+    assert [f.temporary for f in found] == [True, False]
+
+
+def test_kmsg_record_with_escaped_newlines_is_one_record(ruleset) -> None:
+    # The NVSentinel multi-line message as /dev/kmsg carries it: one record, \x0a escaped.
+    raw = (
+        "3,1042,1843308145,-;NVRM: The NVIDIA GPU 0000:b3:00.0\\x0aNVRM: (PCI ID: 10de:26b5) "
+        "installed in this system has\\x0aNVRM: fallen off the bus and is not responding to "
+        "commands."
+    )
+    f = Classifier(ruleset).record(unescape_kmsg(raw))
+    assert f is not None and (f.reason, f.component) == ("Xid79", "gpu:0000:b3:00")
+
+
+def test_journal_json_message_and_time() -> None:
+    line = json.dumps(
+        {
+            "MESSAGE": "NVRM: Xid (PCI:0000:b9:00): 79, GPU has fallen off the bus.",
+            "__REALTIME_TIMESTAMP": "1724281529000000",
+            "__MONOTONIC_TIMESTAMP": "1843308145",
+        }
+    )
+    message, when = journal_message(line)
+    assert message.startswith("NVRM: Xid") and when == Stamp(1843.308145, 1724281529.0)
+    as_bytes = json.dumps({"MESSAGE": list(b"NVRM: Xid \xff")})
+    assert journal_message(as_bytes)[0] == "NVRM: Xid \ufffd"
+    assert journal_message("not json") is None
+
+
+def test_garbage_and_truncated_lines_are_ignored(ruleset) -> None:
+    garbage = (
+        b"\x00\xff\xfe NVRM: Xid (PCI:zz): , pid=\nNVRM: Xid (PCI:0000:b9:00): \n"
+        + bytes(range(256)) * 10
+    )
+    assert classify(ruleset, garbage) == []
+
+
+def test_extra_rules_win_and_rules_can_be_disabled(tmp_path) -> None:
+    extra = tmp_path / "site.yaml"
+    extra.write_text(
+        "rules:\n"
+        "  - name: site-xid-13-is-fine\n"
+        "    anchor: 'NVRM: Xid'\n"
+        "    pattern: 'NVRM: Xid \\(PCI:(?P<pci>[0-9a-f:]+)\\): 13,'\n"
+        "    condition: NvidiaGPUUnhealthy\n"
+        "    reason: SiteIgnoredXid13\n"
+        "    component: 'gpu:{pci}'\n"
+    )
+    rs = rules.build([rules.load_file(extra)], disabled={"no-such-rule"})
+    found = classify(rs, (KERNEL / "faults" / "xid13-burst-gpud.log").read_bytes())
+    assert [(f.reason, f.action) for f in found] == [("SiteIgnoredXid13", B), ("Xid109", RA)]
+    quiet = rules.build(disabled={"conntrack-full"})
+    assert classify(quiet, (KERNEL / "faults" / "conntrack-full-kube-aws.log").read_bytes()) == []
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "rules:\n  - name: x\n    anchor: abc\n    pattern: '(unclosed'\n    condition: C\n",
+            "not a valid regular expression",
+        ),
+        (
+            "rules:\n  - name: x\n    anchor: abc\n    pattern: abc\n    condition: C\n"
+            "    component: 'gpu:{pci}'\n",
+            "template names ['pci'] not in its pattern",
+        ),
+        (
+            "rules:\n  - name: x\n    anchor: abc\n    pattern: abc\n    condition: C\n"
+            "    lookup: [{table: nope, key: x}]\n",
+            "no table 'nope'",
+        ),
+        ("rules: [\n", "site.yaml"),
+    ],
+)
+def test_bad_rule_files_are_named_errors(tmp_path, text: str, message: str) -> None:
+    path = tmp_path / "site.yaml"
+    path.write_text(text)
+    with pytest.raises(rules.RuleError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        rules.build([rules.load_file(path)])
+
+
+def test_xid_actions_follow_nvidias_buckets_and_hyperpods_overrides(ruleset) -> None:
+    xid, override = ruleset.tables["xid"], ruleset.tables["xid_override"]
+
+    def action(code: int) -> Action:
+        return (override.get(str(code)) or xid[str(code)]).action
+
+    assert {c: action(c) for c in (13, 31, 94)} == dict.fromkeys((13, 31, 94), R)
+    assert {c: action(c) for c in (43, 63)} == dict.fromkeys((43, 63), B)
+    reset_gpu = (62, 95, 109, 110, 119, 120, 136, 140, 143, 155, 156, 158)
+    assert {c: action(c) for c in reset_gpu} == dict.fromkeys(reset_gpu, RA)
+    assert {c: action(c) for c in (64, 74, 79)} == dict.fromkeys((64, 74, 79), P)
+    assert action(48) is RA
