@@ -7,12 +7,12 @@ sends nothing to 169.254.169.254 off AWS. Every failure there is silent: identit
 from __future__ import annotations
 
 import socket
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from agent.config import Settings
+if TYPE_CHECKING:
+    from agent.config import Settings
 
 _DMI_FILES = ("sys/devices/virtual/dmi/id/sys_vendor", "sys/devices/virtual/dmi/id/board_asset_tag")
 _IMDS_FIELDS = {
@@ -62,6 +62,9 @@ def _reads_amazon(path: Path) -> bool:
 
 def query_imds(endpoint: str, paths: list[str], timeout: float) -> dict[str, str]:
     """IMDSv2: a session token by PUT, then one GET per path. Returns what it could get."""
+    import urllib.error
+    import urllib.request
+
     base = endpoint.rstrip("/") + "/latest/"
     try:
         token_req = urllib.request.Request(

@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from agent.config import NodeKeys
 from agent.events import rfc3339
+from agent.models import NodeKeys
 from agent.policy import Policy, Tracker, Verdict, write_atomic
 from checks.api import Status
 

@@ -25,10 +25,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from agent.config import PolicyRule, PolicySettings
-from checks.api import Action, Finding, Status
+from agent.models import PolicyRule, PolicySettings
+from checks.api import Action, Finding, Status, load_yaml
 
 
 class Verdict(enum.StrEnum):
@@ -41,7 +39,10 @@ class Verdict(enum.StrEnum):
 
     @property
     def rank(self) -> int:
-        return list(Verdict).index(self)
+        return _VERDICT_RANK[self]
+
+
+_VERDICT_RANK = {v: i for i, v in enumerate(Verdict)}
 
 
 VERDICT_OF_ACTION = {
@@ -54,7 +55,7 @@ VERDICT_OF_ACTION = {
 
 def builtin_rules() -> list[PolicyRule]:
     text = resources.files("agent").joinpath("policy.yaml").read_text()
-    return [PolicyRule.model_validate(r) for r in yaml.safe_load(text)["rules"]]
+    return [PolicyRule.model_validate(r) for r in load_yaml(text)["rules"]]
 
 
 def rule_table(settings: PolicySettings) -> list[PolicyRule]:

@@ -16,7 +16,8 @@ from agent.metrics import Metrics
 from agent.runner import Runner
 from checks.api import Action, CheckContext, Finding, Status
 from checks.kernel_log import sources
-from checks.kernel_log.check import KernelLogCheck, KernelLogOptions
+from checks.kernel_log.check import KernelLogCheck
+from checks.kernel_log.options import KernelLogOptions
 from tests.conftest import planned
 
 KERNEL = Path(__file__).parent / "fixtures" / "kernel"

@@ -13,14 +13,14 @@ import os
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 
-from checks.api import Duration, Finding, Status, StreamingCheck
-from checks.kernel_log import rules
+from checks.api import Finding, Status, StreamingCheck
 from checks.kernel_log.classifier import Classifier
+from checks.kernel_log.options import KernelLogOptions, ruleset
 from checks.kernel_log.sources import (
     Chunk,
     FileSource,
@@ -33,27 +33,6 @@ from checks.kernel_log.sources import (
 
 log = structlog.get_logger("checks.kernel_log")
 STATE_FILE = "kernel-log.json"
-
-
-class KernelLogOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    source: Literal["auto", "kmsg", "journal", "file"] = "auto"
-    kmsg_path: str = "/dev/kmsg"
-    journalctl: str = "journalctl"
-    files: list[str] = Field(default_factory=lambda: ["/var/log/kern.log", "/var/log/messages"])
-    rules_files: list[Path] = Field(default_factory=list, description="tried before the packaged")
-    rules: list[dict[str, Any]] = Field(default_factory=list, description="inline, tried first")
-    disable_rules: list[str] = Field(default_factory=list)
-    engine: Literal["auto", "hyperscan", "re"] = "auto"
-    dedup: Duration | None = None
-
-
-def ruleset(opts: KernelLogOptions) -> rules.RuleSet:
-    """The packaged rules with the settings' files and inline rules before them."""
-    extra = [rules.RuleFile.model_validate({"rules": opts.rules})] if opts.rules else []
-    extra += [rules.load_file(p) for p in opts.rules_files]
-    return rules.build(extra, set(opts.disable_rules), opts.dedup)
 
 
 class KernelLogCheck(StreamingCheck):

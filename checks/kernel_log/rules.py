@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from checks.api import Action, Duration
+from checks.api import Action, Duration, load_yaml
 
 PACKAGE = "checks.kernel_log"
 
@@ -62,7 +62,7 @@ class Rule(Strict):
     @classmethod
     def _compiles(cls, value: str) -> str:
         try:
-            re.compile(value)
+            re.compile(value, re.DOTALL)  # as _compile will: the second compile is a cache hit
         except re.error as exc:
             raise ValueError(f"not a valid regular expression: {exc}") from None
         return value
@@ -131,7 +131,7 @@ def load_file(path: Path) -> RuleFile:
 
 def _parse(text: str, where: str) -> RuleFile:
     try:
-        return RuleFile.model_validate(yaml.safe_load(text) or {})
+        return RuleFile.model_validate(load_yaml(text) or {})
     except yaml.YAMLError as exc:
         raise RuleError(f"{where}: {exc}") from None
     except ValidationError as exc:
@@ -192,7 +192,7 @@ def _table(name: str, raw: dict[str, Any]) -> dict[str, TableHit]:
 
 def _xid_table(buckets: dict[str, Any]) -> dict[str, TableHit]:
     """NVIDIA's catalog (code -> bucket) through `xid_bucket` (bucket -> action)."""
-    catalog = yaml.safe_load(resources.files(PACKAGE).joinpath("xid_catalog.yaml").read_text())
+    catalog = load_yaml(resources.files(PACKAGE).joinpath("xid_catalog.yaml").read_text())
     out = {}
     for code, (mnemonic, bucket) in catalog["codes"].items():
         if bucket not in buckets:

@@ -1,0 +1,124 @@
+"""`node-health scan`: judge a saved kernel log with the daemon's rules and policy.
+
+Operators paste `dmesg` from broken nodes. The layout is recognised from the first lines
+(raw /dev/kmsg, `dmesg` with or without `-T` / `--time-format=iso`, syslog, `journalctl -k`
+short or json); each finding becomes one event on stdout; a summary goes to stderr; the exit
+status says whether the node needs to come out (1) or not (0). Bad input is 2.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO, TextIO
+
+from agent.events import EventBuilder, dumps
+from agent.identity import Identity
+from agent.models import PolicySettings
+from agent.policy import Policy, Reported, Verdict, rule_table
+from checks.api import Finding
+from checks.kernel_log.classifier import Classifier
+from checks.kernel_log.formats import KMSG, journal_entry, stamp, unescape_kmsg
+from checks.kernel_log.rules import RuleSet
+
+CHUNK = 8 * 1024 * 1024
+FORMATS = [
+    ("kmsg", re.compile(r"^\d+,\d+,\d+,[^;]*;")),
+    ("journal-json", re.compile(r"^\{")),
+    ("dmesg-iso", re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d")),
+    ("dmesg-T", re.compile(r"^\[\w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4}\]")),
+    ("dmesg", re.compile(r"^\[\s*[+]?\d+\.\d+\]")),
+    ("syslog", re.compile(r"^\w{3} [ \d]\d \d\d:\d\d:\d\d \S+ ")),
+]
+
+
+@dataclass
+class ScanResult:
+    lines: int = 0
+    layout: str = "empty"
+    findings: list[Finding] = field(default_factory=list)
+    verdict: Verdict = Verdict.SCHEDULABLE
+    seconds: float = 0.0
+
+
+def detect(head: bytes) -> str:
+    """The layout of a log from its first lines: the first layout most lines fit."""
+    lines = [ln for ln in head.decode("utf-8", "replace").splitlines()[:50] if ln.strip()]
+    if not lines:
+        return "empty"
+    votes = Counter(next((name for name, rx in FORMATS if rx.match(ln)), "text") for ln in lines)
+    return votes.most_common(1)[0][0]
+
+
+def chunks(stream: BinaryIO) -> Iterator[bytes]:
+    """The input in large pieces that end on a line boundary."""
+    rest = b""
+    while data := stream.read(CHUNK):
+        data = rest + data
+        cut = data.rfind(b"\n") + 1
+        rest = data[cut:]
+        if cut:
+            yield data[:cut]
+    if rest:
+        yield rest + b"\n"
+
+
+def scan(
+    stream: BinaryIO,
+    rules: RuleSet,
+    policy_settings: PolicySettings,
+    identity: Identity,
+    out: TextIO,
+    engine: str = "auto",
+) -> ScanResult:
+    start = time.perf_counter()
+    result = ScanResult()
+    classifier = Classifier(rules, engine=engine)
+    now = [time.time()]
+    policy = Policy(rule_table(policy_settings), policy_settings, clock=lambda: now[0])
+    builder = EventBuilder(identity)
+    for n, chunk in enumerate(chunks(stream)):
+        if n == 0:
+            result.layout = detect(chunk[:65536])
+        result.lines += chunk.count(b"\n")
+        for finding in _findings(classifier, chunk, result.layout):
+            result.findings.append(finding)
+            now[0] = finding.ts  # windows run on the log's own time
+            for change in policy.observe([finding], report_all=True):
+                if isinstance(change, Reported):
+                    out.write(dumps(builder.render(change)) + "\n")
+    result.verdict = policy.verdict
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _findings(classifier: Classifier, chunk: bytes, layout: str) -> Iterator[Finding]:
+    if layout == "journal-json":
+        for line in classifier.candidate_records(chunk):
+            entry = journal_entry(line)
+            if entry is not None and (f := classifier.record(entry[0], entry[1])):
+                yield f
+    elif layout == "kmsg":
+        for line in classifier.candidate_records(chunk):
+            m = KMSG.match(line)
+            text = unescape_kmsg(line[m.end() :]) if m else line
+            if f := classifier.record(text, stamp(line)):
+                yield f
+    else:
+        yield from classifier.bulk(chunk)
+
+
+def summary(result: ScanResult, err: TextIO = sys.stderr) -> None:
+    by_reason = Counter(f"{f.reason} ({f.action})" for f in result.findings)
+    err.write(
+        f"scanned {result.lines} lines ({result.layout}) in {result.seconds:.2f}s: "
+        f"{len(result.findings)} findings\n"
+    )
+    for reason, count in by_reason.most_common():
+        err.write(f"  {count:6d}  {reason}\n")
+    words = "needs the node out" if result.verdict is not Verdict.SCHEDULABLE else "node fine"
+    err.write(f"verdict: {result.verdict} ({words})\n")
