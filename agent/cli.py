@@ -82,57 +82,19 @@ def run(
     raise typer.Exit(asyncio.run(main(settings, ident, planned)))
 
 
-@app.command()
-def scan(
-    path: Annotated[
-        Path | None,
-        typer.Argument(
-            help="A saved kernel log (dmesg, dmesg -T, journalctl -k, syslog, /dev/kmsg); "
-            "- or nothing for standard input.",
-            show_default=False,
-        ),
-    ] = None,
-    config: ConfigOption = None,
-    node: Annotated[str, typer.Option(help="Node name to put on the events.")] = "unknown",
-) -> None:
-    """Judge a saved kernel log: one event per finding, a summary, exit 1 if the node must go."""
-    from agent import scan as scanner
-    from agent.identity import Identity
+@app.command(
+    context_settings={
+        "allow_extra_args": True,
+        "ignore_unknown_options": True,
+        "help_option_names": [],
+    }
+)
+def scan(ctx: typer.Context) -> None:
+    """Judge a saved kernel log: one event per finding, a summary, exit 1 if the node must go.
+    (See `node-health scan --help`.)"""
+    from agent.scan import main as scan_main
 
-    rules, policy = _scan_rules(config)
-    stream = sys.stdin.buffer if path is None or str(path) == "-" else None
-    try:
-        fh = stream or open(path, "rb")  # noqa: SIM115 - closed below
-    except OSError as exc:
-        typer.echo(f"node-health: cannot read {path}: {exc.strerror}", err=True)
-        raise typer.Exit(2) from None
-    try:
-        result = scanner.scan(fh, rules, policy, Identity(node), sys.stdout)
-    finally:
-        if stream is None:
-            fh.close()
-    scanner.summary(result)
-    raise typer.Exit(0 if result.verdict is scanner.Verdict.SCHEDULABLE else 1)
-
-
-def _scan_rules(config: Path | None):
-    """The daemon's rules and policy: packaged, plus those of the settings when given."""
-    from agent.models import PolicySettings
-    from checks.kernel_log.options import KernelLogOptions, ruleset
-
-    if config is None:
-        return ruleset(KernelLogOptions()), PolicySettings()
-    from agent.config import ConfigError, check_options, load_settings
-    from checks.kernel_log.check import KernelLogCheck
-    from checks.kernel_log.rules import RuleError
-
-    try:
-        settings = load_settings(config)
-        opts = check_options("kernel_log", KernelLogCheck, settings.checks.get("kernel_log"))
-        return ruleset(opts), settings.policy  # type: ignore[arg-type]
-    except (ConfigError, RuleError) as exc:
-        typer.echo(f"node-health: configuration error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    raise typer.Exit(scan_main(ctx.args))
 
 
 @checks_app.command("list")

@@ -13,6 +13,7 @@ The state is persisted so that an agent restart neither forgets a fault nor repo
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import enum
 import fnmatch
@@ -90,9 +91,9 @@ class Tracker:
 
     def snapshot(self) -> Tracker:
         """A copy for a change to carry: the tracker itself keeps changing."""
-        return dataclasses.replace(
-            self, occurrences=list(self.occurrences), evidence=dict(self.evidence)
-        )
+        snap = copy.copy(self)  # dataclasses.replace is several times slower, on a hot path
+        snap.occurrences, snap.evidence = list(self.occurrences), dict(self.evidence)
+        return snap
 
 
 def key_of(check: str, condition: str, component: str) -> str:

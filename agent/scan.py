@@ -8,12 +8,15 @@ status says whether the node needs to come out (1) or not (0). Bad input is 2.
 
 from __future__ import annotations
 
+import argparse
+import os
 import re
 import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import BinaryIO, TextIO
 
 from agent.events import EventBuilder, dumps
@@ -25,7 +28,7 @@ from checks.kernel_log.classifier import Classifier
 from checks.kernel_log.formats import KMSG, journal_entry, stamp, unescape_kmsg
 from checks.kernel_log.rules import RuleSet
 
-CHUNK = 8 * 1024 * 1024
+CHUNK = 64 * 1024 * 1024
 FORMATS = [
     ("kmsg", re.compile(r"^\d+,\d+,\d+,[^;]*;")),
     ("journal-json", re.compile(r"^\{")),
@@ -55,9 +58,23 @@ def detect(head: bytes) -> str:
 
 
 def chunks(stream: BinaryIO) -> Iterator[bytes]:
-    """The input in large pieces that end on a line boundary."""
+    """The input in large pieces that end on a line boundary. A file is read a piece at a
+    time and re-read from its last newline (no copying of a remainder); a pipe is joined."""
+    try:
+        stream.seek(0, os.SEEK_CUR)
+        seekable = True
+    except (OSError, ValueError):
+        seekable = False
     rest = b""
     while data := stream.read(CHUNK):
+        if data.endswith(b"\n") and not rest:
+            yield data  # the common case, a whole file: no copy at all
+            continue
+        cut = data.rfind(b"\n") + 1
+        if seekable and cut and len(data) == CHUNK:
+            stream.seek(cut - len(data), os.SEEK_CUR)
+            yield data[:cut]
+            continue
         data = rest + data
         cut = data.rfind(b"\n") + 1
         rest = data[cut:]
@@ -85,12 +102,14 @@ def scan(
         if n == 0:
             result.layout = detect(chunk[:65536])
         result.lines += chunk.count(b"\n")
+        events = []
         for finding in _findings(classifier, chunk, result.layout):
             result.findings.append(finding)
             now[0] = finding.ts  # windows run on the log's own time
             for change in policy.observe([finding], report_all=True):
                 if isinstance(change, Reported):
-                    out.write(dumps(builder.render(change)) + "\n")
+                    events.append(dumps(builder.render(change)) + "\n")
+        out.write("".join(events))
     result.verdict = policy.verdict
     result.seconds = time.perf_counter() - start
     return result
@@ -110,6 +129,59 @@ def _findings(classifier: Classifier, chunk: bytes, layout: str) -> Iterator[Fin
                 yield f
     else:
         yield from classifier.bulk(chunk)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`node-health scan`, reached without loading the rest of the CLI: start-up is most of a
+    scan's time (see benchmarks/kernel_log.py)."""
+    ap = argparse.ArgumentParser(prog="node-health scan", description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "path",
+        nargs="?",
+        default="-",
+        help="a saved kernel log (dmesg, dmesg -T, "
+        "journalctl -k, syslog, /dev/kmsg); - or nothing for standard input",
+    )
+    ap.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        default=os.environ.get("NODE_HEALTH_CONFIG"),
+        help="YAML settings: its kernel_log rules and policy are added",
+    )
+    ap.add_argument("--node", default="unknown", help="node name to put on the events")
+    args = ap.parse_args(argv)
+    try:
+        rules, policy = _rules(args.config)
+    except ValueError as exc:  # ConfigError, RuleError
+        sys.stderr.write(f"node-health: configuration error: {exc}\n")
+        return 2
+    try:
+        fh = sys.stdin.buffer if args.path == "-" else open(args.path, "rb")  # noqa: SIM115
+    except OSError as exc:
+        sys.stderr.write(f"node-health: cannot read {args.path}: {exc.strerror}\n")
+        return 2
+    with fh:
+        result = scan(fh, rules, policy, Identity(args.node), sys.stdout)
+    summary(result)
+    return 0 if result.verdict is Verdict.SCHEDULABLE else 1
+
+
+def _rules(config: Path | None) -> tuple[RuleSet, PolicySettings]:
+    """The daemon's rules and policy: packaged, plus those of the settings when given."""
+    from checks.kernel_log.options import KernelLogOptions, ruleset
+
+    if config is None:
+        return ruleset(KernelLogOptions()), PolicySettings()
+    from agent.config import ConfigError, check_options, load_settings
+    from checks.kernel_log.check import KernelLogCheck
+
+    settings = load_settings(config)
+    opts = check_options("kernel_log", KernelLogCheck, settings.checks.get("kernel_log"))
+    try:
+        return ruleset(opts), settings.policy  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise ConfigError(f"checks.kernel_log: {exc}") from None
 
 
 def summary(result: ScanResult, err: TextIO = sys.stderr) -> None:
