@@ -19,6 +19,8 @@ ENTRY_POINT_GROUP = "node_health.checks"
 BUILTIN: dict[str, str] = {
     "memory": "checks.memory:MemoryCheck",
     "kernel_log": "checks.kernel_log.check:KernelLogCheck",
+    "disk": "checks.disk:DiskCheck",
+    "runtime": "checks.runtime:RuntimeCheck",
 }
 
 

@@ -83,6 +83,8 @@ def test_checks_list_shows_state_interval_and_what_is_missing(cli_env, tmp_path)
     assert {r["check"] for r in as_json} == {
         "memory",
         "kernel_log",
+        "disk",
+        "runtime",
         "fixed",
         "hang",
         "needs",
@@ -101,11 +103,13 @@ def test_a_check_that_cannot_run_says_so_once_and_the_rest_runs(cli_env, tmp_pat
     logs = [json.loads(line) for line in out.stderr.splitlines()]
     assert [(entry["event"], entry["check"]) for entry in logs] == [
         ("check_not_loaded", "broken"),
+        ("check_skipped", "disk"),
         ("check_skipped", "kernel_log"),
         ("check_skipped", "needs"),
     ]
-    assert logs[1]["missing"][0].startswith("no kernel log source (/dev/kmsg not readable")
-    assert logs[2]["missing"] == [
+    assert logs[1]["missing"] == ["/proc/mounts not found"]
+    assert logs[2]["missing"][0].startswith("no kernel log source (/dev/kmsg not readable")
+    assert logs[3]["missing"] == [
         "dcgmi-not-on-this-machine not found",
         "/dev/nvidia-not-here not found",
     ]

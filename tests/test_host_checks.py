@@ -1,0 +1,293 @@
+"""Disk, runtime/kubelet and memory pressure checks on host trees under a fixture root."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from checks import disk as disk_module
+from checks.api import Action, CheckContext, Status
+from checks.disk import DiskCheck, DiskOptions, mount_of, parse_mounts
+from checks.memory import MemoryCheck, MemoryOptions
+from checks.runtime import RuntimeCheck, RuntimeOptions
+
+HOSTS = Path(__file__).parent / "fixtures" / "hosts"
+BIN = Path(__file__).parent / "bin"
+
+
+def mounts_file(root: Path, lines: list[str]) -> None:
+    """/proc/mounts in its documented format (proc(5), fstab(5)); entries name test dirs."""
+    (root / "proc").mkdir(parents=True, exist_ok=True)
+    (root / "proc/mounts").write_text("".join(line + "\n" for line in lines))
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    r = tmp_path / "host"
+    for d in ("var/lib/kubelet", "var/lib/containerd", "fsx"):
+        (r / d).mkdir(parents=True)
+    mounts_file(
+        r,
+        [
+            "/dev/nvme0n1p1 / xfs rw,noatime,attr2,inode64,logbufs=8,logbsize=32k,noquota 0 0",
+            "/dev/md127 /var/lib/kubelet xfs rw,noatime 0 0",
+            "10.1.2.3@tcp:/abcdefgh /fsx lustre rw,flock,lazystatfs 0 0",
+            "proc /proc proc rw,nosuid,nodev,noexec,relatime 0 0",
+        ],
+    )
+    return r
+
+
+def by(findings, condition: str, component: str):
+    return next(f for f in findings if f.condition == condition and f.component == component)
+
+
+# ---- disk ----------------------------------------------------------------------------------------
+
+
+def test_mount_table_parsing_and_lookup() -> None:
+    mounts = parse_mounts(
+        "/dev/sda1 / ext4 rw 0 0\n/dev/sdb1 /mnt/with\\040space ext4 ro 0 0\ngarbage\n"
+    )
+    assert [m.point for m in mounts] == ["/", "/mnt/with space"]
+    assert mount_of("/mnt/with space/x", mounts).device == "/dev/sdb1"
+    assert mount_of("/mnt/without", mounts).point == "/"
+
+
+def test_disk_usage_per_mount_with_discovered_lustre(root) -> None:
+    found = DiskCheck(CheckContext(host_root=root)).collect()
+    points = {f.component for f in found if f.condition == "DiskSpaceExhaustion"}
+    assert points == {"fs:/", "fs:/var/lib/kubelet", "fs:/var/lib/containerd", "fs:/fsx"}
+    assert all(f.status is Status.OK for f in found)
+
+
+def test_disk_thresholds_warn_then_fail(root) -> None:
+    used = by(
+        DiskCheck(CheckContext(host_root=root)).collect(), "DiskSpaceExhaustion", "fs:/"
+    ).evidence["used_percent"]
+    warn = DiskOptions(space_warn_percent=max(used - 1, 0), space_fail_percent=100)
+    f = by(DiskCheck(CheckContext(host_root=root), warn).collect(), "DiskSpaceExhaustion", "fs:/")
+    assert (f.status, f.reason, f.action) == (Status.FAULT, "DiskSpaceLow", Action.NONE)
+    fail = DiskOptions(space_warn_percent=0, space_fail_percent=0, fail_action=Action.REBOOT)
+    f = by(DiskCheck(CheckContext(host_root=root), fail).collect(), "DiskSpaceExhaustion", "fs:/")
+    assert (f.reason, f.action) == ("DiskSpaceCritical", Action.REBOOT)
+    assert "GiB free" in f.message
+
+
+def test_read_only_mount_of_a_writable_path(root) -> None:
+    mounts_file(root, ["/dev/md127 /var/lib/kubelet xfs ro,noatime 0 0", "/dev/root / ext4 rw 0 0"])
+    found = DiskCheck(CheckContext(host_root=root)).collect()
+    f = by(found, "ReadonlyFilesystem", "fs:/var/lib/kubelet")
+    assert (f.status, f.reason, f.action) == (Status.FAULT, "MountedReadOnly", Action.REBOOT)
+    assert by(found, "ReadonlyFilesystem", "fs:/").status is Status.OK
+
+
+def test_write_probe_catches_erofs_and_cleans_up(root, monkeypatch) -> None:
+    check = DiskCheck(CheckContext(host_root=root))
+    ok = by(check.collect(), "ReadonlyFilesystem", "probe:/var/lib/kubelet")
+    assert ok.status is Status.OK and not list((root / "var/lib/kubelet").iterdir())
+
+    def read_only(*_a, **_k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(disk_module.os, "open", read_only)
+    f = by(check.collect(), "ReadonlyFilesystem", "probe:/var/lib/kubelet")
+    assert (f.status, f.reason, f.action) == (Status.FAULT, "WriteProbeFailed", Action.REBOOT)
+
+
+def test_probe_that_cannot_decide_is_unknown(root, monkeypatch) -> None:
+    def denied(*_a, **_k):
+        raise OSError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(disk_module.os, "open", denied)
+    f = by(
+        DiskCheck(CheckContext(host_root=root)).collect(),
+        "ReadonlyFilesystem",
+        "probe:/var/lib/kubelet",
+    )
+    assert f.status is Status.UNKNOWN
+
+
+# ---- memory pressure ---------------------------------------------------------------------------
+
+
+def test_psi_full_stall_is_memory_exhaustion(host_root) -> None:
+    check = MemoryCheck(
+        CheckContext(host_root=host_root),
+        MemoryOptions(available_min_percent=1, psi_full_avg60_percent=0, polls=1),
+    )
+    (f,) = check.collect()
+    assert (f.status, f.reason) == (Status.FAULT, "MemoryPressureStall")
+    assert f.evidence["psi_full_avg60"] == 0.0
+
+
+def test_no_psi_file_means_no_psi_verdict(host_root) -> None:
+    (host_root / "proc/pressure/memory").unlink()
+    check = MemoryCheck(CheckContext(host_root=host_root), MemoryOptions(psi_full_avg60_percent=0))
+    (f,) = check.collect()
+    assert f.status is Status.OK and "psi_full_avg60" not in f.evidence
+
+
+# ---- runtime and kubelet -----------------------------------------------------------------------
+
+
+class H2Server:
+    """A unix-socket server that answers an HTTP/2 preface with a SETTINGS frame (RFC 9113),
+    as containerd's and CRI-O's gRPC servers do; or with nothing when `mute`."""
+
+    def __init__(self, path: Path, mute: bool = False) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        self.sock.listen(4)
+        self.mute = mute
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(64)
+                if self.mute:  # a hung runtime: the connection stays open, nothing comes
+                    time.sleep(1.5)
+                else:
+                    conn.sendall(b"\x00\x00\x06\x04\x00\x00\x00\x00\x00\x00\x03\x00\x00\x00\x64")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def kubelet() -> Iterator[dict]:
+    state = {"code": 200, "body": b"ok"}
+
+    class Healthz(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(state["code"])
+            self.end_headers()
+            self.wfile.write(state["body"])
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Healthz)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    state["url"] = f"http://127.0.0.1:{server.server_address[1]}/healthz"
+    yield state
+    server.shutdown()
+
+
+@pytest.fixture
+def runtime_root(tmp_path: Path) -> Path:
+    # A short path: unix socket paths are limited to about 100 bytes.
+    r = Path(f"/tmp/nh-{os.getpid()}-{id(tmp_path) % 10000}")
+    (r / "run/containerd").mkdir(parents=True)
+    (r / "var/lib/kubelet").mkdir(parents=True)
+    (r / "proc/sys/kernel").mkdir(parents=True)
+    (r / "proc/sys/fs").mkdir(parents=True)
+    # loadavg: loads, runnable/total scheduling entities, last PID (proc(5)); pid_max and
+    # file-nr (allocated, unused, max) as documented in the kernel's sysctl docs.
+    (r / "proc/loadavg").write_text("0.52 0.58 0.59 3/1200 45678\n")
+    (r / "proc/sys/kernel/pid_max").write_text("4194304\n")
+    (r / "proc/sys/fs/file-nr").write_text("12160\t0\t9223372036854775807\n")
+    yield r
+    shutil.rmtree(r, ignore_errors=True)
+
+
+def runtime(root: Path, kubelet: dict, monkeypatch, **options) -> RuntimeCheck:
+    monkeypatch.setenv("PATH", str(root / "no-tools"))
+    opts = RuntimeOptions(kubelet_healthz=kubelet["url"], probe_timeout=0.5, **options)
+    return RuntimeCheck(CheckContext(host_root=root), opts)
+
+
+def test_healthy_runtime_and_kubelet(runtime_root, kubelet, monkeypatch) -> None:
+    server = H2Server(runtime_root / "run/containerd/containerd.sock")
+    found = runtime(runtime_root, kubelet, monkeypatch).collect()
+    server.close()
+    assert {(f.condition, f.status) for f in found} == {
+        ("ContainerRuntimeUnhealthy", Status.OK),
+        ("KubeletUnhealthy", Status.OK),
+        ("PidExhaustion", Status.OK),
+        ("FileDescriptorExhaustion", Status.OK),
+    }
+
+
+def test_runtime_not_answering_is_a_fault_only_after_polls(
+    runtime_root, kubelet, monkeypatch
+) -> None:
+    server = H2Server(runtime_root / "run/containerd/containerd.sock", mute=True)
+    check = runtime(runtime_root, kubelet, monkeypatch, polls=2)
+    first = by(check.collect(), "ContainerRuntimeUnhealthy", "container-runtime")
+    second = by(check.collect(), "ContainerRuntimeUnhealthy", "container-runtime")
+    server.close()
+    assert first.status is Status.UNKNOWN and "1 of 2 polls" in first.message
+    assert (second.status, second.reason, second.action) == (
+        Status.FAULT,
+        "ContainerRuntimeDown",
+        Action.REBOOT,
+    )
+    assert "no answer within 0.5s" in second.message
+
+
+def test_kubelet_healthz_failing(runtime_root, kubelet, monkeypatch) -> None:
+    kubelet.update(code=500, body=b"[-]syncloop failed")
+    f = by(
+        runtime(runtime_root, kubelet, monkeypatch, polls=1).collect(),
+        "KubeletUnhealthy",
+        "kubelet",
+    )
+    assert (f.status, f.reason) == (Status.FAULT, "KubeletDown")
+    assert "answered 500" in f.message
+
+
+def test_crictl_network_not_ready(runtime_root, kubelet, monkeypatch) -> None:
+    server = H2Server(runtime_root / "run/containerd/containerd.sock")
+    check = runtime(runtime_root, kubelet, monkeypatch, polls=1)
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}/usr/bin{os.pathsep}/bin")
+    monkeypatch.setenv(
+        "FAKE_CRICTL_OUTPUT", str(HOSTS.parent / "crictl" / "info-network-not-ready.json")
+    )
+    f = by(check.collect(), "ContainerRuntimeUnhealthy", "container-runtime")
+    server.close()
+    assert (f.status, f.reason) == (Status.FAULT, "ContainerRuntimeDown")
+    assert "NetworkReady is false: NetworkPluginNotReady" in f.message
+
+
+def test_failed_systemd_unit(runtime_root, kubelet, monkeypatch) -> None:
+    server = H2Server(runtime_root / "run/containerd/containerd.sock")
+    check = runtime(runtime_root, kubelet, monkeypatch, polls=1)
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}/usr/bin{os.pathsep}/bin")
+    monkeypatch.setenv("FAKE_SYSTEMCTL_FAILED", "containerd.service")
+    monkeypatch.setenv("FAKE_CRICTL_OUTPUT", str(HOSTS.parent / "crictl" / "info-ready.json"))
+    found = check.collect()
+    server.close()
+    f = by(found, "ContainerRuntimeUnhealthy", "container-runtime")
+    assert f.status is Status.FAULT and "containerd.service is failed" in f.message
+    assert by(found, "KubeletUnhealthy", "kubelet").status is Status.OK
+
+
+def test_pid_and_fd_exhaustion(runtime_root, kubelet, monkeypatch) -> None:
+    (runtime_root / "proc/sys/kernel/pid_max").write_text("1230\n")
+    (runtime_root / "proc/sys/fs/file-nr").write_text("950\t0\t1000\n")
+    found = runtime(runtime_root, kubelet, monkeypatch).collect()
+    pids = by(found, "PidExhaustion", "node")
+    fds = by(found, "FileDescriptorExhaustion", "node")
+    assert (pids.reason, pids.action) == ("PidsCritical", Action.REBOOT)
+    assert "1200 of 1230 PIDs in use" in pids.message
+    assert (fds.reason, fds.action) == ("FileDescriptorsLow", Action.NONE)
+
+
+def test_no_runtime_and_no_kubelet_is_nothing_to_judge(tmp_path, kubelet, monkeypatch) -> None:
+    found = runtime(tmp_path, kubelet, monkeypatch).collect()
+    assert found == []
