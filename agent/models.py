@@ -14,13 +14,13 @@ from checks.api import Action, Duration
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
 
 class CheckSettings(BaseModel):
     """Per-check settings. Keys other than these three are the check's own options."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", defer_build=True)
 
     enabled: bool | None = None
     interval: Duration | None = None

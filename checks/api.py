@@ -85,7 +85,7 @@ class Finding:
 class NoOptions(BaseModel):
     """Options model of a check that takes none: any key given is an error."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,7 @@ from checks.api import Action, Finding, PollingCheck, Status
 
 
 class DiskOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     mounts: list[str] = Field(
         default_factory=lambda: ["/", "/var/lib/kubelet", "/var/lib/containerd"]

@@ -20,7 +20,7 @@ CONDITION = "MemoryExhaustion"
 
 
 class MemoryOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     available_min_percent: float = Field(5.0, ge=0, le=100)
     polls: int = Field(3, ge=1, description="consecutive polls under the threshold to report")

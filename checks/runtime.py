@@ -31,7 +31,7 @@ H2_SETTINGS = 0x04
 
 
 class RuntimeOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     sockets: list[str] = Field(
         default_factory=lambda: ["/run/containerd/containerd.sock", "/var/run/crio/crio.sock"]

@@ -16,7 +16,7 @@ from checks.kernel_log import rules
 
 
 class KernelLogOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     source: Literal["auto", "kmsg", "journal", "file"] = "auto"
     kmsg_path: str = "/dev/kmsg"

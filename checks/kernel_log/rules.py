@@ -24,7 +24,7 @@ PACKAGE = "checks.kernel_log"
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
 
 class Lookup(Strict):
