@@ -19,15 +19,10 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from agent.models import (
-    CheckSettings,
-    NodeKeys,
-    PolicyRule,
-    PolicySettings,
-    RuleMatch,
-    SpoolSettings,
-)
-from checks.api import Check, Duration
+from agent.models import CheckSettings, NodeKeys, SpoolSettings
+from agent.policy import PolicyRule, PolicySettings, RuleMatch
+from checks.api import Check
+from checks.units import Duration
 
 __all__ = [
     "CheckSettings",
@@ -112,8 +107,13 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
 
 def check_options(name: str, cls: type[Check], cfg: CheckSettings | None) -> BaseModel:
     """Validate one check's own options against its model; errors name `checks.<name>.<key>`."""
+    given = cfg.options if cfg else {}
+    if cls.Options is None:
+        if given:
+            raise ConfigError(f"checks.{name}: takes no options (got {', '.join(given)})")
+        return None
     try:
-        return cls.Options.model_validate(cfg.options if cfg else {})
+        return cls.Options.model_validate(given)
     except ValidationError as exc:
         raise ConfigError(describe(exc, prefix=("checks", name))) from None
 

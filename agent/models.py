@@ -1,8 +1,4 @@
-"""The plain settings models the decision needs, kept apart from pydantic-settings.
-
-`agent.policy` and `node-health scan` need these without the cost of loading the whole
-settings machinery; `agent.config` builds the full `Settings` on top of them.
-"""
+"""Pydantic models of settings sections, kept apart from pydantic-settings' machinery."""
 
 from __future__ import annotations
 
@@ -10,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from checks.api import Action, Duration
+from checks.units import Duration
 
 
 class Strict(BaseModel):
@@ -29,41 +25,6 @@ class CheckSettings(BaseModel):
     @property
     def options(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
-
-
-class RuleMatch(Strict):
-    """Shell-style patterns (fnmatch) on a finding's fields; all given must match."""
-
-    check: str | None = None
-    condition: str | None = None
-    reason: str | None = None
-    component: str | None = None
-    action: Action | None = None
-
-
-class PolicyRule(Strict):
-    """One line of the policy table: which findings, and what they mean for the node."""
-
-    name: str
-    match: RuleMatch = RuleMatch()
-    action: Action | None = Field(None, description="replaces the finding's recommended action")
-    count: int = Field(1, ge=1, description="occurrences needed before the action applies")
-    window: Duration | None = Field(None, description="the occurrences must fall within this")
-    latch: bool | None = Field(
-        None, description="hold the verdict until a reboot (default: for reboot and replace)"
-    )
-    clean_polls: int = Field(3, ge=1, description="consecutive clean polls that clear it")
-    ttl: Duration | None = Field(None, description="cleared this long after the last fault")
-    escalate: bool = Field(True, description="back after the reboot it asked for: replace")
-
-
-class PolicySettings(Strict):
-    rules: list[PolicyRule] = Field(
-        default_factory=list, description="tried before the packaged table, first match wins"
-    )
-    replace_builtin: bool = Field(False, description="use only `rules`, not the packaged table")
-    temporary_ttl: Duration = Field(3600.0, description="how long an event-only fault counts")
-    escalation_window: Duration = Field(7 * 86400.0, description="how long a reboot is remembered")
 
 
 class NodeKeys(Strict):

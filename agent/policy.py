@@ -21,13 +21,12 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from agent.models import PolicyRule, PolicySettings
-from checks.api import Action, Finding, Status, load_yaml
+from checks.api import Action, Finding, Status, load_yaml, seconds
 
 
 class Verdict(enum.StrEnum):
@@ -54,9 +53,89 @@ VERDICT_OF_ACTION = {
 }
 
 
+# The policy table's models: stdlib dataclasses, so that a scan never loads pydantic; pydantic
+# validates them all the same where they come from the settings (agent.config).
+_STRICT = {"extra": "forbid"}
+
+
+@dataclass(frozen=True)
+class RuleMatch:
+    """Shell-style patterns (fnmatch) on a finding's fields; all given must match."""
+
+    __pydantic_config__ = _STRICT
+
+    check: str | None = None
+    condition: str | None = None
+    reason: str | None = None
+    component: str | None = None
+    action: Action | None = None
+
+    def __post_init__(self) -> None:
+        if self.action is not None:
+            object.__setattr__(self, "action", Action(self.action))
+
+    def patterns(self) -> list[tuple[str, str]]:
+        return [(f.name, str(v)) for f in fields(self) if (v := getattr(self, f.name)) is not None]
+
+
+@dataclass(frozen=True)
+class PolicyRule:
+    """One line of the policy table: which findings, and what they mean for the node.
+
+    `action` replaces the finding's recommended action; `count` occurrences within `window`
+    are needed; `latch` holds the verdict until a reboot (default: for reboot and replace);
+    `clean_polls` clean polls in a row, or `ttl` after the last fault, clear it; `escalate`:
+    back after the reboot it asked for means replace.
+    """
+
+    __pydantic_config__ = _STRICT
+
+    name: str
+    match: RuleMatch = field(default_factory=RuleMatch)
+    action: Action | None = None
+    count: int = 1
+    window: float | str | None = None
+    latch: bool | None = None
+    clean_polls: int = 3
+    ttl: float | str | None = None
+    escalate: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.match, dict):
+            object.__setattr__(self, "match", RuleMatch(**self.match))
+        if self.action is not None:
+            object.__setattr__(self, "action", Action(self.action))
+        for name in ("window", "ttl"):
+            if (value := getattr(self, name)) is not None:
+                object.__setattr__(self, name, seconds(value, f"rule {self.name!r}: {name}"))
+        if self.count < 1 or self.clean_polls < 1:
+            raise ValueError(f"rule {self.name!r}: count and clean_polls must be at least 1")
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    """`rules` are tried before the packaged table, first match wins; `replace_builtin` uses
+    only them. `temporary_ttl`: how long an event-only fault counts; `escalation_window`: how
+    long a reboot is remembered."""
+
+    __pydantic_config__ = _STRICT
+
+    rules: list[PolicyRule] = field(default_factory=list)
+    replace_builtin: bool = False
+    temporary_ttl: float | str = 3600.0
+    escalation_window: float | str = 7 * 86400.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "rules", [PolicyRule(**r) if isinstance(r, dict) else r for r in self.rules]
+        )
+        for name in ("temporary_ttl", "escalation_window"):
+            object.__setattr__(self, name, seconds(getattr(self, name), f"policy.{name}"))
+
+
 def builtin_rules() -> list[PolicyRule]:
     text = resources.files("agent").joinpath("policy.yaml").read_text()
-    return [PolicyRule.model_validate(r) for r in load_yaml(text)["rules"]]
+    return [PolicyRule(**r) for r in load_yaml(text)["rules"]]
 
 
 def rule_table(settings: PolicySettings) -> list[PolicyRule]:
@@ -400,7 +479,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def _compile(rule: PolicyRule) -> list[tuple[str, str]]:
-    return [(name, str(pat)) for name, pat in rule.match.model_dump(exclude_none=True).items()]
+    return rule.match.patterns()
 
 
 def _fits(pattern: str, value: object) -> bool:

@@ -23,9 +23,9 @@ from typing import BinaryIO, TextIO
 
 from agent.events import EventBuilder, dumps
 from agent.identity import Identity
-from agent.models import PolicySettings
-from agent.policy import Policy, Reported, Verdict, rule_table
+from agent.policy import Policy, PolicySettings, Reported, Verdict, rule_table
 from checks.api import Finding
+from checks.kernel_log import rules as rules_module
 from checks.kernel_log.classifier import Classifier
 from checks.kernel_log.formats import KMSG, journal_entry, stamp, unescape_kmsg
 from checks.kernel_log.rules import RuleSet
@@ -166,12 +166,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _rules(config: Path | None) -> tuple[RuleSet, PolicySettings]:
     """The daemon's rules and policy: packaged, plus those of the settings when given."""
-    from checks.kernel_log.options import KernelLogOptions, ruleset
-
-    if config is None:
-        return ruleset(KernelLogOptions()), PolicySettings()
+    if config is None:  # the packaged tables as they are: no settings, no pydantic
+        return rules_module.build(), PolicySettings()
     from agent.config import ConfigError, check_options, load_settings
     from checks.kernel_log.check import KernelLogCheck
+    from checks.kernel_log.options import ruleset
 
     settings = load_settings(config)
     opts = check_options("kernel_log", KernelLogCheck, settings.checks.get("kernel_log"))

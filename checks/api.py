@@ -13,9 +13,10 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+if TYPE_CHECKING:  # pydantic stays out of what `node-health scan` imports
+    from pydantic import BaseModel
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
@@ -28,7 +29,12 @@ def parse_duration(value: Any) -> Any:
     return value
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+def seconds(value: Any, what: str) -> float:
+    """A positive duration ('10m', '30s', 5) in seconds, or a ValueError naming `what`."""
+    parsed = parse_duration(value)
+    if isinstance(parsed, bool) or not isinstance(parsed, int | float) or parsed <= 0:
+        raise ValueError(f"{what}: {value!r} is not a duration (like 30s, 10m, 1h, or seconds)")
+    return float(parsed)
 
 
 def load_yaml(text: str) -> Any:
@@ -82,12 +88,6 @@ class Finding:
     ts: float = field(default_factory=time.time)
 
 
-class NoOptions(BaseModel):
-    """Options model of a check that takes none: any key given is an error."""
-
-    model_config = ConfigDict(extra="forbid", defer_build=True)
-
-
 @dataclass(frozen=True, slots=True)
 class CheckContext:
     """What the agent hands every check: where the host is, and what node this is."""
@@ -110,11 +110,13 @@ class Check:
     enabled_by_default: ClassVar[bool] = True
     needs_executables: ClassVar[tuple[str, ...]] = ()
     needs_paths: ClassVar[tuple[str, ...]] = ()  # host paths, read under the host root
-    Options: ClassVar[type[BaseModel]] = NoOptions
+    Options: ClassVar[type[BaseModel] | None] = None  # a pydantic model; None: no options
 
     def __init__(self, ctx: CheckContext, options: BaseModel | None = None) -> None:
         self.ctx = ctx
-        self.options = options if options is not None else self.Options()
+        if options is None and self.Options is not None:
+            options = self.Options()
+        self.options = options
 
     def missing(self) -> list[str]:
         """What this check needs and the host lacks, in words (`dcgmi not found`)."""

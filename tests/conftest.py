@@ -44,7 +44,8 @@ def settings_for(tmp_path: Path, host_root: Path):
 
 def planned(cls: type[Check], ctx: CheckContext | None = None, **options: Any) -> PlannedCheck:
     """A check ready for the runner, as `agent.plan` would build it."""
-    check = cls(ctx or CheckContext(), cls.Options.model_validate(options))
+    opts = cls.Options.model_validate(options) if cls.Options is not None else None
+    check = cls(ctx or CheckContext(), opts)
     interval = cls.interval if isinstance(check, PollingCheck) else None
     return PlannedCheck(cls.name, True, check, interval, cls.timeout)
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import re
 
-from agent.config import PolicySettings
 from agent.events import EventBuilder, dumps
 from agent.identity import Identity
-from agent.policy import Policy, rule_table
+from agent.policy import Policy, PolicySettings, rule_table
 from checks.api import Action, Finding, Status
 
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")

@@ -215,6 +215,14 @@ def test_bad_rule_files_are_named_errors(tmp_path, text: str, message: str) -> N
         rules.build([rules.load_file(path)])
 
 
+def test_packaged_rules_are_what_pydantic_validates() -> None:
+    # Built directly for `node-health scan`; a settings file goes through pydantic.
+    from importlib import resources
+
+    text = resources.files("checks.kernel_log").joinpath("rules.yaml").read_text()
+    assert rules.validate(text, "rules.yaml") == rules.packaged()
+
+
 def test_xid_actions_follow_nvidias_buckets_and_hyperpods_overrides(ruleset) -> None:
     xid, override = ruleset.tables["xid"], ruleset.tables["xid_override"]
 

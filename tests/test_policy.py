@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import PolicyRule, PolicySettings
 from agent.policy import (
     Cleared,
     Policy,
+    PolicyRule,
+    PolicySettings,
     RebootSeen,
     Reported,
     StateCorruptError,
@@ -254,5 +255,31 @@ def test_rules_from_settings_win_over_the_packaged_table(clock: Clock) -> None:
 
 def test_packaged_table_ends_with_a_catch_all() -> None:
     rules = builtin_rules()
-    assert rules[-1].match.model_dump(exclude_none=True) == {}
+    assert rules[-1].match.patterns() == []
     assert json.dumps([r.name for r in rules])
+
+
+def test_packaged_table_is_what_pydantic_validates() -> None:
+    # The packaged table is built directly (no pydantic on the scan path); the settings'
+    # rules go through pydantic. Both roads must give the same rules.
+    from importlib import resources
+
+    from pydantic import TypeAdapter
+
+    from checks.api import load_yaml
+
+    raw = load_yaml(resources.files("agent").joinpath("policy.yaml").read_text())["rules"]
+    assert TypeAdapter(list[PolicyRule]).validate_python(raw) == builtin_rules()
+
+
+def test_bad_policy_rules_are_refused() -> None:
+    from pydantic import TypeAdapter, ValidationError
+
+    for bad in (
+        {"name": "x", "count": 0},
+        {"name": "x", "window": "soon"},
+        {"name": "x", "surprise": 1},
+        {"name": "x", "action": "explode"},
+    ):
+        with pytest.raises(ValidationError):
+            TypeAdapter(PolicyRule).validate_python(bad)

@@ -11,8 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from checks.api import Duration
 from checks.kernel_log import rules
+from checks.units import Duration
 
 
 class KernelLogOptions(BaseModel):
@@ -31,6 +31,6 @@ class KernelLogOptions(BaseModel):
 
 def ruleset(opts: KernelLogOptions) -> rules.RuleSet:
     """The packaged rules with the settings' files and inline rules before them."""
-    extra = [rules.RuleFile.model_validate({"rules": opts.rules})] if opts.rules else []
+    extra = [rules.validate({"rules": opts.rules}, "checks.kernel_log.rules")] if opts.rules else []
     extra += [rules.load_file(p) for p in opts.rules_files]
     return rules.build(extra, set(opts.disable_rules), opts.dedup)

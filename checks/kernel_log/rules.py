@@ -15,67 +15,99 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
-from checks.api import Action, Duration, load_yaml
+from checks.api import Action, load_yaml, seconds
 
 PACKAGE = "checks.kernel_log"
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", defer_build=True)
+# Stdlib dataclasses, so that `node-health scan` never loads pydantic: the packaged table is
+# built directly; a rules file from the settings is validated by pydantic all the same.
+_STRICT = {"extra": "forbid"}
 
 
-class Lookup(Strict):
+@dataclass(frozen=True)
+class Lookup:
     """Look `key` (a template) up in `table`; a hit replaces the rule's action (and reason)."""
+
+    __pydantic_config__ = _STRICT
 
     table: str
     key: str
 
 
-class Rate(Strict):
+@dataclass(frozen=True)
+class Rate:
     """`count` matches within `window` on one component turn the rule's action into `action`."""
 
-    count: int = Field(ge=2)
-    window: Duration
+    __pydantic_config__ = _STRICT
+
+    count: int
+    window: float | str
     action: Action
 
+    def __post_init__(self) -> None:
+        if self.count < 2:
+            raise ValueError("rate.count must be at least 2")
+        object.__setattr__(self, "window", seconds(self.window, "rate.window"))
+        object.__setattr__(self, "action", Action(self.action))
 
-class Rule(Strict):
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule. `context` rules report nothing: they lend their groups to the next finding of
+    a rule with the same `uses_context`; `component_fallback` stands in when a group the
+    component names did not match; `dedup` overrides the table's window."""
+
+    __pydantic_config__ = _STRICT
+
     name: str
-    anchor: str = Field(min_length=3)
+    anchor: str
     pattern: str
-    condition: str | None = None  # None only for context rules, which report nothing
+    condition: str | None = None
     reason: str = ""
     component: str = "node"
-    component_fallback: str = "node"  # when a group the component names did not match
-    temporary: bool = True  # an event; false: a condition that holds until cleared
+    component_fallback: str = "node"
+    temporary: bool = True
     action: Action = Action.NONE
-    lookup: list[Lookup] = Field(default_factory=list)
+    lookup: list[Lookup] = field(default_factory=list)
     rate: Rate | None = None
-    context: str | None = Field(None, description="remember this match for uses_context")
+    context: str | None = None
     uses_context: str | None = None
-    dedup: Duration | None = Field(None, description="override of the table's dedup window")
+    dedup: float | str | None = None
 
-    @field_validator("pattern")
-    @classmethod
-    def _compiles(cls, value: str) -> str:
+    def __post_init__(self) -> None:
+        where = f"rule {self.name!r}"
+        if len(self.anchor) < 3:
+            raise ValueError(f"{where}: anchor must be at least 3 characters")
         try:
-            re.compile(value, re.DOTALL)  # as _compile will: the second compile is a cache hit
+            re.compile(self.pattern, re.DOTALL)  # as _compile will: the second is a cache hit
         except re.error as exc:
-            raise ValueError(f"not a valid regular expression: {exc}") from None
-        return value
-
-    def model_post_init(self, _: Any) -> None:
+            raise ValueError(f"{where}: pattern is not a valid regular expression: {exc}") from None
         if self.condition is None and self.context is None:
-            raise ValueError(f"rule {self.name!r} needs a condition (or be a context rule)")
+            raise ValueError(f"{where} needs a condition (or be a context rule)")
+        object.__setattr__(self, "action", Action(self.action))
+        object.__setattr__(
+            self, "lookup", [Lookup(**lk) if isinstance(lk, dict) else lk for lk in self.lookup]
+        )
+        if isinstance(self.rate, dict):
+            object.__setattr__(self, "rate", Rate(**self.rate))
+        if self.dedup is not None:
+            object.__setattr__(self, "dedup", seconds(self.dedup, f"{where}: dedup"))
 
 
-class RuleFile(Strict):
-    tables: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    rules: list[Rule] = Field(default_factory=list)
-    dedup: Duration = 2.0
+@dataclass(frozen=True)
+class RuleFile:
+    __pydantic_config__ = _STRICT
+
+    tables: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rules: list[Rule] = field(default_factory=list)
+    dedup: float | str = 2.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "rules", [Rule(**r) if isinstance(r, dict) else r for r in self.rules]
+        )
+        object.__setattr__(self, "dedup", seconds(self.dedup, "dedup"))
 
 
 @dataclass(frozen=True)
@@ -118,7 +150,9 @@ class RuleError(ValueError):
 
 
 def packaged() -> RuleFile:
-    return _parse(resources.files(PACKAGE).joinpath("rules.yaml").read_text(), "rules.yaml")
+    """The packaged table, built directly (its validity is a test's business)."""
+    raw = load_yaml(resources.files(PACKAGE).joinpath("rules.yaml").read_text())
+    return RuleFile(**raw)
 
 
 def load_file(path: Path) -> RuleFile:
@@ -126,17 +160,22 @@ def load_file(path: Path) -> RuleFile:
         text = path.read_text()
     except OSError as exc:
         raise RuleError(f"{path}: {exc.strerror}") from None
-    return _parse(text, str(path))
+    return validate(text, str(path))
 
 
-def _parse(text: str, where: str) -> RuleFile:
+def validate(text_or_data: str | dict[str, Any], where: str) -> RuleFile:
+    """A rules file (YAML text, or its data) validated with pydantic; errors name the rule."""
+    import yaml
+    from pydantic import TypeAdapter, ValidationError
+
     try:
-        return RuleFile.model_validate(load_yaml(text) or {})
+        raw = load_yaml(text_or_data) if isinstance(text_or_data, str) else text_or_data
+        return TypeAdapter(RuleFile).validate_python(raw or {})
     except yaml.YAMLError as exc:
         raise RuleError(f"{where}: {exc}") from None
     except ValidationError as exc:
         detail = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}".lstrip(": ") for e in exc.errors()
         )
         raise RuleError(f"{where}: {detail}") from None
 

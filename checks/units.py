@@ -1,0 +1,12 @@
+"""Types for the pydantic models of settings and check options."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BeforeValidator, Field
+
+from checks.api import parse_duration
+
+Duration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+"""Seconds, written as 30s, 10m, 1h, 2d or a number."""
