@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 
-class ConfigError(Exception):
+class ConfigError(ValueError):
     """A configuration problem, already phrased for the operator."""
 
 

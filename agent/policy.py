@@ -240,12 +240,16 @@ class Policy:
 
     # ---- deciding ------------------------------------------------------------------------
 
-    def observe(self, findings: Iterable[Finding], report_all: bool = False) -> list[Change]:
-        """Take a batch of findings; return what changed, the verdict last."""
+    def observe(
+        self, findings: Iterable[Finding], report_all: bool = False, log_time: bool = False
+    ) -> list[Change]:
+        """Take a batch of findings; return what changed, the verdict last. With `log_time`,
+        windows run on each finding's own time (a saved log), not on the clock."""
         changes, self.pending = self.pending, []
         now = self.clock()
         for f in findings:
-            changes += self._observe(f, now, report_all)
+            at = (f.clock if f.clock is not None else f.ts) if log_time else now
+            changes += self._observe(f, at, report_all)
         return self._settle(changes)
 
     def expire(self) -> list[Change]:
@@ -368,11 +372,10 @@ class Policy:
         return changes
 
     def _compute(self) -> tuple[Verdict, Tracker | None]:
-        verdict, cause = Verdict.SCHEDULABLE, None
+        verdict, cause, rank = Verdict.SCHEDULABLE, None, 0
         for t in self.trackers.values():
-            v = VERDICT_OF_ACTION[t.action] if t.active else Verdict.SCHEDULABLE
-            if v.rank > verdict.rank:
-                verdict, cause = v, t
+            if t.active and (r := _VERDICT_RANK[VERDICT_OF_ACTION[t.action]]) > rank:
+                verdict, cause, rank = VERDICT_OF_ACTION[t.action], t, r
         if self.latched is not None and self.latched.rank > verdict.rank:
             verdict = self.latched
             cause = next(

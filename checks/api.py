@@ -86,6 +86,7 @@ class Finding:
     temporary: bool = False
     check: str = ""
     ts: float = field(default_factory=time.time)
+    clock: float | None = None  # the source's own time (a log's, since boot), for windows
 
 
 @dataclass(frozen=True, slots=True)

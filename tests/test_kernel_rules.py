@@ -215,6 +215,10 @@ def test_bad_rule_files_are_named_errors(tmp_path, text: str, message: str) -> N
         rules.build([rules.load_file(path)])
 
 
+def test_every_packaged_pattern_compiles(ruleset) -> None:
+    assert all(cr.regex.groupindex is not None for cr in ruleset.rules)
+
+
 def test_packaged_rules_are_what_pydantic_validates() -> None:
     # Built directly for `node-health scan`; a settings file goes through pydantic.
     from importlib import resources

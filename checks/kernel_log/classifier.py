@@ -161,6 +161,7 @@ class Classifier:
             evidence=evidence,
             temporary=rule.temporary,
             ts=when.wall if when.wall is not None else time.time(),
+            clock=when.ts,
         )
 
     def _merge_context(self, name: str, groups: dict[str, str], now: float) -> dict[str, str]:

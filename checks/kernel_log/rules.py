@@ -79,10 +79,6 @@ class Rule:
         where = f"rule {self.name!r}"
         if len(self.anchor) < 3:
             raise ValueError(f"{where}: anchor must be at least 3 characters")
-        try:
-            re.compile(self.pattern, re.DOTALL)  # as _compile will: the second is a cache hit
-        except re.error as exc:
-            raise ValueError(f"{where}: pattern is not a valid regular expression: {exc}") from None
         if self.condition is None and self.context is None:
             raise ValueError(f"{where} needs a condition (or be a context rule)")
         object.__setattr__(self, "action", Action(self.action))
@@ -120,8 +116,16 @@ class TableHit:
 @dataclass
 class CompiledRule:
     rule: Rule
-    regex: re.Pattern[str]
     fields: tuple[str, ...]  # the groups `component` needs
+    _regex: re.Pattern[str] | None = None
+
+    @property
+    def regex(self) -> re.Pattern[str]:
+        """Compiled on first use: a log touches few of the rules, and start-up is a scan's
+        largest cost. Every pattern is compiled once when a table is built (`build`)."""
+        if self._regex is None:
+            self._regex = re.compile(self.rule.pattern, re.DOTALL)
+        return self._regex
 
 
 @dataclass
@@ -170,7 +174,15 @@ def validate(text_or_data: str | dict[str, Any], where: str) -> RuleFile:
 
     try:
         raw = load_yaml(text_or_data) if isinstance(text_or_data, str) else text_or_data
-        return TypeAdapter(RuleFile).validate_python(raw or {})
+        checked = TypeAdapter(RuleFile).validate_python(raw or {})
+        for rule in checked.rules:
+            try:
+                re.compile(rule.pattern, re.DOTALL)
+            except re.error as exc:
+                raise RuleError(
+                    f"{where}: rule {rule.name!r}: pattern is not a valid regular expression: {exc}"
+                ) from None
+        return checked
     except yaml.YAMLError as exc:
         raise RuleError(f"{where}: {exc}") from None
     except ValidationError as exc:
@@ -203,15 +215,16 @@ def build(
     )
 
 
+_GROUP = re.compile(r"\(\?P<(\w+)>")
+
+
 def _compile(rule: Rule) -> CompiledRule:
-    regex = re.compile(rule.pattern, re.DOTALL)
     fields = tuple(re.findall(r"{(\w+)}", rule.component))
-    unknown = [
-        f for f in (*fields, *re.findall(r"{(\w+)}", rule.reason)) if f not in regex.groupindex
-    ]
+    groups = set(_GROUP.findall(rule.pattern))
+    unknown = [f for f in (*fields, *re.findall(r"{(\w+)}", rule.reason)) if f not in groups]
     if unknown:
         raise RuleError(f"rule {rule.name!r}: template names {unknown} not in its pattern")
-    return CompiledRule(rule, regex, fields)
+    return CompiledRule(rule, fields)
 
 
 def _table(name: str, raw: dict[str, Any]) -> dict[str, TableHit]:
