@@ -50,18 +50,45 @@ def corpus(path: Path, lines: int, fault_share: float, seed: int = 7) -> None:
             fh.write(f"[{i * 0.001 + 5:12.6f}] {msg}\n")
 
 
+_OUTSIDE = {"d": "[0-9]", "S": "[^[:space:]]", "s": "[[:space:]]", "w": "[[:alnum:]_]"}
+_INSIDE = {"d": "0-9", "s": "[:space:]", "w": "[:alnum:]_"}
+
+
 def ere(pattern: str) -> str:
-    """A rule's Python regex as POSIX ERE for grep -E (the constructs our rules use)."""
-    out = re.sub(r"\(\?P<\w+>", "(", pattern)
-    out = out.replace("(?:", "(").replace("*?", "*").replace("+?", "+").replace("??", "?")
-    for py, posix in (
-        (r"\d", "[0-9]"),
-        (r"\S", "[^[:space:]]"),
-        (r"\s", "[[:space:]]"),
-        (r"\w", "[[:alnum:]_]"),
-    ):
-        out = out.replace(py, posix)
-    return out
+    """A rule's Python regex as POSIX ERE for grep -E (the constructs our rules use). In a
+    bracket expression POSIX has no backslash escapes: classes become [:name:], and `]` goes
+    first; `[\\S ]` (any character) becomes `.`."""
+    pattern = re.sub(r"\(\?P<\w+>", "(", pattern).replace("(?:", "(")
+    pattern = pattern.replace("*?", "*").replace("+?", "+").replace("??", "?")
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\" and i + 1 < len(pattern):
+            nxt = pattern[i + 1]
+            out.append(_OUTSIDE.get(nxt, c + nxt))
+            i += 2
+        elif c == "[":
+            end = i + 1 + (pattern[i + 1 : i + 2] == "^")
+            end += pattern[end : end + 1] == "]"
+            while pattern[end] != "]" or pattern[end - 1] == "\\":
+                end += 1
+            out.append(_bracket(pattern[i + 1 : end]))
+            i = end + 1
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def _bracket(body: str) -> str:
+    if body in ("\\S ", " \\S"):
+        return "."
+    negate = body.startswith("^")
+    body = body[negate:]
+    close = "\\]" in body
+    body = body.replace("\\]", "")
+    body = re.sub(r"\\([dsw])", lambda m: _INSIDE[m.group(1)], body).replace("\\", "")
+    return "[" + "^" * negate + "]" * close + body + "]"
 
 
 def timed(argv: list[str], out: Path, runs: int) -> float:
