@@ -89,6 +89,9 @@ class EventBuilder:
                 f'message: "{f.message}"'
             )
         level, severity = _levels(f.status, t.action if t.active else f.action)
+        if f.severity is not None:  # the rule's word, where it gave one
+            severity = f.severity
+            level = "error" if level == "error" else f.severity
         event = self._detection(level, severity, f.ts, f.reason, text)
         event.update(
             check=f.check,

@@ -87,6 +87,7 @@ class Finding:
     check: str = ""
     ts: float = field(default_factory=time.time)
     clock: float | None = None  # the source's own time (a log's, since boot), for windows
+    severity: str | None = None  # info, warn or error; None: from status and action
 
 
 @dataclass(frozen=True, slots=True)

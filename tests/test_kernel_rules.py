@@ -126,6 +126,19 @@ def test_oom_kill_names_the_pod_from_its_cgroup(ruleset) -> None:
     assert f.evidence["pod_uid"] == "95387fa4-da9c-11e7-9d36-5254b24cbf5e"
 
 
+def test_corrected_errors_are_informational_events(ruleset) -> None:
+    from agent.events import EventBuilder
+    from agent.identity import Identity
+    from agent.policy import Policy, PolicySettings, rule_table
+
+    found = classify(ruleset, (KERNEL / "faults" / "edac-ce-osm.log").read_bytes())
+    assert {f.severity for f in found} == {"info"}
+    ps = PolicySettings()
+    changes = Policy(rule_table(ps), ps).observe(found)
+    events = [EventBuilder(Identity("n")).render(c) for c in changes]
+    assert {(e["level"], e["details: "]["severity"]) for e in events} == {("info", "info")}
+
+
 def test_secondary_xid_points_at_its_root_cause(ruleset) -> None:
     f = classify(ruleset, (KERNEL / "faults" / "xid45-caused-by-nvlink5.log").read_bytes())[0]
     assert f.evidence["cause"] == "149" and f.action is Action.NONE

@@ -162,6 +162,7 @@ class Classifier:
             temporary=rule.temporary,
             ts=when.wall if when.wall is not None else time.time(),
             clock=when.ts,
+            severity=rule.severity,
         )
 
     def _merge_context(self, name: str, groups: dict[str, str], now: float) -> dict[str, str]:

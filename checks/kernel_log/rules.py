@@ -74,9 +74,12 @@ class Rule:
     context: str | None = None
     uses_context: str | None = None
     dedup: float | str | None = None
+    severity: str | None = None  # info, warn or error; default: from the action
 
     def __post_init__(self) -> None:
         where = f"rule {self.name!r}"
+        if self.severity not in (None, "info", "warn", "error"):
+            raise ValueError(f"{where}: severity must be info, warn or error")
         if len(self.anchor) < 3:
             raise ValueError(f"{where}: anchor must be at least 3 characters")
         if self.condition is None and self.context is None:
