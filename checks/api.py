@@ -167,3 +167,40 @@ class StreamingCheck(Check):
 
 class CheckBusyError(RuntimeError):
     """A polling check was due while its previous run was still going."""
+
+
+def graded(
+    component: str,
+    condition: str,
+    what: str,
+    percent: float,
+    warn: float,
+    fail: float,
+    fail_action: Action,
+    message: str,
+    evidence: Mapping[str, Any],
+) -> Finding:
+    """A usage figure against two thresholds: `<what>OK`; `<what>Low` at `warn` (a fault that
+    asks nothing of the node); `<what>Critical` at `fail` (with `fail_action`)."""
+    facts = {**evidence, "percent": round(percent, 2)}
+    if percent >= fail:
+        return Finding(
+            component,
+            condition,
+            Status.FAULT,
+            f"{what}Critical",
+            message,
+            fail_action,
+            facts | {"threshold_percent": fail},
+        )
+    if percent >= warn:
+        return Finding(
+            component,
+            condition,
+            Status.FAULT,
+            f"{what}Low",
+            message,
+            Action.NONE,
+            facts | {"threshold_percent": warn},
+        )
+    return Finding(component, condition, Status.OK, f"{what}OK", message, evidence=facts)

@@ -20,7 +20,7 @@ from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from checks.api import Action, Finding, PollingCheck, Status
+from checks.api import Action, Finding, PollingCheck, Status, graded
 
 
 class DiskOptions(BaseModel):
@@ -130,7 +130,7 @@ class DiskCheck(PollingCheck):
         space = 100.0 * used / (used + st.f_bavail) if used + st.f_bavail else 0.0
         free_bytes = st.f_bavail * st.f_frsize
         out = [
-            self._level(
+            graded(
                 component,
                 "DiskSpaceExhaustion",
                 "DiskSpace",
@@ -139,13 +139,13 @@ class DiskCheck(PollingCheck):
                 opts.space_fail_percent,
                 opts.fail_action,
                 f"{point} is {space:.1f}% full, {free_bytes / 2**30:.1f} GiB free",
-                {"used_percent": round(space, 2), "free_bytes": free_bytes},
+                {"free_bytes": free_bytes},
             )
         ]
         if st.f_files:  # some filesystems (Lustre clients, NFS) report no inode table
             inodes = 100.0 * (st.f_files - st.f_ffree) / st.f_files
             out.append(
-                self._level(
+                graded(
                     component,
                     "InodeExhaustion",
                     "Inodes",
@@ -154,44 +154,10 @@ class DiskCheck(PollingCheck):
                     opts.inodes_fail_percent,
                     opts.fail_action,
                     f"{point} uses {inodes:.1f}% of its inodes",
-                    {"used_percent": round(inodes, 2), "free": st.f_ffree},
+                    {"free": st.f_ffree},
                 )
             )
         return out
-
-    @staticmethod
-    def _level(
-        component: str,
-        condition: str,
-        what: str,
-        value: float,
-        warn: float,
-        fail: float,
-        fail_action: Action,
-        message: str,
-        evidence: dict[str, float | int],
-    ) -> Finding:
-        if value >= fail:
-            return Finding(
-                component,
-                condition,
-                Status.FAULT,
-                f"{what}Critical",
-                message,
-                fail_action,
-                evidence | {"threshold_percent": fail},
-            )
-        if value >= warn:
-            return Finding(
-                component,
-                condition,
-                Status.FAULT,
-                f"{what}Low",
-                message,
-                Action.NONE,
-                evidence | {"threshold_percent": warn},
-            )
-        return Finding(component, condition, Status.OK, f"{what}OK", message, evidence=evidence)
 
     def _flags(self, path: str, m: Mount, opts: DiskOptions) -> Finding:
         component = f"fs:{m.point}"

@@ -23,7 +23,7 @@ from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from checks.api import Action, CheckContext, Finding, PollingCheck, Status
+from checks.api import Action, CheckContext, Finding, PollingCheck, Status, graded
 
 # RFC 9113 3.4: the client preface, then a SETTINGS frame (here empty: length 0, type 4).
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
@@ -183,7 +183,7 @@ class RuntimeCheck(PollingCheck):
             total = int(self.ctx.path("/proc/loadavg").read_text().split()[3].split("/")[1])
             pid_max = int(self.ctx.path("/proc/sys/kernel/pid_max").read_text())
             out.append(
-                _level(
+                graded(
                     "node",
                     "PidExhaustion",
                     "Pids",
@@ -203,7 +203,7 @@ class RuntimeCheck(PollingCheck):
             )
             in_use = allocated - unused
             out.append(
-                _level(
+                graded(
                     "node",
                     "FileDescriptorExhaustion",
                     "FileDescriptors",
@@ -218,47 +218,6 @@ class RuntimeCheck(PollingCheck):
         except (OSError, ValueError, ZeroDivisionError):
             pass
         return out
-
-
-def _level(
-    component: str,
-    condition: str,
-    what: str,
-    value: float,
-    warn: float,
-    fail: float,
-    fail_action: Action,
-    message: str,
-    evidence: dict[str, int],
-) -> Finding:
-    if value >= fail:
-        return Finding(
-            component,
-            condition,
-            Status.FAULT,
-            f"{what}Critical",
-            message,
-            fail_action,
-            {**evidence, "percent": round(value, 2)},
-        )
-    if value >= warn:
-        return Finding(
-            component,
-            condition,
-            Status.FAULT,
-            f"{what}Low",
-            message,
-            Action.NONE,
-            {**evidence, "percent": round(value, 2)},
-        )
-    return Finding(
-        component,
-        condition,
-        Status.OK,
-        f"{what}OK",
-        message,
-        evidence={**evidence, "percent": round(value, 2)},
-    )
 
 
 def _h2_answers(path: str, timeout: float) -> str | None:

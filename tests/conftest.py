@@ -81,3 +81,25 @@ def cli_env(tmp_path: Path, host_root: Path) -> dict[str, str]:
         PATH=str(tmp_path / "no-tools"),  # no host tool (journalctl, dcgmi) leaks into a test
     )
     return env
+
+
+def spooled(state_dir: Path) -> list[dict]:
+    """The events a daemon spooled under `state_dir`, oldest first."""
+    import json
+
+    return [
+        json.loads(line)
+        for seg in sorted((state_dir / "spool").glob("*.jsonl"))
+        for line in seg.read_text().splitlines()
+    ]
+
+
+def wait_for(predicate, timeout: float = 10.0) -> float:
+    """Poll until `predicate()` holds; the seconds it took."""
+    import time
+
+    start = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - start < timeout, "condition not met in time"
+        time.sleep(0.01)
+    return time.monotonic() - start

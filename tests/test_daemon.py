@@ -12,6 +12,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from tests.conftest import spooled, wait_for
+
 LABEL = "sagemaker.amazonaws.com/node-health-status"
 
 
@@ -23,23 +25,6 @@ def start(env: dict[str, str], *args: str) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
     )
-
-
-def spooled(state: Path) -> list[dict]:
-    return [
-        json.loads(line)
-        for seg in sorted((state / "spool").glob("*.jsonl"))
-        for line in seg.read_text().splitlines()
-    ]
-
-
-def wait_for(predicate, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> float:

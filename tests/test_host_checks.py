@@ -73,7 +73,7 @@ def test_disk_usage_per_mount_with_discovered_lustre(root) -> None:
 def test_disk_thresholds_warn_then_fail(root) -> None:
     used = by(
         DiskCheck(CheckContext(host_root=root)).collect(), "DiskSpaceExhaustion", "fs:/"
-    ).evidence["used_percent"]
+    ).evidence["percent"]
     warn = DiskOptions(space_warn_percent=max(used - 1, 0), space_fail_percent=100)
     f = by(DiskCheck(CheckContext(host_root=root), warn).collect(), "DiskSpaceExhaustion", "fs:/")
     assert (f.status, f.reason, f.action) == (Status.FAULT, "DiskSpaceLow", Action.NONE)

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, spooled, wait_for
 
 LABEL = "sagemaker.amazonaws.com/node-health-status"
 XID79 = "NVRM: Xid (PCI:0000:b9:00): 79, GPU has fallen off the bus."
@@ -24,22 +24,6 @@ def gpu_host(tmp_path: Path) -> Path:
     os.mkfifo(root / "dev/kmsg")
     (root / "proc/sys/kernel/random/boot_id").write_text("8f5bd2d5-1b34-4c8b-9f0a-6b7d0c5e4e21\n")
     return root
-
-
-def spooled(state: Path) -> list[dict]:
-    return [
-        json.loads(line)
-        for seg in sorted((state / "spool").glob("*.jsonl"))
-        for line in seg.read_text().splitlines()
-    ]
-
-
-def wait(predicate, timeout: float = 10.0) -> float:
-    start = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - start < timeout, "timed out"
-        time.sleep(0.01)
-    return time.monotonic() - start
 
 
 def test_xid_line_to_taint_and_no_repeat_after_restart(cli_env, tmp_path) -> None:
@@ -59,10 +43,10 @@ def test_xid_line_to_taint_and_no_repeat_after_restart(cli_env, tmp_path) -> Non
     )
     writer = os.open(root / "dev/kmsg", os.O_RDWR | os.O_NONBLOCK)
     try:
-        wait(lambda: (state / "node-state.json").exists())  # started and reconciled
+        wait_for(lambda: (state / "node-state.json").exists())  # started and reconciled
         os.write(writer, f"3,812,1843308145,-;{XID79}\n".encode())
         node_state = state / "node-state.json"
-        elapsed = wait(
+        elapsed = wait_for(
             lambda: (
                 LABEL in node_state.read_text() and "PendingReplacement" in node_state.read_text()
             )
