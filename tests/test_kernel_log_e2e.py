@@ -22,6 +22,7 @@ def gpu_host(tmp_path: Path) -> Path:
     shutil.copytree(FIXTURES / "hosts" / "kernel-doc", root)
     (root / "dev").mkdir()
     os.mkfifo(root / "dev/kmsg")
+    (root / "proc/sys/kernel/random").mkdir(parents=True, exist_ok=True)
     (root / "proc/sys/kernel/random/boot_id").write_text("8f5bd2d5-1b34-4c8b-9f0a-6b7d0c5e4e21\n")
     return root
 
