@@ -21,6 +21,7 @@ BUILTIN: dict[str, str] = {
     "kernel_log": "checks.kernel_log.check:KernelLogCheck",
     "disk": "checks.disk:DiskCheck",
     "runtime": "checks.runtime:RuntimeCheck",
+    "nvml": "checks.nvidia.check:NvmlCheck",
 }
 
 

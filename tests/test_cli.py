@@ -85,6 +85,7 @@ def test_checks_list_shows_state_interval_and_what_is_missing(cli_env, tmp_path)
         "kernel_log",
         "disk",
         "runtime",
+        "nvml",
         "fixed",
         "hang",
         "needs",
@@ -106,6 +107,7 @@ def test_a_check_that_cannot_run_says_so_once_and_the_rest_runs(cli_env, tmp_pat
         ("check_skipped", "disk"),
         ("check_skipped", "kernel_log"),
         ("check_skipped", "needs"),
+        ("check_skipped", "nvml"),
     ]
     assert logs[1]["missing"] == ["/proc/mounts not found"]
     assert logs[2]["missing"][0].startswith("no kernel log source (/dev/kmsg not readable")

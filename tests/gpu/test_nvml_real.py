@@ -1,0 +1,31 @@
+"""The NVML check on a real GPU (run with `pytest -m gpu` on a GPU machine; skipped without)."""
+
+from __future__ import annotations
+
+import pytest
+
+from checks.api import CheckContext, Status
+from checks.nvidia import nvml
+from checks.nvidia.check import NvmlCheck
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def snapshot() -> nvml.Snapshot:
+    try:
+        return nvml.PynvmlBackend().snapshot()
+    except nvml.NvmlError as exc:
+        pytest.skip(f"no NVIDIA GPU here: {exc}")
+
+
+def test_real_snapshot_reads_every_gpu(snapshot: nvml.Snapshot) -> None:
+    assert snapshot.count == len(snapshot.gpus) >= 1
+    for gpu in snapshot.gpus:
+        assert gpu.error is None, gpu.error
+        assert gpu.pci.count(":") == 2 and gpu.name
+
+
+def test_real_check_finds_a_healthy_gpu_healthy(snapshot: nvml.Snapshot) -> None:
+    found = NvmlCheck(CheckContext()).collect()
+    assert not [f for f in found if f.status is Status.FAULT and f.condition != "GpuThrottling"]
