@@ -116,8 +116,11 @@ class Agent:
             deadline = self.policy.next_deadline()
             timeout = None if deadline is None else max(0.0, deadline - self.policy.clock())
             self._wake.clear()
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # arrives as the wake-up does, and the daemon would never stop.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
             async with self._lock:
                 await self._publish(self.policy.expire())
 
@@ -173,6 +176,10 @@ async def run_daemon(settings: Settings, identity: Identity, checks: list[Planne
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, agent.stop)
+    from agent.entry import EARLY_SIGNALS
+
+    if EARLY_SIGNALS:  # asked to stop while starting: start, flush, stop
+        agent.stop()
     await agent.serve()
     return 0
 

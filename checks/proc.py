@@ -48,7 +48,8 @@ async def run_command(
     )
     communicate = asyncio.ensure_future(proc.communicate())
     try:
-        out, err = await asyncio.wait_for(asyncio.shield(communicate), timeout)
+        async with asyncio.timeout(timeout):  # (wait_for can swallow a cancellation on 3.11)
+            out, err = await asyncio.shield(communicate)
     except TimeoutError:
         await _kill_group(proc, kill_grace)
         out, err = await communicate

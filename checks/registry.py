@@ -22,6 +22,7 @@ BUILTIN: dict[str, str] = {
     "disk": "checks.disk:DiskCheck",
     "runtime": "checks.runtime:RuntimeCheck",
     "nvml": "checks.nvidia.check:NvmlCheck",
+    "efa": "checks.efa:EfaCheck",
 }
 
 

@@ -86,6 +86,7 @@ def test_checks_list_shows_state_interval_and_what_is_missing(cli_env, tmp_path)
         "disk",
         "runtime",
         "nvml",
+        "efa",
         "fixed",
         "hang",
         "needs",
@@ -105,13 +106,15 @@ def test_a_check_that_cannot_run_says_so_once_and_the_rest_runs(cli_env, tmp_pat
     assert [(entry["event"], entry["check"]) for entry in logs] == [
         ("check_not_loaded", "broken"),
         ("check_skipped", "disk"),
+        ("check_skipped", "efa"),
         ("check_skipped", "kernel_log"),
         ("check_skipped", "needs"),
         ("check_skipped", "nvml"),
     ]
     assert logs[1]["missing"] == ["/proc/mounts not found"]
-    assert logs[2]["missing"][0].startswith("no kernel log source (/dev/kmsg not readable")
-    assert logs[3]["missing"] == [
+    assert logs[2]["missing"][0].startswith("no EFA here")
+    assert logs[3]["missing"][0].startswith("no kernel log source (/dev/kmsg not readable")
+    assert logs[4]["missing"] == [
         "dcgmi-not-on-this-machine not found",
         "/dev/nvidia-not-here not found",
     ]

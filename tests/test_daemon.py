@@ -139,3 +139,10 @@ def _answers(port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+def test_sigterm_while_starting_still_stops_cleanly(cli_env, tmp_path):
+    proc = start(cli_env, "--config", faulty(tmp_path))
+    time.sleep(0.05)  # still importing: the daemon has not installed its handlers yet
+    assert stop(proc) < 10
+    assert proc.returncode == 0, proc.stderr.read()

@@ -1,0 +1,124 @@
+"""The EFA check: fi_info (a fake replaying real outputs), port state and counter rates."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from checks.api import Action, CheckContext, Status
+from checks.efa import EfaCheck, EfaOptions, parse_fi_info
+
+FIX = Path(__file__).parent / "fixtures" / "efa"
+BIN = Path(__file__).parent / "bin"
+P4DE = ["rdmap16s27", "rdmap32s27", "rdmap144s27", "rdmap160s27"]
+
+
+@pytest.fixture
+def fake_fi_info(monkeypatch):
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}/usr/bin{os.pathsep}/bin")
+
+    def use(output: str, mode: str = "") -> None:
+        monkeypatch.setenv("FAKE_FI_INFO_OUTPUT", str(FIX / output))
+        monkeypatch.setenv("FAKE_FI_INFO_MODE", mode)
+
+    return use
+
+
+def sysfs(root: Path, devices: list[str], state: str = "4: ACTIVE", **counters: int) -> None:
+    for dev in devices:
+        port = root / "sys/class/infiniband" / dev / "ports" / "1"
+        (port / "hw_counters").mkdir(parents=True, exist_ok=True)
+        (root / "sys/class/infiniband" / dev / "device").mkdir(exist_ok=True)
+        (root / "sys/class/infiniband" / dev / "device" / "vendor").write_text("0x1d0f\n")
+        (port / "state").write_text(state + "\n")
+        for name, value in counters.items():
+            (port / "hw_counters" / name).write_text(f"{value}\n")
+
+
+def efa(root: Path, instance_type: str | None = "p4de.24xlarge", **options) -> EfaCheck:
+    return EfaCheck(
+        CheckContext(host_root=root, instance_type=instance_type), EfaOptions(**options)
+    )
+
+
+def faults(found):
+    return [(f.component, f.reason, f.action) for f in found if f.status is Status.FAULT]
+
+
+def test_fi_info_outputs_parse_to_devices() -> None:
+    assert parse_fi_info((FIX / "fi_info-p4de-4-devices.txt").read_text()) == P4DE
+    assert parse_fi_info((FIX / "fi_info-libfabric5689-1-device.txt").read_text()) == ["efa_0"]
+    assert parse_fi_info((FIX / "fi_info-no-efa.txt").read_text()) == []
+
+
+async def test_healthy_p4de(tmp_path, fake_fi_info) -> None:
+    fake_fi_info("fi_info-p4de-4-devices.txt")
+    sysfs(tmp_path, P4DE, rx_drops=10)
+    found = await efa(tmp_path).poll()
+    assert faults(found) == []
+    count = next(f for f in found if f.condition == "EfaDevices")
+    assert count.evidence["devices"] == P4DE and count.evidence["expected"] == 4
+
+
+async def test_missing_devices_on_a_p5(tmp_path, fake_fi_info) -> None:
+    fake_fi_info("fi_info-p4de-4-devices.txt")
+    found = await efa(tmp_path, "p5.48xlarge").poll()
+    assert faults(found) == [("node", "EfaDeviceCountMismatch", Action.REBOOT)]
+    assert "4 of 32 EFA devices" in found[0].message
+
+
+async def test_no_provider_where_efa_is_expected_and_where_not(tmp_path, fake_fi_info) -> None:
+    fake_fi_info("fi_info-no-efa.txt", mode="fail")
+    assert faults(await efa(tmp_path).poll()) == [("node", "EfaDeviceCountMismatch", Action.REBOOT)]
+    (f,) = await efa(tmp_path, instance_type="g5.xlarge").poll()
+    assert (f.status, f.reason) == (Status.UNKNOWN, "NoEfaProvider")
+
+
+async def test_garbage_from_fi_info_is_zero_devices_not_a_crash(tmp_path, fake_fi_info) -> None:
+    fake_fi_info("fi_info-p4de-4-devices.txt", mode="garbage")
+    (f,) = await efa(tmp_path).poll()
+    assert f.reason == "EfaDeviceCountMismatch" and f.evidence["devices"] == []
+
+
+async def test_port_down(tmp_path, fake_fi_info) -> None:
+    fake_fi_info("fi_info-p4de-4-devices.txt")
+    sysfs(tmp_path, P4DE)
+    sysfs(tmp_path, ["rdmap32s27"], state="1: DOWN")
+    assert faults(await efa(tmp_path).poll()) == [
+        ("efa:rdmap32s27/1", "EfaPortDown", Action.REBOOT)
+    ]
+
+
+async def test_error_counters_by_rate_not_by_value(tmp_path, fake_fi_info) -> None:
+    fake_fi_info("fi_info-p4de-4-devices.txt")
+    sysfs(tmp_path, P4DE, rdma_read_wr_err=5000, rx_drops=900000)  # a long life's totals
+    clock = iter([100.0, 160.0, 220.0])
+    check = efa(tmp_path)
+    check.clock = lambda: next(clock)
+    assert faults(await check.poll()) == []  # big counters, no rate yet
+    assert faults(await check.poll()) == []  # unchanged for a minute
+    sysfs(tmp_path, ["rdmap144s27"], rdma_read_wr_err=5003, rx_drops=900050)
+    found = await check.poll()
+    assert faults(found) == [("efa:rdmap144s27", "EfaErrorBurst", Action.NONE)]
+    burst = next(f for f in found if f.status is Status.FAULT)
+    assert "rdma_read_wr_err 3/min" in burst.message and "rx_drops" not in burst.message
+
+
+async def test_counter_reset_is_not_a_burst(tmp_path, fake_fi_info) -> None:
+    fake_fi_info("fi_info-p4de-4-devices.txt")
+    sysfs(tmp_path, P4DE, unresponsive_remote_events=50)
+    clock = iter([0.0, 60.0])
+    check = efa(tmp_path)
+    check.clock = lambda: next(clock)
+    await check.poll()
+    sysfs(tmp_path, P4DE, unresponsive_remote_events=0)  # driver reloaded
+    assert faults(await check.poll()) == []
+
+
+def test_nothing_efa_here_is_skipped(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert efa(tmp_path, fi_info_paths=[]).missing() == [
+        "no EFA here (fi_info not found, /sys/class/infiniband absent)"
+    ]
