@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
+from agent import tool_outputs
 from agent.events import EventBuilder, dumps
 from agent.identity import Identity
 from agent.policy import Policy, PolicySettings, Reported, Verdict, rule_table
-from checks.api import Finding
+from checks.api import Finding, Status
 from checks.kernel_log import rules as rules_module
 from checks.kernel_log.classifier import Classifier
 from checks.kernel_log.formats import KMSG, journal_entry, stamp, unescape_kmsg
@@ -48,6 +49,7 @@ class ScanResult:
     findings: list[Finding] = field(default_factory=list)
     verdict: Verdict = Verdict.SCHEDULABLE
     seconds: float = 0.0
+    unknown: bool = False  # a tool output that could not be judged (a test that did not run)
 
 
 def detect(head: bytes) -> str:
@@ -88,14 +90,32 @@ def scan(
     identity: Identity,
     out: TextIO,
     engine: str = "auto",
+    instance_type: str | None = None,
 ) -> ScanResult:
     start = time.perf_counter()
     result = ScanResult()
     classifier = Classifier(rules, engine=engine)
     policy = Policy(rule_table(policy_settings), policy_settings)
     builder = EventBuilder(identity)
-    for n, chunk in enumerate(chunks(stream)):
+    pieces = chunks(stream)
+    for n, chunk in enumerate(pieces):
         if n == 0:
+            head = bytes(chunk[:65536]).decode("utf-8", "replace")
+            if tool := tool_outputs.recognise(head):
+                text = b"".join([bytes(chunk), *pieces]).decode("utf-8", "replace")
+                result.layout, result.bytes = tool.name, len(text)
+                found = tool.judge(text, instance_type)
+                result.findings += [f for f in found if f.status is not Status.OK]
+                changes = policy.observe(found, report_all=True)
+                out.write(
+                    "".join(
+                        dumps(builder.render(c)) + "\n" for c in changes if isinstance(c, Reported)
+                    )
+                )
+                for f in found:
+                    if f.status is Status.UNKNOWN:
+                        result.unknown = True
+                break
             result.layout = detect(chunk[:65536])
         result.bytes += len(chunk)
         found = list(_findings(classifier, chunk, result.layout))
@@ -134,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         "path",
         nargs="?",
         default="-",
-        help="a saved kernel log (dmesg, dmesg -T, "
-        "journalctl -k, syslog, /dev/kmsg); - or nothing for standard input",
+        help="a saved kernel log (dmesg, dmesg -T, journalctl -k, syslog, /dev/kmsg) or "
+        "tool output (all_reduce_perf); - or nothing for standard input",
     )
     ap.add_argument(
         "-c",
@@ -145,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
         help="YAML settings: its kernel_log rules and policy are added",
     )
     ap.add_argument("--node", default="unknown", help="node name to put on the events")
+    ap.add_argument(
+        "--instance-type",
+        default=os.environ.get("NODE_HEALTH_INSTANCE_TYPE"),
+        help="judge tool outputs (all_reduce_perf) with this instance type's thresholds",
+    )
     args = ap.parse_args(argv)
     try:
         rules, policy = _rules(args.config)
@@ -157,9 +182,12 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"node-health: cannot read {args.path}: {exc.strerror}\n")
         return 2
     with fh:
-        result = scan(fh, rules, policy, Identity(args.node), sys.stdout)
+        identity = Identity(args.node, instance_type=args.instance_type)
+        result = scan(fh, rules, policy, identity, sys.stdout, instance_type=args.instance_type)
     summary(result)
-    return 0 if result.verdict is Verdict.SCHEDULABLE else 1
+    if result.verdict is not Verdict.SCHEDULABLE:
+        return 1
+    return 2 if result.unknown else 0
 
 
 def _rules(config: Path | None) -> tuple[RuleSet, PolicySettings]:
@@ -178,7 +206,8 @@ def _rules(config: Path | None) -> tuple[RuleSet, PolicySettings]:
         raise ConfigError(f"checks.kernel_log: {exc}") from None
 
 
-def summary(result: ScanResult, err: TextIO = sys.stderr) -> None:
+def summary(result: ScanResult, err: TextIO | None = None) -> None:
+    err = err or sys.stderr
     by_reason = Counter(f"{f.reason} ({f.action})" for f in result.findings)
     err.write(
         f"scanned {result.bytes / 1e6:.1f} MB ({result.layout}) in {result.seconds:.2f}s: "
@@ -186,5 +215,11 @@ def summary(result: ScanResult, err: TextIO = sys.stderr) -> None:
     )
     for reason, count in by_reason.most_common():
         err.write(f"  {count:6d}  {reason}\n")
-    words = "needs the node out" if result.verdict is not Verdict.SCHEDULABLE else "node fine"
+    words = (
+        "needs the node out"
+        if result.verdict is not Verdict.SCHEDULABLE
+        else "could not judge: the test did not run to the end"
+        if result.unknown
+        else "node fine"
+    )
     err.write(f"verdict: {result.verdict} ({words})\n")

@@ -20,6 +20,8 @@ class Expected:
     pcie_width: int | None = None
     efa_devices: int | None = None
     neuron_devices: int | None = None
+    allreduce_busbw: float | None = None  # GB/s, all_reduce_perf across the node's GPUs
+    allreduce_bytes: int = 1 << 30  # the message size allreduce_busbw is set for
 
 
 @cache
@@ -29,7 +31,7 @@ def _table() -> dict[str, Expected]:
 
 
 def expected(
-    instance_type: str | None, overrides: dict[str, int | str | None] | None = None
+    instance_type: str | None, overrides: dict[str, int | float | str | None] | None = None
 ) -> Expected:
     """The table's values for `instance_type`, with a check's own settings over them."""
     base = _table().get(instance_type or "", Expected())
