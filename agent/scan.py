@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         nargs="?",
         default="-",
         help="a saved kernel log (dmesg, dmesg -T, journalctl -k, syslog, /dev/kmsg) or "
-        "tool output (all_reduce_perf); - or nothing for standard input",
+        "tool output (dcgmi diag, all_reduce_perf); - or nothing for standard input",
     )
     ap.add_argument(
         "-c",

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from checks.api import Finding
-from checks.nvidia import nccl
+from checks.nvidia import dcgm, nccl
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,7 @@ class ToolOutput:
 
 
 KINDS = [
+    ToolOutput("dcgmi diag", dcgm.looks_like, lambda text, _: dcgm.judge(dcgm.parse(text))),
     ToolOutput(
         "all_reduce_perf",
         nccl.looks_like,

@@ -1,0 +1,348 @@
+"""`dcgmi diag` results (JSON of DCGM 2.x/3.x/4.x, or the text table) read, then judged.
+
+- "Skip" and "Not Run" are not "Fail": a test that did not run proves nothing either way.
+- A failed test is a faulty instance (replace), unless its warnings carry DCGM error codes that
+  say otherwise (checks/nvidia/dcgm_errors.yaml: DCGM's own severity and category per code):
+  a pending row remap asks for a reboot; a busy GPU, a setting or a library problem make the
+  test inconclusive (unknown), never a fault.
+- A diagnostic that crashed, printed an error instead of results, or was cut off is unknown.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from checks.api import Action, Finding, Status, load_yaml
+
+CHECK = "dcgm"
+STATUSES = {"pass": "pass", "fail": "fail", "warn": "warn", "skip": "skip", "not run": "skip"}
+_ENTITY = re.compile(r"^(?:GPU|gpu)\s*(\d+)\s*:\s*(Pass|Fail|Warn|Skip|Not Run)\b", re.I)
+_GPU_LIST = re.compile(r"GPUs?:\s*([\d,\s]+)")
+_RESULT_ROW = re.compile(r"^\|[^|]+\|\s*(?:Pass|Fail|Warn|Skip)(?: - (?:All|GPUs?:)|\s+\|)", re.M)
+_CATEGORY = re.compile(r"^[|+]-+\s+(\w[\w ]*?)\s+-+\+")
+
+
+@dataclass
+class DiagWarning:
+    message: str
+    error_id: int | None = None
+
+
+@dataclass
+class DiagTest:
+    category: str
+    name: str
+    status: str  # pass, fail, warn, skip, or the word DCGM printed when it is none of these
+    gpus: list[str] = field(default_factory=list)  # the GPUs this status is for; [] = all
+    warnings: list[DiagWarning] = field(default_factory=list)
+
+
+@dataclass
+class DiagRun:
+    tests: list[DiagTest] = field(default_factory=list)
+    version: str | None = None
+    errors: list[str] = field(default_factory=list)  # what dcgmi printed instead of results
+    layout: str = "text"
+
+
+@dataclass(frozen=True)
+class ErrorCode:
+    name: str
+    severity: str
+    category: str
+
+
+@dataclass(frozen=True)
+class Table:
+    errors: dict[int, ErrorCode]
+    actions: dict[str, dict[str, str]]
+    overrides: dict[int, str]
+    phrases: dict[str, int]
+
+    def action(self, error_id: int | None) -> str | None:
+        """replace, reboot, none, unknown; None for a code this table does not know."""
+        if error_id is None:
+            return None
+        if error_id in self.overrides:
+            return self.overrides[error_id]
+        code = self.errors.get(error_id)
+        if code is None:
+            return None
+        kind = "hardware" if code.category.startswith(("HARDWARE", "PERF")) else "software"
+        return self.actions[code.severity][kind]
+
+    def code_of(self, message: str) -> int | None:
+        flat = re.sub(r"\s+", "", message).lower()
+        return next((i for p, i in self.phrases.items() if p.replace(" ", "") in flat), None)
+
+
+@cache
+def table() -> Table:
+    raw = load_yaml(resources.files("checks.nvidia").joinpath("dcgm_errors.yaml").read_text())
+    return Table(
+        errors={int(k): ErrorCode(*v) for k, v in raw["errors"].items()},
+        actions=raw["actions"],
+        overrides={int(k): v for k, v in raw["overrides"].items()},
+        phrases=raw["phrases"],
+    )
+
+
+def looks_like(text: str) -> bool:
+    return (
+        "DCGM GPU Diagnostic" in text
+        or '"DCGM Diagnostic"' in text
+        or bool(re.search(r"^\|\s*Diagnostic\s+\|\s*Result\s+\|", text, re.M))
+        or bool(_RESULT_ROW.search(text))
+    )
+
+
+def parse(text: str) -> DiagRun:
+    """JSON when the output holds a JSON document, else the text table."""
+    start = text.find("{")
+    if start >= 0:
+        try:
+            doc, _ = json.JSONDecoder().raw_decode(text[start:])
+        except ValueError:
+            doc = None
+        if isinstance(doc, dict):
+            return _from_json(doc, text[:start])
+    return _from_text(text)
+
+
+def _from_json(doc: dict[str, Any], before: str) -> DiagRun:
+    run = DiagRun(layout="json")
+    root = doc.get("DCGM GPU Diagnostic") or doc.get("DCGM Diagnostic") or doc
+    if not isinstance(root, dict):
+        run.errors.append("no diagnostic results in the JSON document")
+        return run
+    run.version = root.get("version") or (doc.get("metadata") or {}).get("version")
+    for key in ("runtime_error", "warning", "error"):
+        if isinstance(root.get(key), str):
+            run.errors.append(root[key])
+    if before.strip().lower().startswith("error"):
+        run.errors.append(before.strip())
+    for cat in root.get("test_categories") or []:
+        if not isinstance(cat, dict):
+            continue
+        for t in cat.get("tests") or []:
+            if isinstance(t, dict):
+                run.tests += _json_test(str(cat.get("category", "")), t)
+    return run
+
+
+def _json_test(category: str, t: dict[str, Any]) -> list[DiagTest]:
+    out = []
+    for r in t.get("results") or []:
+        if not isinstance(r, dict):
+            continue
+        gpus = r.get("gpu_ids", r.get("gpu_id", r.get("entity_id")))
+        if r.get("entity_group") not in (None, "GPU"):
+            continue  # CPU and switch entities: not this check's
+        ids = [g.strip() for g in str(gpus).split(",") if g.strip()] if gpus is not None else []
+        warnings = [_json_warning(w) for w in r.get("warnings") or []]
+        out.append(
+            DiagTest(category, str(t.get("name", "")), _status(r.get("status")), ids, warnings)
+        )
+    return out
+
+
+def _json_warning(w: Any) -> DiagWarning:
+    if isinstance(w, dict):
+        eid = w.get("error_id")
+        return DiagWarning(str(w.get("warning", "")), eid if isinstance(eid, int) else None)
+    return DiagWarning(str(w))
+
+
+def _status(word: Any) -> str:
+    text = str(word or "").strip().lower()
+    return STATUSES.get(text, text or "missing")
+
+
+def _from_text(text: str) -> DiagRun:
+    """The table dcgmi prints: `| name | value |` rows, category rows between them, messages
+    wrapped over several rows with an empty name."""
+    run = DiagRun()
+    category, test, note = "", None, None
+    for line in text.splitlines():
+        line = line.rstrip()
+        if m := _CATEGORY.match(line):
+            category, test, note = m.group(1).strip(), None, None
+            continue
+        if not line.startswith("|") or line.count("|") < 2:  # a paste may lose the last "|"
+            if line.strip().lower().startswith("error"):
+                run.errors.append(line.strip())
+            continue
+        name, value = line.strip("|").split("|", 1)
+        name, cell = name.strip(), value.removeprefix(" ").rstrip(" |")
+        if category == "Metadata":
+            if name == "DCGM Version":
+                run.version = cell.strip()
+            continue
+        if name in ("Diagnostic", "") and cell.strip() == "Result":
+            continue
+        if name.startswith(("Warning", "Error")):
+            note = DiagWarning(cell.strip())
+            if name.startswith("Error"):
+                test = DiagTest(category, category or "Error", "fail", _gpus(cell))
+                run.tests.append(test)
+            if test is not None:
+                test.warnings.append(note)
+            continue
+        if name.startswith("Info"):
+            note = None
+            continue
+        if not name:
+            if m := _ENTITY.match(cell.strip()):  # 4.x: "GPU0: Fail" under its test
+                if test is not None:
+                    run.tests.append(
+                        DiagTest(category, test.name, _status(m.group(2)), [m.group(1)])
+                    )
+                note = None
+            elif (s := _status(cell.split(" - ")[0])) in ("pass", "fail", "warn", "skip"):
+                if test is not None:  # 3.x: "Fail - GPU: 0" under "Pass - GPUs: 1, 2"
+                    test = DiagTest(category, test.name, s, _gpus(cell))
+                    run.tests.append(test)
+                note = None
+            elif note is not None:
+                note.message = (note.message + cell).rstrip()
+            continue
+        note = None
+        test = DiagTest(category, name, _status(cell.split(" - ")[0]), _gpus(cell))
+        run.tests.append(test)
+    for t in run.tests:
+        for w in t.warnings:
+            w.message = re.sub(r" {2,}", " ", w.message)
+    return run
+
+
+def _gpus(cell: str) -> list[str]:
+    m = _GPU_LIST.search(cell)
+    return [g.strip() for g in m.group(1).split(",") if g.strip()] if m else []
+
+
+def judge(run: DiagRun, exit_code: int | None = None) -> list[Finding]:
+    """One finding per test that failed, warned or could not be judged, else one that says
+    the diagnostic passed. Results decide when there are any; the exit status only explains
+    their absence (dcgmi exits non-zero for failed tests too)."""
+    if run.errors or not run.tests:
+        if run.errors:
+            why = run.errors[0]
+        elif exit_code:
+            why = f"dcgmi exited with status {exit_code} and printed no results"
+        else:
+            why = "no test results in the output"
+        return [
+            _finding("DcgmDiag", Status.UNKNOWN, "DcgmDiagError", f"dcgmi diag did not run: {why}")
+        ]
+    findings = []
+    by_name: dict[str, list[DiagTest]] = {}
+    for t in run.tests:
+        by_name.setdefault(t.name, []).append(t)
+    for name, results in by_name.items():
+        statuses = {t.status for t in results}
+        if "fail" in statuses:
+            findings.append(_judge_failed(name, [t for t in results if t.status == "fail"]))
+        elif odd := statuses - set(STATUSES.values()):
+            message = f"dcgmi diag test {name}: unrecognised status {sorted(odd)[0]!r}"
+            findings.append(_finding(name, Status.UNKNOWN, "DcgmDiagError", message))
+        elif "warn" in statuses:
+            warned = [w.message for t in results for w in t.warnings]
+            message = f"dcgmi diag test {name} passed with warnings" + (
+                f": {warned[0]}" if warned else ""
+            )
+            findings.append(
+                _finding(
+                    name,
+                    Status.FAULT,
+                    "DcgmDiagWarning",
+                    message,
+                    evidence={"warnings": warned[:5]},
+                )
+            )
+    if any(f.status is not Status.FAULT or f.action is not Action.NONE for f in findings):
+        return findings
+    ran = sorted({t.name for t in run.tests if t.status in ("pass", "warn")})
+    skipped = sorted({t.name for t in run.tests if t.status == "skip"} - set(ran))
+    evidence = {"passed": ran, "skipped": skipped, "version": run.version}
+    if not ran:
+        return [
+            _finding(
+                "DcgmDiag",
+                Status.UNKNOWN,
+                "DcgmDiagError",
+                "dcgmi diag ran no test: every test was skipped",
+                evidence=evidence,
+            )
+        ]
+    message = f"dcgmi diag passed {len(ran)} tests" + (
+        f", skipped {len(skipped)}" if skipped else ""
+    )
+    return [
+        *findings,
+        _finding("DcgmDiag", Status.OK, "DcgmDiagPassed", message, evidence=evidence),
+    ]
+
+
+def _judge_failed(name: str, failed: list[DiagTest]) -> Finding:
+    codes = table()
+    warnings = [w for t in failed for w in t.warnings]
+    actions = []
+    for w in warnings:
+        eid = w.error_id if w.error_id is not None else codes.code_of(w.message)
+        actions.append(codes.action(eid))
+    gpus = sorted({g for t in failed for g in t.gpus})
+    evidence = {
+        "gpus": gpus,
+        "warnings": [w.message for w in warnings][:5],
+        "error_ids": [w.error_id for w in warnings if w.error_id is not None],
+    }
+    where = f" on GPU {', '.join(gpus)}" if gpus else ""
+    detail = f": {warnings[0].message}" if warnings else ""
+    if "replace" in actions:
+        action = Action.REPLACE
+    elif "reboot" in actions:
+        action = Action.REBOOT
+    elif "unknown" in actions:
+        return _finding(
+            name,
+            Status.UNKNOWN,
+            "DcgmDiagInconclusive",
+            f"dcgmi diag test {name} could not judge the hardware{where}{detail}",
+            Action.NONE,
+            evidence,
+        )
+    else:
+        action = Action.REPLACE  # a failed test with no code that says otherwise: faulty instance
+    return _finding(
+        name,
+        Status.FAULT,
+        "DcgmDiagFailed",
+        f"dcgmi diag test {name} failed{where}{detail}",
+        action,
+        evidence,
+    )
+
+
+def _finding(
+    test: str,
+    status: Status,
+    reason: str,
+    message: str,
+    action: Action = Action.NONE,
+    evidence: dict[str, Any] | None = None,
+) -> Finding:
+    return Finding(
+        component=f"dcgm:{test.lower().replace(' ', '_')}",
+        condition="DcgmDiagnostic",
+        status=status,
+        reason=reason,
+        message=message,
+        action=action,
+        evidence=evidence or {},
+        check=CHECK,
+    )
