@@ -3,6 +3,8 @@ configuration."""
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import json
 import sys
 from pathlib import Path
@@ -95,6 +97,91 @@ def scan(ctx: typer.Context) -> None:
     from agent.scan import main as scan_main
 
     raise typer.Exit(scan_main(ctx.args))
+
+
+class Suite(enum.StrEnum):
+    stress = "stress"
+    all = "all"
+
+
+@app.command("deep-check")
+def deep_check(
+    config: ConfigOption = None,
+    suite: Annotated[
+        Suite, typer.Option(help="stress: stress-ng, DCGM, NCCL; all: and the EFA devices.")
+    ] = Suite.stress,
+    level: Annotated[int, typer.Option(min=1, max=4, help="dcgmi diag level (1-4).")] = 2,
+    instance_type: Annotated[
+        str | None,
+        typer.Option(help="Thresholds and counts of this type (default: settings or IMDS)."),
+    ] = None,
+    gpus: Annotated[
+        int | None, typer.Option(min=1, help="GPUs for NCCL (default: the type's).")
+    ] = None,
+    deadline: Annotated[str, typer.Option(help="Time for the whole run (e.g. 90m, 4h).")] = "4h",
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Run and judge, but change no node label.")
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="JSON lines, also on a terminal.")
+    ] = False,
+) -> None:
+    """Run the deep health check on this node: exit 0 passed, 1 failed, 2 could not judge."""
+    import asyncio
+
+    from agent import deepcheck
+    from agent.nodestate import LocalStateFile
+    from checks.api import seconds
+
+    settings, ident, _ = _setup(config, dry_run=dry_run or None)
+    if instance_type:
+        ident = dataclasses.replace(ident, instance_type=instance_type)
+    try:
+        limit = seconds(deadline, "--deadline")
+    except ValueError as exc:
+        typer.echo(f"node-health: {exc}", err=True)
+        raise typer.Exit(2) from None
+    opts = deepcheck.Options(
+        suite=suite.value, level=level, instance_type=ident.instance_type, gpus=gpus
+    )
+    lines = as_json or not sys.stdout.isatty()
+    run_id = deepcheck.new_run_id()
+    lifecycle = None
+    if not settings.dry_run:
+        writer = LocalStateFile(settings.state_dir / "node-state.json")
+        lifecycle = deepcheck.Lifecycle(writer, settings.node_keys)
+
+    def progress(name: str, result: deepcheck.StepResult | None) -> None:
+        if lines:
+            if result is not None:
+                typer.echo(json.dumps(result.line(), separators=(",", ":")))
+        elif result is None:
+            typer.echo(f"  ...  {name} running", err=True)
+        else:
+            typer.echo(f"  {result.outcome:<8} {name} ({result.seconds:.1f}s): {result.message}")
+
+    try:
+        status, code, results = asyncio.run(
+            deepcheck.deep_check(opts, ident, lifecycle, limit, progress)
+        )
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        typer.echo("node-health: deep check stopped; node labels put back", err=True)
+        raise typer.Exit(2) from None
+    event = deepcheck.result_event(ident, status, results, run_id)
+    path = deepcheck.write_results(
+        settings.state_dir / "deep-health-check",
+        run_id,
+        [*(r.line() for r in results), event],
+    )
+    if lines:
+        typer.echo(json.dumps(event, separators=(",", ":")))
+    else:
+        typer.echo(f"\n{'TEST':<16}{'RESULT':<9}{'TIME':>8}  MESSAGE")
+        for r in results:
+            typer.echo(f"{r.name:<16}{r.outcome:<9}{r.seconds:>7.1f}s  {r.message}")
+        typer.echo(f"\ndeep-health-check-status: {status} ({event['msg']})")
+        typer.echo(f"results: {path}")
+    raise typer.Exit(code)
 
 
 @checks_app.command("list")

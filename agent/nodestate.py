@@ -100,6 +100,14 @@ class LocalStateFile:
         self._last = state
         return True
 
+    def read(self) -> NodeState | None:
+        """The state the file holds now (another process may have written it)."""
+        raw = self._read()
+        try:
+            return NodeState(**raw) if raw else None
+        except TypeError:  # not a state this agent wrote
+            return None
+
     def _read(self) -> dict[str, Any] | None:
         try:
             return json.loads(self.path.read_text())

@@ -1,0 +1,372 @@
+"""`node-health deep-check`: HyperPod's InstanceStress on one node, with a verdict.
+
+The tests run one after another, each bounded by its own timeout and all by one deadline;
+each is judged by the same parsers `scan` uses. A tool that is not installed is skipped and
+says so. While the run lasts the node is `Unschedulable` with deep-health-check-status
+`InProgress`; then `Passed` (Schedulable), or `Failed` with the reboot or replacement the worst
+finding asks for. A run that could not judge the node (nothing ran, or every test that ran
+was inconclusive) puts the labels back as they were: an unknown is never a fault.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import shutil
+import signal
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.events import dumps, rfc3339
+from agent.identity import Identity
+from agent.models import NodeKeys
+from agent.nodestate import LocalStateFile, NodeState
+from agent.policy import Verdict
+from checks.api import Action, Finding, Status
+from checks.efa import parse_fi_info
+from checks.instance_types import expected
+from checks.nvidia import dcgm, nccl
+from checks.proc import CommandResult, run_command
+
+# dcgmi diag levels take seconds, ~2 minutes, ~15 minutes and over an hour (dcgmi-diag docs).
+DCGM_TIMEOUTS = {1: 300.0, 2: 900.0, 3: 3600.0, 4: 4 * 3600.0}
+# stress-ng's exit statuses (stress-ng.h): 2 is "one or more stressors failed".
+STRESS_NG_FAILED = 2
+
+
+class Outcome(enum.StrEnum):
+    PASSED = "passed"
+    FAILED = "failed"
+    UNKNOWN = "unknown"  # ran, but could not judge the node (crash, timeout, busy GPU)
+    SKIPPED = "skipped"  # did not run (tool missing, no GPUs, deadline)
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    argv: list[str]
+    timeout: float
+    judge: Callable[[CommandResult], list[Finding]]
+
+
+@dataclass
+class StepResult:
+    name: str
+    outcome: Outcome
+    message: str
+    seconds: float = 0.0
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def action(self) -> Action:
+        return max((f.action for f in self.findings), key=lambda a: a.rank, default=Action.NONE)
+
+    def line(self) -> dict[str, Any]:
+        """The test's line in the JSON output and the on-node log."""
+        return {
+            "test": self.name,
+            "result": str(self.outcome),
+            "seconds": round(self.seconds, 1),
+            "action": str(self.action),
+            "message": self.message,
+        }
+
+
+@dataclass(frozen=True)
+class Options:
+    suite: str = "stress"  # stress | all
+    level: int = 2
+    instance_type: str | None = None
+    gpus: int | None = None  # GPUs on this node; default: the instance type's
+    stress_seconds: int = 60
+    nccl_max_bytes: int = 1 << 30
+
+
+def plan(
+    opts: Options, which: Callable[[str], str | None] = shutil.which
+) -> tuple[list[Step], list[StepResult]]:
+    """The tests to run on this node, and those skipped with the reason."""
+    steps: list[Step] = []
+    skipped: list[StepResult] = []
+    gpus = opts.gpus if opts.gpus is not None else expected(opts.instance_type).gpus
+
+    def want(name: str, tool: str, build: Callable[[str], Step]) -> None:
+        path = which(tool)
+        if path is None:
+            skipped.append(StepResult(name, Outcome.SKIPPED, f"{tool} not found"))
+        else:
+            steps.append(build(path))
+
+    want(
+        "stress-ng",
+        "stress-ng",
+        lambda exe: Step(
+            "stress-ng",
+            [
+                exe,
+                "--cpu",
+                "0",
+                "--vm",
+                "2",
+                "--vm-bytes",
+                "50%",
+                "--hdd",
+                "1",
+                "--verify",
+                "--timeout",
+                f"{opts.stress_seconds}s",
+                "--metrics-brief",
+            ],
+            opts.stress_seconds + 120.0,
+            _judge_stress_ng,
+        ),
+    )
+    want(
+        "dcgm-diag",
+        "dcgmi",
+        lambda exe: Step(
+            "dcgm-diag",
+            [exe, "diag", "-r", str(opts.level), "-j"],
+            DCGM_TIMEOUTS[opts.level],
+            lambda r: dcgm.judge(dcgm.parse(r.stdout), r.returncode),
+        ),
+    )
+    if gpus is None or gpus < 1:
+        skipped.append(
+            StepResult("nccl-allreduce", Outcome.SKIPPED, "no GPU count (--gpus or a known type)")
+        )
+    else:
+        threshold = nccl.threshold_for(opts.instance_type)
+        want(
+            "nccl-allreduce",
+            "all_reduce_perf",
+            lambda exe: Step(
+                "nccl-allreduce",
+                [exe, "-b", "8", "-e", str(opts.nccl_max_bytes), "-f", "2", "-g", str(gpus)],
+                1200.0,
+                lambda r: nccl.judge(nccl.parse(r.stdout + r.stderr), threshold, r.returncode),
+            ),
+        )
+    if opts.suite == "all":
+        efa = expected(opts.instance_type).efa_devices
+        want(
+            "efa-devices",
+            "fi_info",
+            lambda exe: Step(
+                "efa-devices",
+                [exe, "-p", "efa", "-t", "FI_EP_RDM"],
+                60.0,
+                lambda r: _judge_efa(r, efa),
+            ),
+        )
+    return steps, skipped
+
+
+def _judge_efa(r: CommandResult, want: int | None) -> list[Finding]:
+    devices = parse_fi_info(r.stdout)
+    if not devices and r.returncode != 0 and want is None:
+        status, action = Status.UNKNOWN, Action.NONE
+        message = f"fi_info -p efa found no EFA device (exit status {r.returncode})"
+    elif want is not None and len(devices) < want:
+        status, action = Status.FAULT, Action.REBOOT
+        message = f"{len(devices)} EFA devices, {want} expected for this instance type"
+    else:
+        status, action = Status.OK, Action.NONE
+        message = f"{len(devices)} EFA devices" + (f" of {want}" if want is not None else "")
+    return [
+        Finding(
+            component="efa",
+            condition="EfaDevices",
+            status=status,
+            reason="EfaDeviceCount" if status is not Status.UNKNOWN else "EfaUnavailable",
+            message=message,
+            action=action,
+            evidence={"devices": devices, "expected": want},
+            check="efa",
+        )
+    ]
+
+
+def _judge_stress_ng(r: CommandResult) -> list[Finding]:
+    fails = [ln.strip() for ln in (r.stdout + r.stderr).splitlines() if " fail: " in ln][:5]
+    if r.returncode == 0:
+        status, reason, action, message = Status.OK, "StressPassed", Action.NONE, "stress-ng passed"
+    elif r.returncode == STRESS_NG_FAILED:
+        status, reason, action = Status.FAULT, "StressFailed", Action.REPLACE
+        message = "stress-ng: a stressor failed" + (f": {fails[0]}" if fails else "")
+    else:  # bad options, no resources, not implemented, signalled: not the hardware's doing
+        status, reason, action = Status.UNKNOWN, "StressError", Action.NONE
+        message = f"stress-ng could not run (exit status {r.returncode})"
+    return [
+        Finding(
+            component="host:stress",
+            condition="InstanceStress",
+            status=status,
+            reason=reason,
+            message=message,
+            action=action,
+            evidence={"failures": fails},
+            check="stress-ng",
+        )
+    ]
+
+
+async def run_steps(
+    steps: list[Step],
+    deadline: float,
+    progress: Callable[[str, StepResult | None], None] = lambda name, result: None,
+) -> list[StepResult]:
+    """Run the steps in order until the deadline (seconds); what the deadline cut is unknown
+    (the one running) or skipped (those not started)."""
+    results: list[StepResult] = []
+    end = time.monotonic() + deadline
+    for step in steps:
+        left = end - time.monotonic()
+        if left <= 0:
+            cut = StepResult(step.name, Outcome.SKIPPED, "the run's deadline passed")
+            progress(step.name, cut)
+            results.append(cut)
+            continue
+        progress(step.name, None)
+        result = await _run_step(step, min(step.timeout, left))
+        progress(step.name, result)
+        results.append(result)
+    return results
+
+
+async def _run_step(step: Step, timeout: float) -> StepResult:
+    start = time.monotonic()
+    try:
+        r = await run_command(step.argv, timeout)
+    except OSError as exc:
+        return StepResult(step.name, Outcome.UNKNOWN, f"cannot start {step.argv[0]}: {exc}")
+    took = time.monotonic() - start
+    if r.timed_out:
+        message = f"{step.name} timed out after {timeout:g}s and was stopped"
+        return StepResult(step.name, Outcome.UNKNOWN, message, took)
+    findings = step.judge(r)
+    statuses = {f.status for f in findings}
+    if any(f.status is Status.FAULT and f.action is not Action.NONE for f in findings):
+        outcome = Outcome.FAILED
+    elif Status.UNKNOWN in statuses:
+        outcome = Outcome.UNKNOWN
+    else:
+        outcome = Outcome.PASSED
+    lead = next(
+        (f for f in findings if f.status is not Status.OK),
+        findings[0] if findings else None,
+    )
+    message = lead.message if lead else f"{step.name}: no result"
+    return StepResult(step.name, outcome, message, took, findings)
+
+
+def verdict(results: list[StepResult]) -> tuple[str, int, Verdict | None]:
+    """(deep-health-check-status, exit status, node-health-status); None: leave it as it was."""
+    failed = [r for r in results if r.outcome is Outcome.FAILED]
+    if failed:
+        worst = max((r.action for r in failed), key=lambda a: a.rank)
+        node = Verdict.PENDING_REBOOT if worst is Action.REBOOT else Verdict.PENDING_REPLACEMENT
+        return "Failed", 1, node
+    ran = [r for r in results if r.outcome is Outcome.PASSED]
+    if ran and not any(r.outcome is Outcome.UNKNOWN for r in results):
+        return "Passed", 0, Verdict.SCHEDULABLE
+    return "Unknown", 2, None
+
+
+class Lifecycle:
+    """The node labels of a deep check, written through the node-state file."""
+
+    def __init__(self, writer: LocalStateFile, keys: NodeKeys) -> None:
+        self.writer, self.keys = writer, keys
+        self.before: NodeState = writer.read() or NodeState()
+
+    async def start(self) -> None:
+        await self._set(str(Verdict.UNSCHEDULABLE), "InProgress")
+
+    async def finish(self, status: str, node: Verdict | None) -> None:
+        if node is None:  # could not judge: back to what it was
+            await self.writer.apply(self.before)
+        else:
+            await self._set(str(node), status)
+
+    async def _set(self, health: str, deep: str) -> None:
+        labels = dict(self.before.labels)
+        labels[self.keys.health_status_label] = health
+        labels[self.keys.deep_health_check_label] = deep
+        taints = [t for t in self.before.taints if t.get("key") != self.keys.taint_key]
+        if health != str(Verdict.SCHEDULABLE):
+            taints.append({"key": self.keys.taint_key, "value": health, "effect": "NoSchedule"})
+        state = NodeState(labels, taints, dict(self.before.annotations), self.before.conditions)
+        await self.writer.apply(state)
+
+
+def result_event(
+    identity: Identity, status: str, results: list[StepResult], run_id: str
+) -> dict[str, Any]:
+    """The run's line in the DeepHealthCheckResults/<id> stream, worded as HyperPod's."""
+    region, itype = identity.region or "unknown", identity.instance_type or "unknown"
+    where = f"Region: {region}, InstanceType: {itype}"
+    failed = [r for r in results if r.outcome is Outcome.FAILED]
+    unknown = [r for r in results if r.outcome is Outcome.UNKNOWN]
+    if failed:
+        worst = max(failed, key=lambda r: r.action.rank)
+        todo = "Reboot the Instance" if worst.action is Action.REBOOT else "Replace the Instance"
+        level, msg = "error", f"Encountered FaultyInstance. {todo}. {where}. ERROR:{worst.message}"
+    elif status == "Unknown":
+        why = unknown[0].message if unknown else "no test could run"
+        level, msg = "warn", f"Encountered UnknownError. {where}. ERROR: {why}"
+    else:
+        level, msg = "info", f"Deep health check passed. {where}."
+    return {
+        "level": level,
+        "ts": rfc3339(time.time()),
+        "msg": msg,
+        "node": identity.node_name,
+        "deep_health_check_id": run_id,
+        "deep_health_check_status": status,
+        "tests": [r.line() for r in results],
+    }
+
+
+def new_run_id() -> str:
+    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+
+
+def write_results(directory: Path, run_id: str, lines: list[dict[str, Any]]) -> Path:
+    """The on-node log of one run: `<state_dir>/deep-health-check/<run id>.jsonl`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{run_id}.jsonl"
+    path.write_text("".join(dumps(line) + "\n" for line in lines))
+    return path
+
+
+async def deep_check(
+    opts: Options,
+    identity: Identity,
+    lifecycle: Lifecycle | None,
+    deadline: float,
+    progress: Callable[[str, StepResult | None], None],
+) -> tuple[str, int, list[StepResult]]:
+    steps, skipped = plan(opts)
+    # SIGTERM stops the run as Ctrl-C does (asyncio.run cancels on SIGINT): by cancellation,
+    # which kills every child (run_command) and puts the labels back.
+    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+    if task is not None:
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    if lifecycle:
+        await lifecycle.start()
+    for r in skipped:
+        progress(r.name, r)
+    status, code, node = "Unknown", 2, None
+    try:
+        results = skipped + await run_steps(steps, deadline, progress)
+        status, code, node = verdict(results)
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+        if lifecycle:
+            await asyncio.shield(lifecycle.finish(status, node))
+    return status, code, results

@@ -1,0 +1,220 @@
+"""`node-health deep-check` on a node whose tools are fakes replaying real outputs
+(tests/bin/fake-tool; outputs from tests/fixtures/dcgm and tests/fixtures/nccl)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from agent import deepcheck
+from tests.conftest import wait_for
+
+BIN = Path(__file__).parent / "bin"
+FIXTURES = Path(__file__).parent / "fixtures"
+HEALTH = "sagemaker.amazonaws.com/node-health-status"
+DEEP = "sagemaker.amazonaws.com/deep-health-check-status"
+P5 = ("--instance-type", "p5.48xlarge")
+
+
+@pytest.fixture
+def node(cli_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    """The CLI's environment with dcgmi, all_reduce_perf and stress-ng on PATH, all passing."""
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    for tool in ("dcgmi", "all_reduce_perf", "stress-ng"):
+        (tools / tool).symlink_to(BIN / "fake-tool")
+    return cli_env | {
+        "PATH": str(tools),
+        "FAKE_DCGMI_OUTPUT": str(FIXTURES / "dcgm" / "r2-3.3.1-metadata-truncated.txt"),
+        "FAKE_ALL_REDUCE_PERF_OUTPUT": str(FIXTURES / "nccl" / "p5-2node-mpirun.txt"),
+        "FAKE_TOOL_CALLS": str(tmp_path / "calls"),
+    }
+
+
+def deep_check(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "agent", "deep-check", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def node_state(env: dict[str, str]) -> dict:
+    return json.loads((Path(env["NODE_HEALTH_STATE_DIR"]) / "node-state.json").read_text())
+
+
+def lines(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines()]
+
+
+def test_a_healthy_node_passes(node: dict[str, str], tmp_path: Path) -> None:
+    out = deep_check(node, *P5)
+    assert out.returncode == 0, out.stderr
+    *tests, result = lines(out.stdout)
+    assert [(t["test"], t["result"]) for t in tests] == [
+        ("stress-ng", "passed"),
+        ("dcgm-diag", "passed"),
+        ("nccl-allreduce", "passed"),
+    ]
+    assert result["deep_health_check_status"] == "Passed"
+    assert result["msg"].startswith("Deep health check passed.")
+    state = node_state(node)
+    assert state["labels"] == {HEALTH: "Schedulable", DEEP: "Passed"}
+    assert state["taints"] == []
+    calls = (tmp_path / "calls").read_text()
+    assert "diag -r 2 -j" in calls and "-g 8" in calls  # p5.48xlarge: 8 GPUs
+    # The on-node log of the run: one line per test and the result.
+    [log] = (Path(node["NODE_HEALTH_STATE_DIR"]) / "deep-health-check").glob("*.jsonl")
+    assert lines(log.read_text())[-1]["deep_health_check_id"] == log.stem
+
+
+def test_a_failed_dcgm_test_fails_the_node_with_its_action(node: dict[str, str]) -> None:
+    node["FAKE_DCGMI_OUTPUT"] = str(FIXTURES / "dcgm" / "r2-gpu-memory-fail.txt")
+    node["FAKE_DCGMI_RC"] = "226"
+    out = deep_check(node, *P5, "--level", "3")
+    assert out.returncode == 1
+    result = lines(out.stdout)[-1]
+    assert result["msg"].startswith("Encountered FaultyInstance. Replace the Instance.")
+    assert "GPU Memory failed on GPU 0" in result["msg"]
+    assert node_state(node)["labels"] == {HEALTH: "UnschedulablePendingReplacement", DEEP: "Failed"}
+
+
+def test_low_nccl_bandwidth_is_reported_in_hyperpods_words(node: dict[str, str]) -> None:
+    node["FAKE_ALL_REDUCE_PERF_OUTPUT"] = str(FIXTURES / "nccl" / "p4de-2node-srun.txt")
+    # This table has no summary lines: our own run must end with one, so it proves nothing.
+    out = deep_check(node, *P5)
+    assert out.returncode == 2
+    assert lines(out.stdout)[-1]["msg"].startswith("Encountered UnknownError.")
+
+
+def test_a_diagnostic_that_crashed_is_unknown_and_labels_go_back(node: dict[str, str]) -> None:
+    before = {
+        "labels": {HEALTH: "Schedulable", "team": "a"},
+        "taints": [],
+        "annotations": {},
+        "conditions": [],
+    }
+    state_dir = Path(node["NODE_HEALTH_STATE_DIR"])
+    state_dir.mkdir(parents=True)
+    (state_dir / "node-state.json").write_text(json.dumps(before))
+    node["FAKE_DCGMI_MODE"] = "garbage"
+    node["FAKE_DCGMI_RC"] = "226"
+    out = deep_check(node, *P5)
+    assert out.returncode == 2
+    tests = {t["test"]: t["result"] for t in lines(out.stdout)[:-1]}
+    assert tests["dcgm-diag"] == "unknown"
+    assert node_state(node) == before
+
+
+@pytest.mark.parametrize(
+    ("rc", "result", "code"),
+    [(2, "failed", 1), (3, "unknown", 2)],  # stress-ng.h: 2 a stressor failed, 3 no resources
+)
+def test_stress_ng_exit_status(node: dict[str, str], rc: int, result: str, code: int) -> None:
+    node["FAKE_STRESS_NG_RC"] = str(rc)
+    out = deep_check(node, *P5)
+    assert out.returncode == code
+    assert lines(out.stdout)[0] == lines(out.stdout)[0] | {"test": "stress-ng", "result": result}
+
+
+def test_missing_tools_are_skipped_and_nothing_run_is_not_a_pass(
+    cli_env: dict[str, str],
+) -> None:
+    out = deep_check(cli_env, *P5, "--suite", "all")
+    assert out.returncode == 2
+    *tests, result = lines(out.stdout)
+    assert {t["result"] for t in tests} == {"skipped"}
+    assert "dcgmi not found" in {t["message"] for t in tests}
+    assert result["deep_health_check_status"] == "Unknown"
+
+
+def test_dry_run_changes_no_label(node: dict[str, str]) -> None:
+    out = deep_check(node, *P5, "--dry-run")
+    assert out.returncode == 0
+    assert not (Path(node["NODE_HEALTH_STATE_DIR"]) / "node-state.json").exists()
+
+
+def test_labels_while_running_then_ctrl_c_stops_every_child(
+    node: dict[str, str], tmp_path: Path
+) -> None:
+    pidfile = tmp_path / "dcgmi.pid"
+    node |= {"FAKE_DCGMI_MODE": "hang", "FAKE_DCGMI_PIDFILE": str(pidfile)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent", "deep-check", *P5],
+        env=node,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), timeout=30)
+        assert node_state(node)["labels"] == {HEALTH: "Unschedulable", DEEP: "InProgress"}
+        assert node_state(node)["taints"][0]["value"] == "Unschedulable"
+        child = int(pidfile.read_text())
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 2
+    assert "stopped" in proc.stderr.read()
+    wait_for(lambda: not Path(f"/proc/{child}").exists(), timeout=10)
+    assert node_state(node)["labels"] == {}
+
+
+def test_the_deadline_stops_a_hung_test(node: dict[str, str]) -> None:
+    node["FAKE_DCGMI_MODE"] = "hang"
+    start = time.monotonic()
+    out = deep_check(node, *P5, "--deadline", "3s")
+    assert out.returncode == 2 and time.monotonic() - start < 30
+    tests = {t["test"]: t for t in lines(out.stdout)[:-1]}
+    assert tests["dcgm-diag"]["result"] == "unknown"
+    assert "timed out" in tests["dcgm-diag"]["message"]
+    assert tests["nccl-allreduce"]["result"] == "skipped"
+
+
+def test_on_a_terminal_progress_and_a_summary_table(node: dict[str, str]) -> None:
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent", "deep-check", *P5],
+        env=node,
+        stdout=secondary,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    os.close(secondary)
+    chunks = []
+    while True:
+        try:
+            data = os.read(primary, 4096)
+        except OSError:  # the other side closed
+            break
+        if not data:
+            break
+        chunks.append(data.decode())
+    proc.wait(timeout=30)
+    os.close(primary)
+    screen = "".join(chunks)
+    assert proc.returncode == 0
+    assert "dcgm-diag running" in proc.stderr.read()
+    assert "TEST" in screen and "RESULT" in screen and "nccl-allreduce" in screen
+    assert "deep-health-check-status: Passed" in screen
+
+
+def test_plan_without_tools_or_gpus() -> None:
+    steps, skipped = deepcheck.plan(deepcheck.Options(), which=lambda tool: None)
+    assert steps == []
+    assert {s.name: s.message for s in skipped} == {
+        "stress-ng": "stress-ng not found",
+        "dcgm-diag": "dcgmi not found",
+        "nccl-allreduce": "no GPU count (--gpus or a known type)",
+    }
