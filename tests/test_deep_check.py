@@ -16,6 +16,7 @@ import pytest
 
 from agent import deepcheck
 from tests.conftest import wait_for
+from tests.test_cli import node_health
 
 BIN = Path(__file__).parent / "bin"
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -40,13 +41,7 @@ def node(cli_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
 
 
 def deep_check(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "agent", "deep-check", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return node_health(env, "deep-check", *args, timeout=60)
 
 
 def node_state(env: dict[str, str]) -> dict:
