@@ -23,6 +23,8 @@ BUILTIN: dict[str, str] = {
     "runtime": "checks.runtime:RuntimeCheck",
     "nvml": "checks.nvidia.check:NvmlCheck",
     "efa": "checks.efa:EfaCheck",
+    "neuron": "checks.neuron:NeuronCheck",
+    "neuron_monitor": "checks.neuron:NeuronMonitorCheck",
 }
 
 

@@ -87,6 +87,8 @@ def test_checks_list_shows_state_interval_and_what_is_missing(cli_env, tmp_path)
         "runtime",
         "nvml",
         "efa",
+        "neuron",
+        "neuron_monitor",
         "fixed",
         "hang",
         "needs",
@@ -109,6 +111,8 @@ def test_a_check_that_cannot_run_says_so_once_and_the_rest_runs(cli_env, tmp_pat
         ("check_skipped", "efa"),
         ("check_skipped", "kernel_log"),
         ("check_skipped", "needs"),
+        ("check_skipped", "neuron"),
+        ("check_skipped", "neuron_monitor"),
         ("check_skipped", "nvml"),
     ]
     assert logs[1]["missing"] == ["/proc/mounts not found"]
