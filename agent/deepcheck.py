@@ -27,7 +27,7 @@ from agent.models import NodeKeys
 from agent.nodestate import LocalStateFile, NodeState
 from agent.policy import Verdict
 from checks.api import Action, Finding, Status
-from checks.efa import parse_fi_info
+from checks.efa import judge_fi_info
 from checks.instance_types import expected
 from checks.nvidia import dcgm, nccl
 from checks.proc import CommandResult, run_command
@@ -160,35 +160,10 @@ def plan(
                 "efa-devices",
                 [exe, "-p", "efa", "-t", "FI_EP_RDM"],
                 60.0,
-                lambda r: _judge_efa(r, efa),
+                lambda r: [judge_fi_info(r.stdout, efa, r.returncode, r.timed_out)],
             ),
         )
     return steps, skipped
-
-
-def _judge_efa(r: CommandResult, want: int | None) -> list[Finding]:
-    devices = parse_fi_info(r.stdout)
-    if not devices and r.returncode != 0 and want is None:
-        status, action = Status.UNKNOWN, Action.NONE
-        message = f"fi_info -p efa found no EFA device (exit status {r.returncode})"
-    elif want is not None and len(devices) < want:
-        status, action = Status.FAULT, Action.REBOOT
-        message = f"{len(devices)} EFA devices, {want} expected for this instance type"
-    else:
-        status, action = Status.OK, Action.NONE
-        message = f"{len(devices)} EFA devices" + (f" of {want}" if want is not None else "")
-    return [
-        Finding(
-            component="efa",
-            condition="EfaDevices",
-            status=status,
-            reason="EfaDeviceCount" if status is not Status.UNKNOWN else "EfaUnavailable",
-            message=message,
-            action=action,
-            evidence={"devices": devices, "expected": want},
-            check="efa",
-        )
-    ]
 
 
 def _judge_stress_ng(r: CommandResult) -> list[Finding]:

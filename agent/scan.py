@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         nargs="?",
         default="-",
         help="a saved kernel log (dmesg, dmesg -T, journalctl -k, syslog, /dev/kmsg) or "
-        "tool output (dcgmi diag, all_reduce_perf); - or nothing for standard input",
+        "tool output (dcgmi diag, all_reduce_perf, neuron-monitor, neuron-ls, fi_info, "
+        "nvidia-smi nvlink -e); - or nothing for standard input",
     )
     ap.add_argument(
         "-c",
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--instance-type",
         default=os.environ.get("NODE_HEALTH_INSTANCE_TYPE"),
-        help="judge tool outputs (all_reduce_perf) with this instance type's thresholds",
+        help="judge tool outputs with this instance type's counts and thresholds",
     )
     args = ap.parse_args(argv)
     try:

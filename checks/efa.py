@@ -11,6 +11,7 @@ A device missing or a port down asks for a reboot; a burst of errors is an event
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import time
 from pathlib import Path
@@ -60,6 +61,55 @@ def parse_fi_info(text: str) -> list[str]:
     return devices
 
 
+def looks_like(text: str) -> bool:
+    """Is this `fi_info` output? (For `scan`.)"""
+    return bool(re.search(r"^\s*provider: efa\b|^fi_getinfo: -?\d+", text, re.M))
+
+
+def judge_fi_info(
+    stdout: str, want: int | None, returncode: int | None = 0, timed_out: bool = False
+) -> Finding:
+    """What `fi_info -p efa` says of the node: its EFA devices against the `want`ed count."""
+    devices = parse_fi_info(stdout)
+    evidence = {"devices": devices, "expected": want, "exit": returncode}
+    if timed_out:
+        return Finding(
+            "node",
+            "EfaDevices",
+            Status.UNKNOWN,
+            "FiInfoTimeout",
+            "fi_info did not answer in time",
+            evidence=evidence,
+        )
+    if not devices and want is None:  # no EFA expected here: nothing to judge
+        return Finding(
+            "node",
+            "EfaDevices",
+            Status.UNKNOWN,
+            "NoEfaProvider",
+            f"fi_info -p efa found no EFA ({stdout.strip()[:100]})",
+            evidence=evidence,
+        )
+    if want is not None and len(devices) < want:
+        return Finding(
+            "node",
+            "EfaDevices",
+            Status.FAULT,
+            "EfaDeviceCountMismatch",
+            f"fi_info lists {len(devices)} of {want} EFA devices",
+            Action.REBOOT,
+            evidence,
+        )
+    return Finding(
+        "node",
+        "EfaDevices",
+        Status.OK,
+        "EfaDevicesPresent",
+        f"{len(devices)} EFA devices" + (f" of {want}" if want else ""),
+        evidence=evidence,
+    )
+
+
 class EfaCheck(PollingCheck):
     name = "efa"
     description = "EFA devices (fi_info) against the instance type, port state, error bursts"
@@ -94,44 +144,7 @@ class EfaCheck(PollingCheck):
     async def _devices(self, exe: str, opts: EfaOptions) -> Finding:
         want = opts.devices or expected(self.ctx.instance_type).efa_devices
         result = await run_command([exe, "-p", "efa", "-t", "FI_EP_RDM"], timeout=20)
-        devices = parse_fi_info(result.stdout)
-        evidence = {"devices": devices, "expected": want, "exit": result.returncode}
-        if result.timed_out:
-            return Finding(
-                "node",
-                "EfaDevices",
-                Status.UNKNOWN,
-                "FiInfoTimeout",
-                "fi_info did not answer within 20s",
-                evidence=evidence,
-            )
-        if not result.ok and want is None:  # no EFA expected here: nothing to judge
-            return Finding(
-                "node",
-                "EfaDevices",
-                Status.UNKNOWN,
-                "NoEfaProvider",
-                f"fi_info -p efa found no EFA ({result.stdout.strip()[:100]})",
-                evidence=evidence,
-            )
-        if want is not None and len(devices) < want:
-            return Finding(
-                "node",
-                "EfaDevices",
-                Status.FAULT,
-                "EfaDeviceCountMismatch",
-                f"fi_info lists {len(devices)} of {want} EFA devices",
-                Action.REBOOT,
-                evidence,
-            )
-        return Finding(
-            "node",
-            "EfaDevices",
-            Status.OK,
-            "EfaDevicesPresent",
-            f"{len(devices)} EFA devices",
-            evidence=evidence,
-        )
+        return judge_fi_info(result.stdout, want, result.returncode, result.timed_out)
 
     def _sysfs(self, opts: EfaOptions) -> list[Finding]:
         root = self.ctx.path("/sys/class/infiniband")

@@ -40,6 +40,26 @@ def parse_neuron_ls(text: str) -> list[int] | None:
     return [int(m.group(1)) for ln in text.splitlines() if (m := _DEVICE_ROW.match(ln))]
 
 
+def count_finding(count: int, want: int | None) -> Finding:
+    """The Neuron device count `neuron-ls` shows against the instance type's."""
+    evidence = {"devices": count, "expected": want}
+    if want is not None and count < want:
+        message = f"neuron-ls lists {count} Neuron devices, {want} expected"
+        return _f(
+            "neuron",
+            "NeuronDeviceCount",
+            Status.FAULT,
+            "NeuronDeviceCountMismatch",
+            message,
+            Action.REBOOT,
+            evidence,
+        )
+    message = f"{count} Neuron devices" + (f" of {want}" if want else "")
+    return _f(
+        "neuron", "NeuronDeviceCount", Status.OK, "NeuronDevicesPresent", message, evidence=evidence
+    )
+
+
 class NeuronOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", defer_build=True)
 
@@ -64,19 +84,9 @@ class NeuronCheck(PollingCheck):
             why = "timed out" if r.timed_out else f"exited {r.returncode}: {r.stderr.strip()[:200]}"
             if r.ok:
                 why = "printed no device table"
-            return [self._finding(Status.UNKNOWN, "NeuronLsFailed", f"neuron-ls {why}", {})]
-        evidence = {"devices": len(devices), "expected": want}
-        if want is not None and len(devices) < want:
-            message = f"neuron-ls lists {len(devices)} Neuron devices, {want} expected"
-            return [self._finding(Status.FAULT, "NeuronDeviceCountMismatch", message, evidence)]
-        message = f"{len(devices)} Neuron devices" + (f" of {want}" if want else "")
-        return [self._finding(Status.OK, "NeuronDevicesPresent", message, evidence)]
-
-    def _finding(
-        self, status: Status, reason: str, message: str, evidence: dict[str, Any]
-    ) -> Finding:
-        action = Action.REBOOT if status is Status.FAULT else Action.NONE
-        return Finding("neuron", "NeuronDeviceCount", status, reason, message, action, evidence)
+            message = f"neuron-ls {why}"
+            return [_f("neuron", "NeuronDeviceCount", Status.UNKNOWN, "NeuronLsFailed", message)]
+        return [count_finding(len(devices), want)]
 
 
 class NeuronMonitorOptions(BaseModel):

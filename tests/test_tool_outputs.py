@@ -1,0 +1,93 @@
+"""`node-health scan` on saved tool outputs of every kind it knows (verbatim fixtures)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from agent import scan as scan_module
+from agent import tool_outputs
+from checks.api import Status
+from checks.nvidia import smi
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def scan(capsys: pytest.CaptureFixture[str], path: Path, *args: str) -> tuple[int, list, str]:
+    code = scan_module.main([str(path), *args])
+    out, err = capsys.readouterr()
+    return code, [json.loads(line) for line in out.splitlines()], err
+
+
+@pytest.mark.parametrize(
+    ("fixture", "kind"),
+    [
+        ("dcgm/nvvs-per-gpu.json", "dcgmi diag"),
+        ("dcgm/r2-gpu-memory-fail.txt", "dcgmi diag"),
+        ("nccl/p5-2node-srun.txt", "all_reduce_perf"),
+        ("neuron/neuron-ls-trn2n-48xlarge-header.txt", "neuron-ls"),
+        ("efa/fi_info-p4de-4-devices.txt", "fi_info"),
+        ("efa/fi_info-no-efa.txt", "fi_info"),
+        ("nvidia-smi/nvlink-e-h100-elided.txt", "nvidia-smi nvlink -e"),
+    ],
+)
+def test_each_kind_is_recognised(fixture: str, kind: str) -> None:
+    found = tool_outputs.recognise((FIXTURES / fixture).read_text())
+    assert found is not None and found.name == kind
+
+
+def test_a_kernel_log_is_no_tool_output() -> None:
+    for log in (FIXTURES / "kernel" / "faults").glob("*.log"):
+        assert tool_outputs.recognise(log.read_text()) is None, log.name
+
+
+@pytest.mark.parametrize(
+    ("fixture", "itype", "rc", "reason"),
+    [
+        ("neuron/neuron-ls-trn2n-48xlarge.txt", "trn2n.48xlarge", 0, "NeuronDevicesPresent"),
+        (
+            "neuron/neuron-ls-inf1-6xlarge-procs.txt",
+            "trn2.48xlarge",
+            1,
+            "NeuronDeviceCountMismatch",
+        ),
+        ("efa/fi_info-p4de-4-devices.txt", "p4de.24xlarge", 0, "EfaDevicesPresent"),
+        ("efa/fi_info-p4de-4-devices.txt", "p5.48xlarge", 1, "EfaDeviceCountMismatch"),
+        ("efa/fi_info-no-efa.txt", None, 2, "NoEfaProvider"),
+        ("nvidia-smi/nvlink-e-h100-elided.txt", None, 0, "NvlinkClean"),
+    ],
+)
+def test_verdicts(
+    capsys: pytest.CaptureFixture[str], fixture: str, itype: str | None, rc: int, reason: str
+) -> None:
+    args = ["--instance-type", itype] if itype else []
+    code, events, _ = scan(capsys, FIXTURES / fixture, *args)
+    assert code == rc
+    assert reason in {e["reason"] for e in events}
+
+
+def test_neuron_monitor_report(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    hardware = (FIXTURES / "neuron" / "neuron-monitor-hardware-info-fragment.txt").read_text()
+    counters = (FIXTURES / "neuron" / "neuron-monitor-hw-counters-fragment.txt").read_text()
+    doc = json.loads("{" + hardware + ', "system_data": {' + counters.rstrip().rstrip(",") + "}}")
+    doc["system_data"]["neuron_hw_counters"]["neuron_devices"][0]["mem_ecc_uncorrected"] = 3
+    saved = tmp_path / "monitor.json"
+    saved.write_text(json.dumps(doc) + "\n")
+    code, events, err = scan(capsys, saved, "--instance-type", "trn2n.48xlarge")
+    assert code == 1 and "(neuron-monitor)" in err
+    assert [e["reason"] for e in events] == ["NeuronUncorrectableEcc"]
+
+
+def test_nvlink_counters_are_events_not_node_actions() -> None:
+    text = (FIXTURES / "nvidia-smi" / "nvlink-e-h100-elided.txt").read_text()
+    text = text.replace("Link 17: CRC Errors: 0", "Link 17: CRC Errors: 12")
+    [f] = smi.judge_nvlink_errors(text)
+    assert (f.status, f.reason, f.action.value) == (Status.FAULT, "NvlinkErrorCounters", "none")
+    assert f.evidence == {"Link 17 CRC Errors": 12} and f.component == "gpu:0:nvlink"
+    assert smi.parse_nvlink_errors(text)["GPU 0"]["Link 1"] == {
+        "Replay Errors": 0,
+        "Recovery Errors": 0,
+        "CRC Errors": 0,
+    }
