@@ -6,7 +6,9 @@ findings and returns `Change`s. Rules:
 - reboot- and replace-class verdicts latch until the node reboots (a new boot id);
 - the same reboot-class fault again after that reboot escalates to replace;
 - a condition clears after `clean_polls` clean polls in a row, or `ttl` after its last fault;
-- unknown is never a fault and never a clean poll.
+- unknown is never a fault and never a clean poll;
+- one fault event seen by two sources (an XID in the kernel log and through NVML's event API)
+  within `DUPLICATE_WINDOW` seconds counts once: the first source's.
 The state is persisted so that an agent restart neither forgets a fault nor reports it twice.
 """
 
@@ -211,6 +213,9 @@ class RebootSeen:
 Change = Reported | Cleared | VerdictChanged | RebootSeen
 
 
+DUPLICATE_WINDOW = 10.0  # seconds
+
+
 class Policy:
     def __init__(
         self,
@@ -235,6 +240,8 @@ class Policy:
         self.hold: Verdict | None = None  # kept after a reboot until the first round of checks
         self.pending: list[Change] = []  # changes found while loading, for the first caller
         self._dirty = False
+        # (condition, component, reason) of recent fault events -> (check, when)
+        self._recent: dict[tuple[str, str, str], tuple[str, float]] = {}
         if state_path is not None:
             self._load(state_path, boot_id)
 
@@ -282,7 +289,23 @@ class Policy:
         self.hold = None
         return self._settle([])
 
+    def _duplicate(self, f: Finding, now: float) -> bool:
+        """The same fault event already came from another source just now."""
+        if not (f.temporary and f.status is Status.FAULT):
+            return False
+        key = (f.condition, f.component, f.reason)
+        seen = self._recent.get(key)
+        if seen is not None and seen[0] != f.check and abs(now - seen[1]) <= DUPLICATE_WINDOW:
+            return True
+        self._recent = {
+            k: v for k, v in self._recent.items() if abs(now - v[1]) <= DUPLICATE_WINDOW
+        }
+        self._recent[key] = (f.check, now)
+        return False
+
     def _observe(self, f: Finding, now: float, report_all: bool) -> list[Change]:
+        if self._duplicate(f, now):
+            return []
         rule = self._rule_for(f)
         key = key_of(f.check, f.condition, f.component)
         t = self.trackers.get(key)

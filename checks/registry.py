@@ -22,6 +22,7 @@ BUILTIN: dict[str, str] = {
     "disk": "checks.disk:DiskCheck",
     "runtime": "checks.runtime:RuntimeCheck",
     "nvml": "checks.nvidia.check:NvmlCheck",
+    "nvml_xid": "checks.nvidia.xid:NvmlXidCheck",
     "efa": "checks.efa:EfaCheck",
     "neuron": "checks.neuron:NeuronCheck",
     "neuron_monitor": "checks.neuron:NeuronMonitorCheck",

@@ -86,6 +86,7 @@ def test_checks_list_shows_state_interval_and_what_is_missing(cli_env, tmp_path)
         "disk",
         "runtime",
         "nvml",
+        "nvml_xid",
         "efa",
         "neuron",
         "neuron_monitor",
@@ -114,6 +115,7 @@ def test_a_check_that_cannot_run_says_so_once_and_the_rest_runs(cli_env, tmp_pat
         ("check_skipped", "neuron"),
         ("check_skipped", "neuron_monitor"),
         ("check_skipped", "nvml"),
+        ("check_skipped", "nvml_xid"),
     ]
     assert logs[1]["missing"] == ["/proc/mounts not found"]
     assert logs[2]["missing"][0].startswith("no EFA here")

@@ -173,3 +173,72 @@ def _optional(fn: Any, *args: Any) -> Any:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value or "")
+
+
+TIMEOUT = 10  # NVML_ERROR_TIMEOUT: nvmlEventSetWait saw no event in time
+
+
+@dataclass(frozen=True)
+class XidEvent:
+    pci: str
+    xid: int
+
+
+class XidEvents(Protocol):
+    def wait(self, timeout: float) -> XidEvent | None:
+        """The next critical XID on any GPU, or None after `timeout` seconds. Blocking."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class PynvmlXidEvents:
+    """NVML's event API: one event set with every GPU registered for critical XIDs."""
+
+    def __init__(self) -> None:
+        import ctypes
+
+        import pynvml as nv
+
+        self._ctypes, self._nv = ctypes, nv
+        try:
+            nv.nvmlInit()
+        except nv.NVMLError as exc:
+            raise NvmlError(exc.value, str(exc)) from None
+        self._pci: dict[int | None, str] = {}
+        try:
+            self._set = nv.nvmlEventSetCreate()
+            for i in range(nv.nvmlDeviceGetCount()):
+                h = nv.nvmlDeviceGetHandleByIndex(i)
+                if (
+                    _optional(
+                        nv.nvmlDeviceRegisterEvents, h, nv.nvmlEventTypeXidCriticalError, self._set
+                    )
+                    is None
+                ):
+                    continue  # this GPU cannot report XIDs as events
+                self._pci[self._address(h)] = pci_of(_text(nv.nvmlDeviceGetPciInfo(h).busId))
+        except nv.NVMLError as exc:
+            with contextlib.suppress(nv.NVMLError):
+                nv.nvmlShutdown()
+            raise NvmlError(exc.value, str(exc)) from None
+
+    def _address(self, handle: Any) -> int | None:
+        return self._ctypes.cast(handle, self._ctypes.c_void_p).value
+
+    def wait(self, timeout: float) -> XidEvent | None:
+        nv = self._nv
+        try:
+            data = nv.nvmlEventSetWait_v2(self._set, int(timeout * 1000))
+        except nv.NVMLError as exc:
+            if exc.value == TIMEOUT:
+                return None
+            raise NvmlError(exc.value, str(exc)) from None
+        return XidEvent(self._pci.get(self._address(data.device), "unknown"), int(data.eventData))
+
+    def close(self) -> None:
+        nv = self._nv
+        with contextlib.suppress(nv.NVMLError):
+            nv.nvmlEventSetFree(self._set)
+        with contextlib.suppress(nv.NVMLError):
+            nv.nvmlShutdown()

@@ -29,3 +29,11 @@ def test_real_snapshot_reads_every_gpu(snapshot: nvml.Snapshot) -> None:
 def test_real_check_finds_a_healthy_gpu_healthy(snapshot: nvml.Snapshot) -> None:
     found = NvmlCheck(CheckContext()).collect()
     assert not [f for f in found if f.status is Status.FAULT and f.condition != "GpuThrottling"]
+
+
+def test_real_xid_event_set_waits_and_closes(snapshot: nvml.Snapshot) -> None:
+    events = nvml.PynvmlXidEvents()
+    try:
+        assert events.wait(0.2) is None  # a healthy GPU raises no critical XID in 0.2 s
+    finally:
+        events.close()
