@@ -108,7 +108,7 @@ class Suite(enum.StrEnum):
 def deep_check(
     config: ConfigOption = None,
     suite: Annotated[
-        Suite, typer.Option(help="stress: stress-ng, DCGM, NCCL; all: and the EFA devices.")
+        Suite, typer.Option(help="stress: stress-ng, DCGM, NCCL; all: and EFA devices, loopback.")
     ] = Suite.stress,
     level: Annotated[int, typer.Option(min=1, max=4, help="dcgmi diag level (1-4).")] = 2,
     instance_type: Annotated[

@@ -16,7 +16,7 @@ import shutil
 import signal
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from agent.models import NodeKeys
 from agent.nodestate import LocalStateFile, NodeState
 from agent.policy import Verdict
 from checks.api import Action, Finding, Status
-from checks.efa import judge_fi_info
+from checks.efa import judge_fi_info, loopback, parse_fi_info
 from checks.instance_types import expected
 from checks.nvidia import dcgm, nccl
 from checks.proc import CommandResult, run_command
@@ -47,10 +47,13 @@ class Outcome(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Step:
+    """One command and its judge; or, for a test of several commands, `execute`."""
+
     name: str
     argv: list[str]
     timeout: float
-    judge: Callable[[CommandResult], list[Finding]]
+    judge: Callable[[CommandResult], list[Finding]] = lambda r: []
+    execute: Callable[[float], Awaitable[list[Finding]]] | None = None
 
 
 @dataclass
@@ -163,7 +166,30 @@ def plan(
                 lambda r: [judge_fi_info(r.stdout, efa, r.returncode, r.timed_out)],
             ),
         )
+        fi_info = which("fi_info")
+        want(
+            "efa-loopback",
+            "fi_pingpong",
+            lambda exe: Step(
+                "efa-loopback",
+                [exe],
+                60.0 * max(efa or 1, 1),
+                execute=lambda timeout: _efa_loopback(fi_info, exe, timeout),
+            ),
+        )
     return steps, skipped
+
+
+async def _efa_loopback(fi_info: str | None, fi_pingpong: str, timeout: float) -> list[Finding]:
+    """fi_pingpong over each EFA device fi_info lists, one after another."""
+    if fi_info is None:
+        return [judge_fi_info("", None)]  # unknown: no device list to loop over
+    listed = await run_command([fi_info, "-p", "efa", "-t", "FI_EP_RDM"], 20)
+    devices = parse_fi_info(listed.stdout)
+    if not devices:
+        return [judge_fi_info(listed.stdout, None, listed.returncode, listed.timed_out)]
+    each = max(timeout / len(devices), 10.0)
+    return [await loopback(fi_pingpong, dev, each) for dev in devices]
 
 
 def _judge_stress_ng(r: CommandResult) -> list[Finding]:
@@ -215,15 +241,22 @@ async def run_steps(
 
 async def _run_step(step: Step, timeout: float) -> StepResult:
     start = time.monotonic()
+    timed_out = f"{step.name} timed out after {timeout:g}s and was stopped"
     try:
-        r = await run_command(step.argv, timeout)
+        if step.execute is not None:
+            try:
+                async with asyncio.timeout(timeout):
+                    findings = await step.execute(timeout)
+            except TimeoutError:
+                return StepResult(step.name, Outcome.UNKNOWN, timed_out, time.monotonic() - start)
+        else:
+            r = await run_command(step.argv, timeout)
+            if r.timed_out:
+                return StepResult(step.name, Outcome.UNKNOWN, timed_out, time.monotonic() - start)
+            findings = step.judge(r)
     except OSError as exc:
         return StepResult(step.name, Outcome.UNKNOWN, f"cannot start {step.argv[0]}: {exc}")
     took = time.monotonic() - start
-    if r.timed_out:
-        message = f"{step.name} timed out after {timeout:g}s and was stopped"
-        return StepResult(step.name, Outcome.UNKNOWN, message, took)
-    findings = step.judge(r)
     statuses = {f.status for f in findings}
     if any(f.status is Status.FAULT and f.action is not Action.NONE for f in findings):
         outcome = Outcome.FAILED

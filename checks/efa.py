@@ -11,6 +11,7 @@ A device missing or a port down asks for a reboot; a burst of errors is an event
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import shutil
 import time
@@ -235,3 +236,75 @@ def _is_efa(dev: Path) -> bool:
         return (dev / "device" / "vendor").read_text().strip() == AMAZON_VENDOR
     except OSError:
         return dev.name.startswith(("rdmap", "efa_"))
+
+
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+_PINGPONG_ROW = re.compile(
+    r"^\s*(\d+)([kmg]?)\s+\d+\s+=?\d+\s+\S+\s+\S+s\s+([\d.]+)\s+([\d.]+)\s+[\d.]+\s*$"
+)
+
+
+def parse_pingpong(text: str) -> list[tuple[int, float, float]]:
+    """fabtests' table (`bytes #sent #ack total time MB/sec usec/xfer Mxfers/sec`) as
+    (message bytes, MB/s, microseconds per transfer) rows."""
+    rows = []
+    for line in text.splitlines():
+        if m := _PINGPONG_ROW.match(line):
+            size = int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+            rows.append((size, float(m.group(3)), float(m.group(4))))
+    return rows
+
+
+def judge_loopback(device: str, stdout: str, returncode: int | None, timed_out: bool) -> Finding:
+    """One device's `fi_pingpong` loopback, reported as HyperPod's deep check words it."""
+    rows = parse_pingpong(stdout)
+    component = f"efa:{device}"
+    if rows:
+        bw = [r[1] for r in rows]
+        lat = [r[2] for r in rows]
+        summary = (
+            f"MaxBw: {max(bw):.6f}, AvgBw: {sum(bw) / len(bw):.6f}, "
+            f"MaxLat: {max(lat):.6f}, AvgLat: {sum(lat) / len(lat):.6f}, MinLat: {min(lat):.6f}"
+        )
+        return Finding(
+            component,
+            "EfaLoopback",
+            Status.OK,
+            "EfaLoopbackPassed",
+            f"EFA Loopback check passed for device: {device} . Output summary is {summary}",
+            evidence={"rows": len(rows), "max_mb_s": max(bw), "min_usec": min(lat)},
+        )
+    if timed_out or returncode == 0:
+        why = "timed out" if timed_out else "printed no result table"
+        return Finding(
+            component,
+            "EfaLoopback",
+            Status.UNKNOWN,
+            "EfaLoopbackUnknown",
+            f"EFA Loopback check for device: {device} {why}",
+        )
+    return Finding(
+        component,
+        "EfaLoopback",
+        Status.FAULT,
+        "EfaLoopbackFailed",
+        f"EFA Loopback check failed for device: {device} (exit status {returncode}): "
+        f"{stdout.strip()[-200:]}",
+        Action.REBOOT,
+        {"exit": returncode},
+    )
+
+
+async def loopback(fi_pingpong: str, device: str, timeout: float) -> Finding:
+    """fi_pingpong server and client on this node over one EFA device."""
+    base = [fi_pingpong, "-e", "rdm", "-p", "efa", "-d", f"{device}-rdm"]
+    server = asyncio.ensure_future(run_command(base, timeout))
+    try:
+        await asyncio.sleep(0.5)  # the server listens before the client connects
+        client = await run_command([*base, "localhost"], timeout)
+    finally:
+        if not server.done():
+            server.cancel()  # run_command kills the server's process group
+        with contextlib.suppress(asyncio.CancelledError, OSError):
+            await server
+    return judge_loopback(device, client.stdout, client.returncode, client.timed_out)

@@ -213,3 +213,32 @@ def test_plan_without_tools_or_gpus() -> None:
         "dcgm-diag": "dcgmi not found",
         "nccl-allreduce": "no GPU count (--gpus or a known type)",
     }
+
+
+@pytest.mark.parametrize(
+    ("rc", "result", "code"),
+    [(0, "passed", 0), (1, "failed", 1)],
+)
+def test_suite_all_adds_efa_devices_and_loopback(
+    node: dict[str, str], tmp_path: Path, rc: int, result: str, code: int
+) -> None:
+    tools = Path(node["PATH"])
+    for tool in ("fi_info", "fi_pingpong"):
+        (tools / tool).symlink_to(BIN / "fake-tool")
+    node |= {
+        "FAKE_FI_INFO_OUTPUT": str(FIXTURES / "efa" / "fi_info-p4de-4-devices.txt"),
+        "FAKE_FI_PINGPONG_OUTPUT": str(FIXTURES / "efa" / "fi_pingpong-client-2node-cut.txt"),
+        "FAKE_FI_PINGPONG_RC": str(rc),
+    }
+    if rc:  # a failing fi_pingpong prints no table
+        node["FAKE_FI_PINGPONG_OUTPUT"] = str(FIXTURES / "efa" / "fi_info-no-efa.txt")
+    out = deep_check(node, "--instance-type", "p4de.24xlarge", "--suite", "all", "--gpus", "8")
+    assert out.returncode == code, out.stdout
+    tests = {t["test"]: t for t in lines(out.stdout)[:-1]}
+    assert tests["efa-devices"]["result"] == "passed"
+    assert tests["efa-loopback"]["result"] == result
+    calls = (tmp_path / "calls").read_text()
+    assert calls.count("fi_pingpong -e rdm -p efa -d") == 8  # server and client, 4 devices
+    assert tests["efa-loopback"]["message"].startswith(
+        "EFA Loopback check passed for device: rdmap" if rc == 0 else "EFA Loopback check failed"
+    )

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from checks.api import Action, CheckContext, Status
-from checks.efa import EfaCheck, EfaOptions, parse_fi_info
+from checks.efa import EfaCheck, EfaOptions, judge_loopback, parse_fi_info, parse_pingpong
 
 FIX = Path(__file__).parent / "fixtures" / "efa"
 BIN = Path(__file__).parent / "bin"
@@ -122,3 +122,17 @@ def test_nothing_efa_here_is_skipped(tmp_path, monkeypatch) -> None:
     assert efa(tmp_path, fi_info_paths=[]).missing() == [
         "no EFA here (fi_info not found, /sys/class/infiniband absent)"
     ]
+
+
+def test_pingpong_tables_and_the_loopback_verdict() -> None:
+    server = (FIX / "fi_pingpong-server-2node.txt").read_text()
+    assert parse_pingpong(server)[-1] == (1 << 20, 2185.67, 479.75)
+    ok = judge_loopback("rdmap0s29", server, 0, False)
+    assert ok.status is Status.OK
+    assert ok.message.startswith(
+        "EFA Loopback check passed for device: rdmap0s29 . Output summary is MaxBw: 2185.670000"
+    )
+    failed = judge_loopback("rdmap0s29", "fi_getinfo: -61\n", 1, False)
+    assert (failed.status, failed.action) == (Status.FAULT, Action.REBOOT)
+    assert judge_loopback("rdmap0s29", "", None, True).status is Status.UNKNOWN
+    assert judge_loopback("rdmap0s29", "\x00garbage\n", 0, False).status is Status.UNKNOWN
