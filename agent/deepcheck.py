@@ -26,6 +26,7 @@ from agent.identity import Identity
 from agent.models import NodeKeys
 from agent.nodestate import LocalStateFile, NodeState
 from agent.policy import Verdict
+from checks import neuron
 from checks.api import Action, Finding, Status
 from checks.efa import judge_fi_info, loopback, parse_fi_info
 from checks.instance_types import expected
@@ -152,6 +153,17 @@ def plan(
                 [exe, "-b", "8", "-e", str(opts.nccl_max_bytes), "-f", "2", "-g", str(gpus)],
                 1200.0,
                 lambda r: nccl.judge(nccl.parse(r.stdout + r.stderr), threshold, r.returncode),
+            ),
+        )
+    if expected(opts.instance_type).neuron_devices or which("nccom-test"):
+        want(
+            "nccom-test",
+            "nccom-test",
+            lambda exe: Step(
+                "nccom-test",
+                [exe, "-r", "2", "allr"],
+                600.0,
+                lambda r: [neuron.judge_nccom(r.stdout + r.stderr, r.returncode)],
             ),
         )
     if opts.suite == "all":

@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         nargs="?",
         default="-",
         help="a saved kernel log (dmesg, dmesg -T, journalctl -k, syslog, /dev/kmsg) or "
-        "tool output (dcgmi diag, all_reduce_perf, neuron-monitor, neuron-ls, fi_info, "
+        "tool output (dcgmi diag, all_reduce_perf, nccom-test, neuron-monitor, neuron-ls, fi_info, "
         "nvidia-smi nvlink -e); - or nothing for standard input",
     )
     ap.add_argument(

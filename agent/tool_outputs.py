@@ -49,6 +49,8 @@ def _neuron_ls(text: str, itype: str | None) -> list[Finding]:
 
 KINDS = [
     ToolOutput("dcgmi diag", dcgm.looks_like, lambda text, _: dcgm.judge(dcgm.parse(text))),
+    # nccom-test prints "Avg bus bandwidth:" as nccl-tests do: it goes first.
+    ToolOutput("nccom-test", neuron.looks_like_nccom, lambda text, _: [neuron.judge_nccom(text)]),
     ToolOutput(
         "all_reduce_perf",
         nccl.looks_like,

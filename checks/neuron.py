@@ -270,3 +270,48 @@ class NeuronMonitorCheck(StreamingCheck):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 await proc.wait()
+
+
+_NCCOM_ROW = re.compile(r"^\s*(\d+)\s+(\d+)\s+\w+\s+[\d.]+\s+([\d.]+)\s+([\d.]+)\b")
+_NCCOM_AVG = re.compile(r"Avg bus bandwidth:\s*([\d.]+)\s*GB/s")
+_NCCOM_FAILED = re.compile(r"^\s*\d+ errors? found - test failed", re.M)
+
+
+def looks_like_nccom(text: str) -> bool:
+    return ("size(B)" in text and "busbw(GB/s)" in text) or "Neuron DKMS Driver" in text
+
+
+def judge_nccom(text: str, returncode: int | None = None) -> Finding:
+    """`nccom-test` (Neuron collectives on this instance): its result rows, its own verdict."""
+    rows = [
+        (int(m.group(1)), float(m.group(4)))
+        for ln in text.splitlines()
+        if (m := _NCCOM_ROW.match(ln))
+    ]
+    avg = _NCCOM_AVG.search(text)
+    evidence: dict[str, Any] = {
+        "rows": len(rows),
+        "avg_busbw": float(avg.group(1)) if avg else None,
+    }
+    failures = [ln.strip() for ln in text.splitlines() if "Failure running" in ln]
+    if _NCCOM_FAILED.search(text):
+        message = "nccom-test failed" + (f": {failures[0]}" if failures else "")
+        return _f(
+            "neuron",
+            "NeuronCollectives",
+            Status.FAULT,
+            "NccomTestFailed",
+            message,
+            Action.REPLACE,
+            evidence,
+        )
+    if rows and avg and returncode in (None, 0):
+        message = f"nccom-test passed: {avg.group(1)} GB/s average bus bandwidth"
+        return _f(
+            "neuron", "NeuronCollectives", Status.OK, "NccomTestPassed", message, evidence=evidence
+        )
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "no output")
+    message = f"nccom-test could not run: {first[:200]}"
+    return _f(
+        "neuron", "NeuronCollectives", Status.UNKNOWN, "NccomTestError", message, evidence=evidence
+    )

@@ -242,3 +242,15 @@ def test_suite_all_adds_efa_devices_and_loopback(
     assert tests["efa-loopback"]["message"].startswith(
         "EFA Loopback check passed for device: rdmap" if rc == 0 else "EFA Loopback check failed"
     )
+
+
+def test_on_trainium_nccom_test_runs_and_nccl_does_not(node: dict[str, str]) -> None:
+    (Path(node["PATH"]) / "nccom-test").symlink_to(BIN / "fake-tool")
+    node["FAKE_NCCOM_TEST_OUTPUT"] = str(FIXTURES / "neuron" / "nccom-test-failed.txt")
+    node["FAKE_NCCOM_TEST_RC"] = "1"
+    out = deep_check(node, "--instance-type", "trn2n.48xlarge")
+    assert out.returncode == 1
+    tests = {t["test"]: t for t in lines(out.stdout)[:-1]}
+    assert tests["nccl-allreduce"]["result"] == "skipped"
+    assert tests["nccom-test"]["result"] == "failed"
+    assert node_state(node)["labels"][HEALTH] == "UnschedulablePendingReplacement"

@@ -165,3 +165,19 @@ async def test_neuron_monitor_stream(tmp_path: Path, monkeypatch: pytest.MonkeyP
         async for f in check.stream():
             found.append(f)
     assert [f.reason for f in found] == ["NeuronEccOk", "NeuronUncorrectableEcc"]
+
+
+@pytest.mark.parametrize(
+    ("name", "rc", "status", "reason"),
+    [
+        ("nccom-test-allr-2ranks.txt", 0, Status.OK, "NccomTestPassed"),
+        ("nccom-test-failed.txt", 1, Status.FAULT, "NccomTestFailed"),
+        ("nccom-test-driver-not-running.txt", 1, Status.UNKNOWN, "NccomTestError"),
+    ],
+)
+def test_nccom_test_outputs(name: str, rc: int, status: Status, reason: str) -> None:
+    from checks.neuron import judge_nccom
+
+    f = judge_nccom(fixture(name), rc)
+    assert (f.status, f.reason) == (status, reason)
+    assert f.action is (Action.REPLACE if status is Status.FAULT else Action.NONE)

@@ -31,6 +31,8 @@ def scan(capsys: pytest.CaptureFixture[str], path: Path, *args: str) -> tuple[in
         ("efa/fi_info-p4de-4-devices.txt", "fi_info"),
         ("efa/fi_info-no-efa.txt", "fi_info"),
         ("nvidia-smi/nvlink-e-h100-elided.txt", "nvidia-smi nvlink -e"),
+        ("neuron/nccom-test-allr-2ranks.txt", "nccom-test"),
+        ("neuron/nccom-test-failed.txt", "nccom-test"),
     ],
 )
 def test_each_kind_is_recognised(fixture: str, kind: str) -> None:
