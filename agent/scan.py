@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         default="-",
         help="a saved kernel log (dmesg, dmesg -T, journalctl -k, syslog, /dev/kmsg) or "
         "tool output (dcgmi diag, all_reduce_perf, nccom-test, neuron-monitor, neuron-ls, fi_info, "
-        "nvidia-smi nvlink -e); - or nothing for standard input",
+        "nvidia-smi -q, nvidia-smi nvlink -e); - or nothing for standard input",
     )
     ap.add_argument(
         "-c",

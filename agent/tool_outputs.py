@@ -67,6 +67,7 @@ KINDS = [
         efa.looks_like,
         lambda text, itype: [efa.judge_fi_info(text, expected(itype).efa_devices)],
     ),
+    ToolOutput("nvidia-smi -q", smi.looks_like_smi_q, lambda text, _: smi.judge_smi_q(text)),
     ToolOutput(
         "nvidia-smi nvlink -e",
         smi.looks_like_nvlink_errors,

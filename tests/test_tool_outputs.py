@@ -33,6 +33,8 @@ def scan(capsys: pytest.CaptureFixture[str], path: Path, *args: str) -> tuple[in
         ("nvidia-smi/nvlink-e-h100-elided.txt", "nvidia-smi nvlink -e"),
         ("neuron/nccom-test-allr-2ranks.txt", "nccom-test"),
         ("neuron/nccom-test-failed.txt", "nccom-test"),
+        ("nvidia-smi/q-remapped-rows-pending.txt", "nvidia-smi -q"),
+        ("nvidia-smi/q-gtx960m-header-cut.txt", "nvidia-smi -q"),
     ],
 )
 def test_each_kind_is_recognised(fixture: str, kind: str) -> None:
@@ -93,3 +95,42 @@ def test_nvlink_counters_are_events_not_node_actions() -> None:
         "Recovery Errors": 0,
         "CRC Errors": 0,
     }
+
+
+@pytest.mark.parametrize(
+    ("change", "reason", "action"),
+    [
+        (None, "RowRemapPending", "reboot"),
+        (
+            (
+                "        Pending                           : Yes",
+                "        Pending                           : No\n"
+                "        Remapping Failure Occurred        : Yes",
+            ),
+            "RowRemapFailure",
+            "replace",
+        ),
+    ],
+)
+def test_smi_q_remapped_rows(change, reason: str, action: str) -> None:
+    text = (FIXTURES / "nvidia-smi" / "q-remapped-rows-pending.txt").read_text()
+    if change:
+        text = text.replace(*change)
+    [f] = smi.judge_smi_q(text)
+    assert (f.status, f.reason, f.action.value) == (Status.FAULT, reason, action)
+
+
+def test_smi_q_reset_status_and_gpu_headers() -> None:
+    cut = (FIXTURES / "nvidia-smi" / "q-a100-reset-status-cut.txt").read_text()
+    [ok] = smi.judge_smi_q(cut)
+    assert (ok.status, ok.reason) == (Status.OK, "GpuHealthy")
+    head = (FIXTURES / "nvidia-smi" / "q-gtx960m-header-cut.txt").read_text()
+    reset = head + "    GPU Reset Status\n        Reset Required                    : Yes\n"
+    [f] = smi.judge_smi_q(reset)
+    assert (f.component, f.reason, f.action.value) == (
+        "gpu:0000:01:00",
+        "GpuResetRequired",
+        "reboot",
+    )
+    [unjudged] = smi.judge_smi_q(head)
+    assert unjudged.status is Status.UNKNOWN

@@ -1,15 +1,18 @@
-"""Saved `nvidia-smi` outputs, for `scan`: `nvidia-smi nvlink -e` (NVLink error counters).
+"""Saved `nvidia-smi` outputs, for `scan`.
 
-The counters only ever grow (until the driver reloads) and a snapshot has no time, so
-non-zero counts are reported, per link, as an event that asks nothing of the node: the
-live rates are the NVML check's to judge.
+- `nvidia-smi -q` (or `-a`): the states NVIDIA's memory-error guide acts on, per GPU
+  (`SMI_Q_RULES`): a row remap or page retirement pending, or a reset asked for, means a
+  reboot; a row remapping failure means replace; volatile uncorrectable ECC, a reboot.
+- `nvidia-smi nvlink -e`: the counters only ever grow (until the driver reloads) and a
+  snapshot has no time, so non-zero counts are reported, per link, as an event that asks
+  nothing of the node: the live rates are the NVML check's to judge.
 """
 
 from __future__ import annotations
 
 import re
 
-from checks.api import Finding, Status
+from checks.api import Action, Finding, Status
 
 _GPU = re.compile(r"^GPU (\d+): (.*?)(?: \(UUID: ([^)]+)\))?$")
 _LINK = re.compile(r"^\s*Link (\d+): ([A-Za-z ]+? Errors): (\d+|N/A)\s*$")
@@ -64,3 +67,91 @@ def judge_nvlink_errors(text: str) -> list[Finding]:
             message = f"{gpu}: no NVLink errors on {len(links)} links"
             found.append(Finding(component, "NvlinkErrors", Status.OK, "NvlinkClean", message))
     return found
+
+
+# (the end of a section/key path, the value that is a fault, reason, action)
+SMI_Q_RULES: list[tuple[str, str, str, Action]] = [
+    ("Remapped Rows/Remapping Failure Occurred", "Yes", "RowRemapFailure", Action.REPLACE),
+    ("Remapped Rows/Pending", "Yes", "RowRemapPending", Action.REBOOT),
+    ("Retired Pages/Pending Page Blacklist", "Yes", "PageRetirementPending", Action.REBOOT),
+    ("Retired Pages/Pending Page Retirement", "Yes", "PageRetirementPending", Action.REBOOT),
+    ("GPU Reset Status/Reset Required", "Yes", "GpuResetRequired", Action.REBOOT),
+    ("GPU Reset Status/Drain and Reset Recommended", "Yes", "GpuResetRequired", Action.REBOOT),
+    ("ECC Errors/Volatile/DRAM Uncorrectable", ">0", "VolatileUncorrectableEcc", Action.REBOOT),
+    ("ECC Errors/Volatile/Double Bit/Total", ">0", "VolatileUncorrectableEcc", Action.REBOOT),
+]
+_SECTIONS = ("Remapped Rows", "Retired Pages", "GPU Reset Status", "ECC Errors")
+_SECTION_LINE = re.compile(r"^\s+(?:" + "|".join(_SECTIONS) + r")\s*$", re.M)
+_GPU_Q = re.compile(r"^GPU ([0-9A-Fa-f]{8}:[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2}\.\d)\s*$")
+
+
+def looks_like_smi_q(text: str) -> bool:
+    return "==============NVSMI LOG==============" in text or bool(_SECTION_LINE.search(text))
+
+
+def parse_smi_q(text: str) -> dict[str, dict[str, str]]:
+    """{"0000:b9:00" (or "" before any GPU header): {"Remapped Rows/Pending": "Yes", ...}}."""
+    from checks.nvidia.nvml import pci_of
+
+    gpus: dict[str, dict[str, str]] = {}
+    gpu, stack = "", []  # stack: (indent, section name)
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        if m := _GPU_Q.match(line):
+            gpu, stack = pci_of(m.group(1)), []
+            continue
+        indent = len(line) - len(line.lstrip())
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        key, sep, value = line.strip().partition(" : ")
+        if not sep:
+            if not line.strip().endswith(":"):  # a section header
+                stack.append((indent, line.strip()))
+            continue
+        path = "/".join([*(name for _, name in stack), key.strip()])
+        gpus.setdefault(gpu, {})[path] = value.strip()
+    return gpus
+
+
+def judge_smi_q(text: str) -> list[Finding]:
+    found = []
+    for gpu, values in parse_smi_q(text).items():
+        component = f"gpu:{gpu}" if gpu else "gpu"
+        hits = []
+        for path, value in values.items():
+            for suffix, bad, reason, action in SMI_Q_RULES:
+                if path.endswith(suffix) and _matches(value, bad):
+                    hits.append((action, reason, f"{path}: {value}"))
+        if hits:
+            action, reason, _ = max(hits, key=lambda h: h[0].rank)
+            what = "; ".join(h[2] for h in hits)
+            found.append(
+                Finding(
+                    component,
+                    "NvidiaGPUUnhealthy",
+                    Status.FAULT,
+                    reason,
+                    f"nvidia-smi -q {component}: {what}",
+                    action,
+                    {h[2].split(": ")[0]: h[2].split(": ")[1] for h in hits},
+                )
+            )
+        elif any(p.endswith(r[0]) for p in values for r in SMI_Q_RULES):
+            message = f"nvidia-smi -q {component}: no pending remap, retirement or reset"
+            found.append(Finding(component, "NvidiaGPUUnhealthy", Status.OK, "GpuHealthy", message))
+    return found or [
+        Finding(
+            "gpu",
+            "NvidiaGPUUnhealthy",
+            Status.UNKNOWN,
+            "SmiQueryUnjudged",
+            "nvidia-smi -q output without remapped rows, retired pages, ECC or reset status",
+        )
+    ]
+
+
+def _matches(value: str, bad: str) -> bool:
+    if bad == ">0":
+        return value.isdigit() and int(value) > 0
+    return value == bad
