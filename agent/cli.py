@@ -125,6 +125,9 @@ def deep_check(
     as_json: Annotated[
         bool, typer.Option("--json", help="JSON lines, also on a terminal.")
     ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Run even while processes use the accelerators.")
+    ] = False,
 ) -> None:
     """Run the deep health check on this node: exit 0 passed, 1 failed, 2 could not judge."""
     import asyncio
@@ -145,6 +148,9 @@ def deep_check(
         suite=suite.value, level=level, instance_type=ident.instance_type, gpus=gpus
     )
     lines = as_json or not sys.stdout.isatty()
+    if not force and (busy := asyncio.run(deepcheck.accelerators_in_use())):
+        typer.echo(f"node-health: not running the deep check: {busy} (--force to run)", err=True)
+        raise typer.Exit(2)
     run_id = deepcheck.new_run_id()
     lifecycle = None
     if not settings.dry_run:

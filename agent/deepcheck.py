@@ -364,6 +364,32 @@ def write_results(directory: Path, run_id: str, lines: list[dict[str, Any]]) -> 
     return path
 
 
+async def accelerators_in_use(
+    which: Callable[[str], str | None] = shutil.which,
+    gpu_processes: Callable[[], int | None] | None = None,
+) -> str | None:
+    """What is using the GPUs or Neuron devices now, in words; None when nothing is (or
+    nothing can tell). A deep check under a running job would fail for the job's sake."""
+    count = await asyncio.to_thread(gpu_processes or _gpu_processes)
+    if count:
+        return f"{count} processes are using the GPUs"
+    if (exe := which("neuron-ls")) is not None:
+        r = await run_command([exe], 30)
+        if r.ok and (pids := neuron.neuron_ls_processes(r.stdout)):
+            return f"processes {', '.join(map(str, pids))} are using the Neuron devices"
+    return None
+
+
+def _gpu_processes() -> int | None:
+    from checks.nvidia import nvml
+
+    try:
+        snap = nvml.PynvmlBackend().snapshot()
+    except (ImportError, nvml.NvmlError):
+        return None
+    return sum(g.compute_processes or 0 for g in snap.gpus)
+
+
 async def deep_check(
     opts: Options,
     identity: Identity,

@@ -60,6 +60,21 @@ def count_finding(count: int, want: int | None) -> Finding:
     )
 
 
+def neuron_ls_processes(text: str) -> list[int]:
+    """The PIDs `neuron-ls` shows using Neuron devices (its PID column, where it has one)."""
+    lines = [ln for ln in text.splitlines() if ln.startswith("|")]
+    header = next((ln for ln in lines if re.search(r"\|\s*PID\s*\|", ln)), None)
+    if header is None:
+        return []
+    column = [c.strip() for c in header.split("|")].index("PID")
+    pids = set()
+    for ln in lines:
+        cells = [c.strip() for c in ln.split("|")]
+        if len(cells) > column and cells[column].isdigit():
+            pids.add(int(cells[column]))
+    return sorted(pids)
+
+
 class NeuronOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", defer_build=True)
 

@@ -254,3 +254,20 @@ def test_on_trainium_nccom_test_runs_and_nccl_does_not(node: dict[str, str]) -> 
     assert tests["nccl-allreduce"]["result"] == "skipped"
     assert tests["nccom-test"]["result"] == "failed"
     assert node_state(node)["labels"][HEALTH] == "UnschedulablePendingReplacement"
+
+
+def test_busy_neuron_devices_stop_the_run_unless_forced(node: dict[str, str]) -> None:
+    (Path(node["PATH"]) / "neuron-ls").symlink_to(BIN / "fake-tool")
+    node["FAKE_NEURON_LS_OUTPUT"] = str(FIXTURES / "neuron" / "neuron-ls-inf1-6xlarge-procs.txt")
+    out = deep_check(node, *P5)
+    assert out.returncode == 2 and out.stdout == ""
+    assert "processes 23518, 23531, 23595, 23608 are using the Neuron devices" in out.stderr
+    assert not (Path(node["NODE_HEALTH_STATE_DIR"]) / "node-state.json").exists()
+    assert deep_check(node, *P5, "--force").returncode == 0
+
+
+async def test_busy_gpus_are_counted_through_nvml() -> None:
+    busy = await deepcheck.accelerators_in_use(which=lambda tool: None, gpu_processes=lambda: 3)
+    assert busy == "3 processes are using the GPUs"
+    idle = await deepcheck.accelerators_in_use(which=lambda tool: None, gpu_processes=lambda: 0)
+    assert idle is None

@@ -56,6 +56,7 @@ class GpuReading:
     pcie_width: int | None = None
     pcie_max_gen: int | None = None
     clock_event_reasons: int | None = None
+    compute_processes: int | None = None  # processes using the GPU now (deep-check waits)
 
 
 @dataclass
@@ -140,6 +141,8 @@ class PynvmlBackend:
             r.pcie_width = _optional(nv.nvmlDeviceGetCurrPcieLinkWidth, h)
             r.pcie_max_gen = _optional(nv.nvmlDeviceGetMaxPcieLinkGeneration, h)
             r.clock_event_reasons = _optional(nv.nvmlDeviceGetCurrentClocksEventReasons, h)
+            procs = _optional(nv.nvmlDeviceGetComputeRunningProcesses, h)
+            r.compute_processes = None if procs is None else len(procs)
         except nv.NVMLError as exc:
             r.error = NvmlError(exc.value, str(exc))
         return r
