@@ -29,6 +29,7 @@ def test_deep_check_dry_run_judges_a_real_node(tmp_path) -> None:
             "deep-check",
             "--dry-run",
             "--json",
+            "--force",
             "--level",
             "1",
             "--gpus",
