@@ -12,11 +12,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
 import re
-import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -25,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from checks.api import Action, CheckContext, Finding, PollingCheck, Status, StreamingCheck
 from checks.instance_types import expected
-from checks.proc import run_command
+from checks.proc import reap, run_command
 
 _DEVICE_ROW = re.compile(r"^\|\s*(\d+)\s*\|")
 UNCORRECTED = ("mem_ecc_uncorrected", "sram_ecc_uncorrected")
@@ -40,11 +37,11 @@ def parse_neuron_ls(text: str) -> list[int] | None:
     return [int(m.group(1)) for ln in text.splitlines() if (m := _DEVICE_ROW.match(ln))]
 
 
-def count_finding(count: int, want: int | None) -> Finding:
-    """The Neuron device count `neuron-ls` shows against the instance type's."""
+def count_finding(count: int, want: int | None, seen: str = "neuron-ls lists") -> Finding:
+    """The Neuron device count a tool shows against the instance type's."""
     evidence = {"devices": count, "expected": want}
     if want is not None and count < want:
-        message = f"neuron-ls lists {count} Neuron devices, {want} expected"
+        message = f"{seen} {count} Neuron devices, {want} expected"
         return _f(
             "neuron",
             "NeuronDeviceCount",
@@ -139,18 +136,7 @@ class ReportJudge:
             why = info.get("error") or "no neuron_device_count"
             return [_f("neuron", "NeuronDeviceCount", Status.UNKNOWN, "NeuronMonitorError", why)]
         if self.want is not None and count < self.want:
-            message = f"neuron-monitor reports {count} Neuron devices, {self.want} expected"
-            return [
-                _f(
-                    "neuron",
-                    "NeuronDeviceCount",
-                    Status.FAULT,
-                    "NeuronDeviceCountMismatch",
-                    message,
-                    Action.REBOOT,
-                    {"devices": count, "expected": self.want},
-                )
-            ]
+            return [count_finding(count, self.want, "neuron-monitor reports")]
         return []
 
     def _counters(self, counters: dict[str, Any]) -> list[Finding]:
@@ -281,10 +267,7 @@ class NeuronMonitorCheck(StreamingCheck):
             code = await proc.wait()
             raise OSError(f"{opts.neuron_monitor} exited {code}")
         finally:
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                await proc.wait()
+            await reap(proc)
 
 
 _NCCOM_ROW = re.compile(r"^\s*(\d+)\s+(\d+)\s+\w+\s+[\d.]+\s+([\d.]+)\s+([\d.]+)\b")

@@ -62,6 +62,15 @@ async def run_command(
     return CommandResult(tuple(argv), proc.returncode, _text(out), _text(err))
 
 
+async def reap(proc: asyncio.subprocess.Process) -> None:
+    """Make sure a long-running tool we started (a log follower, a monitor) and its children
+    are gone: SIGKILL its process group unless it already exited."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+
+
 async def _kill_group(proc: asyncio.subprocess.Process, grace: float) -> None:
     """SIGTERM the group, then SIGKILL whatever is still there after `grace` seconds."""
     for sig in (signal.SIGTERM, signal.SIGKILL):

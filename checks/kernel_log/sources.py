@@ -8,16 +8,15 @@ a remembered position and, with `follow`, waiting for more.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import os
-import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from checks.kernel_log.formats import KMSG, Stamp, journal_entry, unescape_kmsg
+from checks.proc import reap
 
 POLL_SECONDS = 0.05  # for what cannot be waited on (a regular file, a FIFO with no writer)
 CHUNK = 4 * 1024 * 1024
@@ -172,10 +171,7 @@ class JournalSource:
                 err = (await proc.stderr.read()).decode("utf-8", "replace").strip()
                 raise SourceError(f"{self.journalctl} exited {code}: {err[:300]}")
         finally:
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                await proc.wait()
+            await reap(proc)
 
 
 class FileSource:

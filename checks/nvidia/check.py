@@ -52,14 +52,7 @@ class NvmlCheck(PollingCheck):
         self._slow: dict[str, int] = {}
 
     def missing(self) -> list[str]:
-        try:
-            self.backend.snapshot()
-        except ImportError:
-            return ["pynvml not installed"]
-        except nvml.NvmlError as exc:
-            if exc.code in (nvml.LIBRARY_NOT_FOUND, nvml.DRIVER_NOT_LOADED):
-                return [f"no NVIDIA driver ({exc})"]
-        return []
+        return nvml.missing_driver(self.backend.snapshot)
 
     def collect(self) -> list[Finding]:
         opts: NvmlOptions = self.options  # type: ignore[assignment]

@@ -9,6 +9,7 @@ support reads None (not a fault); a device NVML reports lost, or that fails with
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -70,6 +71,18 @@ class Nvml(Protocol):
     def snapshot(self) -> Snapshot:
         """One reading of every GPU. Raises NvmlError when NVML itself cannot start."""
         ...
+
+
+def missing_driver(probe: Callable[[], Any]) -> list[str]:
+    """What a check that needs NVML lacks here, in words: run `probe`, which touches NVML."""
+    try:
+        probe()
+    except ImportError:
+        return ["pynvml not installed"]
+    except NvmlError as exc:
+        if exc.code in (LIBRARY_NOT_FOUND, DRIVER_NOT_LOADED):
+            return [f"no NVIDIA driver ({exc})"]
+    return []
 
 
 def pci_of(bus_id: str) -> str:

@@ -35,14 +35,7 @@ class NvmlXidCheck(StreamingCheck):
         self._classifier: Classifier | None = None
 
     def missing(self) -> list[str]:
-        try:
-            self.events().close()
-        except ImportError:
-            return ["pynvml not installed"]
-        except nvml.NvmlError as exc:
-            if exc.code in (nvml.LIBRARY_NOT_FOUND, nvml.DRIVER_NOT_LOADED):
-                return [f"no NVIDIA driver ({exc})"]
-        return []
+        return nvml.missing_driver(lambda: self.events().close())
 
     def judge(self, event: nvml.XidEvent) -> Finding | None:
         if self._classifier is None:
