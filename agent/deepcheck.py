@@ -26,9 +26,10 @@ from agent.identity import Identity
 from agent.models import NodeKeys
 from agent.nodestate import LocalStateFile, NodeState
 from agent.policy import Verdict
-from checks import neuron
+from checks import neuron_output as neuron
 from checks.api import Action, Finding, Status
-from checks.efa import judge_fi_info, loopback, parse_fi_info
+from checks.efa import loopback
+from checks.efa_output import judge_fi_info, parse_fi_info
 from checks.instance_types import expected
 from checks.nvidia import dcgm, nccl
 from checks.proc import CommandResult, run_command

@@ -12,7 +12,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from checks import efa, neuron
+from checks import efa_output as efa
+from checks import neuron_output as neuron
 from checks.api import Finding, Status
 from checks.instance_types import expected
 from checks.nvidia import dcgm, nccl, smi

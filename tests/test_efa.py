@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from checks.api import Action, CheckContext, Status
-from checks.efa import EfaCheck, EfaOptions, judge_loopback, parse_fi_info, parse_pingpong
+from checks.efa import EfaCheck, EfaOptions
+from checks.efa_output import judge_loopback, parse_fi_info, parse_pingpong
 
 FIX = Path(__file__).parent / "fixtures" / "efa"
 BIN = Path(__file__).parent / "bin"

@@ -9,15 +9,8 @@ from pathlib import Path
 import pytest
 
 from checks.api import Action, CheckContext, Status
-from checks.neuron import (
-    NeuronCheck,
-    NeuronMonitorCheck,
-    NeuronMonitorOptions,
-    NeuronOptions,
-    ReportJudge,
-    parse_neuron_ls,
-    reports,
-)
+from checks.neuron import NeuronCheck, NeuronMonitorCheck, NeuronMonitorOptions, NeuronOptions
+from checks.neuron_output import ReportJudge, judge_nccom, parse_neuron_ls, reports
 
 FIXTURES = Path(__file__).parent / "fixtures" / "neuron"
 FAKE = Path(__file__).parent / "bin" / "fake-tool"
@@ -176,8 +169,6 @@ async def test_neuron_monitor_stream(tmp_path: Path, monkeypatch: pytest.MonkeyP
     ],
 )
 def test_nccom_test_outputs(name: str, rc: int, status: Status, reason: str) -> None:
-    from checks.neuron import judge_nccom
-
     f = judge_nccom(fixture(name), rc)
     assert (f.status, f.reason) == (status, reason)
     assert f.action is (Action.REPLACE if status is Status.FAULT else Action.NONE)

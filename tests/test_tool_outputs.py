@@ -134,3 +134,17 @@ def test_smi_q_reset_status_and_gpu_headers() -> None:
     )
     [unjudged] = smi.judge_smi_q(head)
     assert unjudged.status is Status.UNKNOWN
+
+
+def test_scan_stays_free_of_the_checks_heavy_imports() -> None:
+    # Start-up is most of a scan's time (benchmarks/kernel_log.py): the tool-output parsers
+    # must not pull in pydantic or asyncio with the checks that use them.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, agent.scan; "
+        "print(sorted(m for m in ('pydantic', 'asyncio') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

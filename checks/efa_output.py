@@ -1,0 +1,125 @@
+"""What EFA tools print, read and judged: `fi_info -p efa` (the devices) and `fi_pingpong`
+(a loopback). Shared by the EFA check, `deep-check` and `scan`; kept free of the check's
+imports so that `scan` starts fast."""
+
+from __future__ import annotations
+
+import re
+
+from checks.api import Action, Finding, Status
+
+
+def parse_fi_info(text: str) -> list[str]:
+    """The EFA devices `fi_info -p efa` lists: the `-rdm` domains (one per device)."""
+    devices = []
+    for line in text.splitlines():
+        key, _, value = line.strip().partition(": ")
+        if key == "domain" and value.endswith("-rdm") and value[:-4] not in devices:
+            devices.append(value[:-4])
+    return devices
+
+
+def looks_like(text: str) -> bool:
+    """Is this `fi_info` output? (For `scan`.)"""
+    return bool(re.search(r"^\s*provider: efa\b|^fi_getinfo: -?\d+", text, re.M))
+
+
+def judge_fi_info(
+    stdout: str, want: int | None, returncode: int | None = 0, timed_out: bool = False
+) -> Finding:
+    """What `fi_info -p efa` says of the node: its EFA devices against the `want`ed count."""
+    devices = parse_fi_info(stdout)
+    evidence = {"devices": devices, "expected": want, "exit": returncode}
+    if timed_out:
+        return Finding(
+            "node",
+            "EfaDevices",
+            Status.UNKNOWN,
+            "FiInfoTimeout",
+            "fi_info did not answer in time",
+            evidence=evidence,
+        )
+    if not devices and want is None:  # no EFA expected here: nothing to judge
+        return Finding(
+            "node",
+            "EfaDevices",
+            Status.UNKNOWN,
+            "NoEfaProvider",
+            f"fi_info -p efa found no EFA ({stdout.strip()[:100]})",
+            evidence=evidence,
+        )
+    if want is not None and len(devices) < want:
+        return Finding(
+            "node",
+            "EfaDevices",
+            Status.FAULT,
+            "EfaDeviceCountMismatch",
+            f"fi_info lists {len(devices)} of {want} EFA devices",
+            Action.REBOOT,
+            evidence,
+        )
+    return Finding(
+        "node",
+        "EfaDevices",
+        Status.OK,
+        "EfaDevicesPresent",
+        f"{len(devices)} EFA devices" + (f" of {want}" if want else ""),
+        evidence=evidence,
+    )
+
+
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+_PINGPONG_ROW = re.compile(
+    r"^\s*(\d+)([kmg]?)\s+\d+\s+=?\d+\s+\S+\s+\S+s\s+([\d.]+)\s+([\d.]+)\s+[\d.]+\s*$"
+)
+
+
+def parse_pingpong(text: str) -> list[tuple[int, float, float]]:
+    """fabtests' table (`bytes #sent #ack total time MB/sec usec/xfer Mxfers/sec`) as
+    (message bytes, MB/s, microseconds per transfer) rows."""
+    rows = []
+    for line in text.splitlines():
+        if m := _PINGPONG_ROW.match(line):
+            size = int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+            rows.append((size, float(m.group(3)), float(m.group(4))))
+    return rows
+
+
+def judge_loopback(device: str, stdout: str, returncode: int | None, timed_out: bool) -> Finding:
+    """One device's `fi_pingpong` loopback, reported as HyperPod's deep check words it."""
+    rows = parse_pingpong(stdout)
+    component = f"efa:{device}"
+    if rows:
+        bw = [r[1] for r in rows]
+        lat = [r[2] for r in rows]
+        summary = (
+            f"MaxBw: {max(bw):.6f}, AvgBw: {sum(bw) / len(bw):.6f}, "
+            f"MaxLat: {max(lat):.6f}, AvgLat: {sum(lat) / len(lat):.6f}, MinLat: {min(lat):.6f}"
+        )
+        return Finding(
+            component,
+            "EfaLoopback",
+            Status.OK,
+            "EfaLoopbackPassed",
+            f"EFA Loopback check passed for device: {device} . Output summary is {summary}",
+            evidence={"rows": len(rows), "max_mb_s": max(bw), "min_usec": min(lat)},
+        )
+    if timed_out or returncode == 0:
+        why = "timed out" if timed_out else "printed no result table"
+        return Finding(
+            component,
+            "EfaLoopback",
+            Status.UNKNOWN,
+            "EfaLoopbackUnknown",
+            f"EFA Loopback check for device: {device} {why}",
+        )
+    return Finding(
+        component,
+        "EfaLoopback",
+        Status.FAULT,
+        "EfaLoopbackFailed",
+        f"EFA Loopback check failed for device: {device} (exit status {returncode}): "
+        f"{stdout.strip()[-200:]}",
+        Action.REBOOT,
+        {"exit": returncode},
+    )
