@@ -19,7 +19,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from agent.models import CheckSettings, NodeKeys, SpoolSettings
+from agent.models import CheckSettings, DeepCheckSettings, NodeKeys, SpoolSettings
 from agent.policy import PolicyRule, PolicySettings, RuleMatch
 from checks.api import Check
 from checks.units import Duration
@@ -75,6 +75,7 @@ class Settings(BaseSettings):
     checks: dict[str, CheckSettings] = Field(default_factory=dict)
     policy: PolicySettings = PolicySettings()
     node_keys: NodeKeys = NodeKeys()
+    deep_check: DeepCheckSettings = DeepCheckSettings()
 
     @classmethod
     def settings_customise_sources(

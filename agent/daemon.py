@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import signal
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import structlog
 
@@ -19,7 +22,7 @@ from agent.config import Settings
 from agent.events import EventBuilder
 from agent.identity import Identity
 from agent.metrics import Metrics
-from agent.nodestate import LocalStateFile, NodeWriter, desired
+from agent.nodestate import LocalStateFile, NodeState, NodeWriter, desired
 from agent.plan import PlannedCheck
 from agent.policy import (
     Change,
@@ -44,6 +47,7 @@ class Paths:
     policy_state: str = "policy-state.json"
     node_state: str = "node-state.json"
     spool: str = "spool"
+    deep_check: str = "deep-health-check"  # one <run id>.jsonl per run
 
 
 class Agent:
@@ -81,6 +85,8 @@ class Agent:
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._ready = False
+        # deep-health-check-status: the last run's, kept in its result file across restarts
+        self.deep_status: str | None = _last_deep_status(state / Paths.deep_check)
 
     def _sink_failed(self, sink: str) -> None:
         self.metrics.sink_errors.labels(sink).inc()
@@ -106,7 +112,8 @@ class Agent:
         if self.settings.dry_run:
             return
         try:
-            await self.writer.apply(desired(self.policy, self.settings.node_keys))
+            state = desired(self.policy, self.settings.node_keys)
+            await self.writer.apply(with_deep_check(state, self.deep_status, self.settings))
         except Exception as exc:  # the node write is retried at the next change
             log.error("node_write_failed", error=repr(exc))
 
@@ -130,6 +137,41 @@ class Agent:
             await self._publish(self.policy.release_hold())
         self._ready = True
         log.info("first_round_done", verdict=str(self.policy.verdict))
+
+    async def _first_deep_check(self) -> None:
+        """Once the first round of checks is in and nothing uses the accelerators: the deep
+        check, its failures fed to the policy like any check's findings."""
+        from agent import deepcheck
+
+        cfg = self.settings.deep_check
+        await self.runner.first_round.wait()
+        while busy := await deepcheck.accelerators_in_use():
+            log.info("deep_check_waiting", why=busy)
+            await asyncio.sleep(cfg.idle_wait)
+        opts = deepcheck.Options(
+            suite=cfg.suite, level=cfg.level, instance_type=self.identity.instance_type
+        )
+        async with self._lock:
+            self.deep_status = "InProgress"
+            await self._reconcile()
+        log.info("deep_check_started", suite=cfg.suite, level=cfg.level)
+        status, _, results = await deepcheck.deep_check(
+            opts, self.identity, None, cfg.deadline, lambda name, result: None
+        )
+        run_id = deepcheck.new_run_id()
+        event = deepcheck.result_event(self.identity, status, results, run_id)
+        deepcheck.write_results(
+            self.settings.state_dir / Paths.deep_check,
+            run_id,
+            [*(r.line() for r in results), event],
+        )
+        await self.fanout.emit(event)
+        findings = [dataclasses.replace(f, check="deep_check") for r in results for f in r.findings]
+        async with self._lock:
+            self.deep_status = None if status == "Unknown" else status
+            await self._publish(self.policy.observe(findings))
+            await self._reconcile()
+        log.info("deep_check_done", status=status)
 
     def stop(self) -> None:
         self._stop.set()
@@ -157,10 +199,10 @@ class Agent:
                 checks=[c.name for c in self.runner.checks],
                 dry_run=self.settings.dry_run,
             )
-            tasks = [
-                asyncio.create_task(coro)
-                for coro in (self.runner.serve(), self._expiry_loop(), self._after_first_round())
-            ]
+            loops = [self.runner.serve(), self._expiry_loop(), self._after_first_round()]
+            if self.settings.deep_check.on_first_start and self.deep_status is None:
+                loops.append(self._first_deep_check())
+            tasks = [asyncio.create_task(coro) for coro in loops]
             await self._stop.wait()
             log.info("agent_stopping")
             for task in tasks:
@@ -205,3 +247,29 @@ async def run_once(settings: Settings, identity: Identity, checks: list[PlannedC
 
 async def _ignore(findings: list[Finding]) -> None:
     return None
+
+
+def _last_deep_status(directory: Path) -> str | None:
+    """Passed or Failed, from the newest deep check result the daemon kept; None: none yet."""
+    for path in sorted(directory.glob("*.jsonl"), reverse=True):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            last = json.loads(path.read_text().splitlines()[-1])
+            if last.get("deep_health_check_status") in ("Passed", "Failed"):
+                return str(last["deep_health_check_status"])
+    return None
+
+
+def with_deep_check(state: NodeState, deep: str | None, settings: Settings) -> NodeState:
+    """The node state the policy asks for, with the deep check's label; while it runs, a node
+    the policy finds schedulable is Unschedulable, as HyperPod's is."""
+    if deep is None:
+        return state
+    keys = settings.node_keys
+    labels = dict(state.labels) | {keys.deep_health_check_label: deep}
+    taints = list(state.taints)
+    if deep == "InProgress" and labels.get(keys.health_status_label) == str(Verdict.SCHEDULABLE):
+        labels[keys.health_status_label] = str(Verdict.UNSCHEDULABLE)
+        taints.append(
+            {"key": keys.taint_key, "value": str(Verdict.UNSCHEDULABLE), "effect": "NoSchedule"}
+        )
+    return dataclasses.replace(state, labels=labels, taints=taints)

@@ -39,3 +39,17 @@ class NodeKeys(Strict):
 class SpoolSettings(Strict):
     max_segment_bytes: int = Field(8 * 1024 * 1024, ge=4096)
     max_segments: int = Field(8, ge=2)
+
+
+class DeepCheckSettings(Strict):
+    """The deep health check the daemon runs itself (see `node-health deep-check`)."""
+
+    on_first_start: bool = Field(
+        False, description="run it once on a node that has never passed or failed one"
+    )
+    suite: str = Field("stress", pattern="^(stress|all)$")
+    level: int = Field(2, ge=1, le=4, description="dcgmi diag level")
+    deadline: Duration = Field(4 * 3600.0, description="time for the whole run")
+    idle_wait: Duration = Field(
+        60.0, description="how long to wait before looking again while the accelerators are busy"
+    )

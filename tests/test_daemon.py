@@ -146,3 +146,53 @@ def test_sigterm_while_starting_still_stops_cleanly(cli_env, tmp_path):
     time.sleep(0.05)  # still importing: the daemon has not installed its handlers yet
     assert stop(proc) < 10
     assert proc.returncode == 0, proc.stderr.read()
+
+
+DEEP = "sagemaker.amazonaws.com/deep-health-check-status"
+FIX = Path(__file__).parent / "fixtures"
+
+
+def node_state(state: Path) -> dict:
+    try:
+        return json.loads((state / "node-state.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def test_deep_check_on_first_start(cli_env, tmp_path):
+    """A new node runs the deep check once its first round of checks is in: a failed DCGM
+    test takes it out through the policy; the result survives a restart and is not rerun."""
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    for tool in ("dcgmi", "stress-ng"):
+        (tools / tool).symlink_to(Path(__file__).parent / "bin" / "fake-tool")
+    env = cli_env | {
+        "PATH": str(tools),
+        "FAKE_DCGMI_OUTPUT": str(FIX / "dcgm" / "deployment-row-remap-pending.txt"),
+        "FAKE_TOOL_CALLS": str(tmp_path / "calls"),
+    }
+    cfg = tmp_path / "deep.yaml"
+    cfg.write_text(
+        "checks:\n  hang: {enabled: false}\n  needs: {enabled: false}\n"
+        "deep_check: {on_first_start: true, level: 1}\n"
+    )
+    state = tmp_path / "state"
+    proc = start(env, "--config", str(cfg))
+    try:
+        wait_for(lambda: node_state(state).get("labels", {}).get(DEEP) == "Failed", timeout=30)
+    finally:
+        stop(proc)
+    labels = node_state(state)["labels"]
+    assert labels[LABEL] == "UnschedulablePendingReboot"  # DCGM's pending row remap
+    events = spooled(state)
+    result = next(e for e in events if e.get("deep_health_check_status"))
+    assert result["msg"].startswith("Encountered FaultyInstance. Reboot the Instance.")
+    assert any(e.get("reason") == "DcgmDiagFailed" for e in events)
+    # A restart keeps the label and does not run the deep check again.
+    calls = (tmp_path / "calls").read_text().count("diag -r 1 -j")
+    proc = start(env, "--config", str(cfg))
+    time.sleep(3)  # long enough for its first round and, were it to run, the deep check
+    stop(proc)
+    assert "deep_check_started" not in proc.stderr.read()
+    assert node_state(state)["labels"][DEEP] == "Failed"
+    assert (tmp_path / "calls").read_text().count("diag -r 1 -j") == calls == 1
