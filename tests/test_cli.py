@@ -156,3 +156,9 @@ def test_bad_environment_variable_exits_2(cli_env) -> None:
 def test_missing_config_file_exits_2(cli_env, tmp_path) -> None:
     out = node_health(cli_env, "run", "--config", str(tmp_path / "nope.yaml"))
     assert out.returncode == 2 and "does not exist" in out.stderr
+
+
+def test_the_example_config_is_valid(cli_env) -> None:
+    example = Path(__file__).parent.parent / "deploy" / "config.example.yaml"
+    out = node_health(cli_env, "checks", "list", "--config", str(example))
+    assert out.returncode == 0, out.stderr
