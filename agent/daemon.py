@@ -87,6 +87,14 @@ class Agent:
         self._ready = False
         # deep-health-check-status: the last run's, kept in its result file across restarts
         self.deep_status: str | None = _last_deep_status(state / Paths.deep_check)
+        cfg = settings.deep_check
+        # After the reboot that remediated a fault (the policy holds its verdict until the
+        # first round), the node stays out until a deep check passes.
+        self._deep_pending = (cfg.on_first_start and self.deep_status is None) or (
+            cfg.after_remediation and self.policy.hold is not None
+        )
+        if self._deep_pending and cfg.after_remediation and self.policy.hold is not None:
+            self.deep_status = "InProgress"
 
     def _sink_failed(self, sink: str) -> None:
         self.metrics.sink_errors.labels(sink).inc()
@@ -138,7 +146,7 @@ class Agent:
         self._ready = True
         log.info("first_round_done", verdict=str(self.policy.verdict))
 
-    async def _first_deep_check(self) -> None:
+    async def _run_deep_check(self) -> None:
         """Once the first round of checks is in and nothing uses the accelerators: the deep
         check, its failures fed to the policy like any check's findings."""
         from agent import deepcheck
@@ -200,8 +208,8 @@ class Agent:
                 dry_run=self.settings.dry_run,
             )
             loops = [self.runner.serve(), self._expiry_loop(), self._after_first_round()]
-            if self.settings.deep_check.on_first_start and self.deep_status is None:
-                loops.append(self._first_deep_check())
+            if self._deep_pending:
+                loops.append(self._run_deep_check())
             tasks = [asyncio.create_task(coro) for coro in loops]
             await self._stop.wait()
             log.info("agent_stopping")

@@ -47,6 +47,11 @@ class DeepCheckSettings(Strict):
     on_first_start: bool = Field(
         False, description="run it once on a node that has never passed or failed one"
     )
+    after_remediation: bool = Field(
+        False,
+        description="run it after the reboot that remediated a fault, before the node "
+        "returns to Schedulable",
+    )
     suite: str = Field("stress", pattern="^(stress|all)$")
     level: int = Field(2, ge=1, le=4, description="dcgmi diag level")
     deadline: Duration = Field(4 * 3600.0, description="time for the whole run")

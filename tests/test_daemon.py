@@ -196,3 +196,42 @@ def test_deep_check_on_first_start(cli_env, tmp_path):
     assert "deep_check_started" not in proc.stderr.read()
     assert node_state(state)["labels"][DEEP] == "Failed"
     assert (tmp_path / "calls").read_text().count("diag -r 1 -j") == calls == 1
+
+
+def test_deep_check_after_the_reboot_that_remediated_a_fault(cli_env, tmp_path, host_root):
+    """Fault -> UnschedulablePendingReboot; the node reboots (a new boot id); the node stays
+    out, with the deep check in progress, until it passes; then Schedulable."""
+    boot_id = host_root / "proc/sys/kernel/random/boot_id"
+    boot_id.parent.mkdir(parents=True, exist_ok=True)
+    boot_id.write_text("boot-1\n")
+    state = tmp_path / "state"
+    proc = start(cli_env, "--config", faulty(tmp_path))
+    wait_for(lambda: node_state(state).get("labels", {}).get(LABEL) == "UnschedulablePendingReboot")
+    stop(proc)
+    boot_id.write_text("boot-2\n")
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    for tool in ("dcgmi", "stress-ng"):
+        (tools / tool).symlink_to(Path(__file__).parent / "bin" / "fake-tool")
+    env = cli_env | {
+        "PATH": str(tools),
+        "FAKE_DCGMI_OUTPUT": str(FIX / "dcgm" / "r3-3.0.4-skips-truncated.txt"),
+        "FAKE_DCGMI_MODE": "hang",
+        "FAKE_DCGMI_PIDFILE": str(tmp_path / "dcgmi.pid"),
+    }
+    cfg = tmp_path / "healed.yaml"
+    cfg.write_text(
+        "checks:\n  hang: {enabled: false}\n  needs: {enabled: false}\n"
+        "deep_check: {after_remediation: true, level: 1, deadline: 3s}\n"
+    )
+    proc = start(env, "--config", str(cfg))
+    try:
+        wait_for(lambda: (tmp_path / "dcgmi.pid").exists(), timeout=30)
+        during = node_state(state)["labels"]
+        assert during == {LABEL: "Unschedulable", DEEP: "InProgress"}
+        # The diag hangs past the deadline: could not judge, so no label of its own, and the
+        # node is back to what the policy says.
+        wait_for(lambda: DEEP not in node_state(state).get("labels", {}), timeout=30)
+    finally:
+        stop(proc)
+    assert node_state(state)["labels"] == {LABEL: "Schedulable"}
