@@ -159,15 +159,19 @@ def node_state(state: Path) -> dict:
         return {}
 
 
-def test_deep_check_on_first_start(cli_env, tmp_path):
-    """A new node runs the deep check once its first round of checks is in: a failed DCGM
-    test takes it out through the policy; the result survives a restart and is not rerun."""
+def with_tools(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    """`env` with a PATH of fake dcgmi and stress-ng (tests/bin/fake-tool) and nothing else."""
     tools = tmp_path / "tools"
     tools.mkdir()
     for tool in ("dcgmi", "stress-ng"):
         (tools / tool).symlink_to(Path(__file__).parent / "bin" / "fake-tool")
-    env = cli_env | {
-        "PATH": str(tools),
+    return env | {"PATH": str(tools)}
+
+
+def test_deep_check_on_first_start(cli_env, tmp_path):
+    """A new node runs the deep check once its first round of checks is in: a failed DCGM
+    test takes it out through the policy; the result survives a restart and is not rerun."""
+    env = with_tools(cli_env, tmp_path) | {
         "FAKE_DCGMI_OUTPUT": str(FIX / "dcgm" / "deployment-row-remap-pending.txt"),
         "FAKE_TOOL_CALLS": str(tmp_path / "calls"),
     }
@@ -209,12 +213,7 @@ def test_deep_check_after_the_reboot_that_remediated_a_fault(cli_env, tmp_path, 
     wait_for(lambda: node_state(state).get("labels", {}).get(LABEL) == "UnschedulablePendingReboot")
     stop(proc)
     boot_id.write_text("boot-2\n")
-    tools = tmp_path / "tools"
-    tools.mkdir()
-    for tool in ("dcgmi", "stress-ng"):
-        (tools / tool).symlink_to(Path(__file__).parent / "bin" / "fake-tool")
-    env = cli_env | {
-        "PATH": str(tools),
+    env = with_tools(cli_env, tmp_path) | {
         "FAKE_DCGMI_OUTPUT": str(FIX / "dcgm" / "r3-3.0.4-skips-truncated.txt"),
         "FAKE_DCGMI_MODE": "hang",
         "FAKE_DCGMI_PIDFILE": str(tmp_path / "dcgmi.pid"),
