@@ -22,7 +22,7 @@ from agent.config import Settings
 from agent.events import EventBuilder
 from agent.identity import Identity
 from agent.metrics import Metrics
-from agent.nodestate import LocalStateFile, NodeState, NodeWriter, desired
+from agent.nodestate import LocalStateFile, NodeState, NodeWriter, desired, relabel
 from agent.plan import PlannedCheck
 from agent.policy import (
     Change,
@@ -90,10 +90,9 @@ class Agent:
         cfg = settings.deep_check
         # After the reboot that remediated a fault (the policy holds its verdict until the
         # first round), the node stays out until a deep check passes.
-        self._deep_pending = (cfg.on_first_start and self.deep_status is None) or (
-            cfg.after_remediation and self.policy.hold is not None
-        )
-        if self._deep_pending and cfg.after_remediation and self.policy.hold is not None:
+        remediated = cfg.after_remediation and self.policy.hold is not None
+        self._deep_pending = remediated or (cfg.on_first_start and self.deep_status is None)
+        if remediated:
             self.deep_status = "InProgress"
 
     def _sink_failed(self, sink: str) -> None:
@@ -273,11 +272,7 @@ def with_deep_check(state: NodeState, deep: str | None, settings: Settings) -> N
     if deep is None:
         return state
     keys = settings.node_keys
-    labels = dict(state.labels) | {keys.deep_health_check_label: deep}
-    taints = list(state.taints)
-    if deep == "InProgress" and labels.get(keys.health_status_label) == str(Verdict.SCHEDULABLE):
-        labels[keys.health_status_label] = str(Verdict.UNSCHEDULABLE)
-        taints.append(
-            {"key": keys.taint_key, "value": str(Verdict.UNSCHEDULABLE), "effect": "NoSchedule"}
-        )
-    return dataclasses.replace(state, labels=labels, taints=taints)
+    running = deep == "InProgress"
+    schedulable = state.labels.get(keys.health_status_label) == str(Verdict.SCHEDULABLE)
+    health = str(Verdict.UNSCHEDULABLE) if running and schedulable else None
+    return relabel(state, keys, health=health, deep=deep)

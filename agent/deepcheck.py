@@ -24,7 +24,7 @@ from typing import Any
 from agent.events import dumps, rfc3339
 from agent.identity import Identity
 from agent.models import NodeKeys
-from agent.nodestate import LocalStateFile, NodeState
+from agent.nodestate import LocalStateFile, NodeState, relabel
 from agent.policy import Verdict
 from checks import neuron_output as neuron
 from checks.api import Action, Finding, Status
@@ -315,14 +315,7 @@ class Lifecycle:
             await self._set(str(node), status)
 
     async def _set(self, health: str, deep: str) -> None:
-        labels = dict(self.before.labels)
-        labels[self.keys.health_status_label] = health
-        labels[self.keys.deep_health_check_label] = deep
-        taints = [t for t in self.before.taints if t.get("key") != self.keys.taint_key]
-        if health != str(Verdict.SCHEDULABLE):
-            taints.append({"key": self.keys.taint_key, "value": health, "effect": "NoSchedule"})
-        state = NodeState(labels, taints, dict(self.before.annotations), self.before.conditions)
-        await self.writer.apply(state)
+        await self.writer.apply(relabel(self.before, self.keys, health=health, deep=deep))
 
 
 def result_event(

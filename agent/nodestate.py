@@ -32,12 +32,23 @@ class NodeWriter(Protocol):
         ...
 
 
+def relabel(
+    state: NodeState, keys: NodeKeys, health: str | None = None, deep: str | None = None
+) -> NodeState:
+    """`state` with node-health-status `health` (and its NoSchedule taint while it is not
+    Schedulable) and deep-health-check-status `deep`; None leaves a label as it is."""
+    labels, taints = dict(state.labels), list(state.taints)
+    if deep is not None:
+        labels[keys.deep_health_check_label] = deep
+    if health is not None:
+        labels[keys.health_status_label] = health
+        taints = [t for t in taints if t.get("key") != keys.taint_key]
+        if health != str(Verdict.SCHEDULABLE):
+            taints.append({"key": keys.taint_key, "value": health, "effect": "NoSchedule"})
+    return NodeState(labels, taints, dict(state.annotations), list(state.conditions))
+
+
 def desired(policy: Policy, keys: NodeKeys) -> NodeState:
-    verdict = policy.verdict
-    labels = {keys.health_status_label: str(verdict)}
-    taints = []
-    if verdict is not Verdict.SCHEDULABLE:
-        taints.append({"key": keys.taint_key, "value": str(verdict), "effect": "NoSchedule"})
     active = [t for t in policy.trackers.values() if t.active]
     annotations = {}
     if active:
@@ -51,7 +62,8 @@ def desired(policy: Policy, keys: NodeKeys) -> NodeState:
             for t in active
         ]
         annotations[keys.fault_details_annotation] = json.dumps(details, separators=(",", ":"))
-    return NodeState(labels, taints, annotations, _conditions(policy.trackers.values()))
+    base = NodeState(annotations=annotations, conditions=_conditions(policy.trackers.values()))
+    return relabel(base, keys, health=str(policy.verdict))
 
 
 def _conditions(trackers: Any) -> list[dict[str, str]]:
