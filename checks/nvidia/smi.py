@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 
 from checks.api import Action, Finding, Status
+from checks.nvidia.nvml import pci_of
 
 _GPU = re.compile(r"^GPU (\d+): (.*?)(?: \(UUID: ([^)]+)\))?$")
 _LINK = re.compile(r"^\s*Link (\d+): ([A-Za-z ]+? Errors): (\d+|N/A)\s*$")
@@ -91,8 +92,6 @@ def looks_like_smi_q(text: str) -> bool:
 
 def parse_smi_q(text: str) -> dict[str, dict[str, str]]:
     """{"0000:b9:00" (or "" before any GPU header): {"Remapped Rows/Pending": "Yes", ...}}."""
-    from checks.nvidia.nvml import pci_of
-
     gpus: dict[str, dict[str, str]] = {}
     gpu, stack = "", []  # stack: (indent, section name)
     for line in text.splitlines():
