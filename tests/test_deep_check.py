@@ -139,8 +139,9 @@ def test_dry_run_changes_no_label(node: dict[str, str]) -> None:
     assert not (Path(node["NODE_HEALTH_STATE_DIR"]) / "node-state.json").exists()
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_labels_while_running_then_ctrl_c_stops_every_child(
-    node: dict[str, str], tmp_path: Path
+    node: dict[str, str], tmp_path: Path, sig: int
 ) -> None:
     pidfile = tmp_path / "dcgmi.pid"
     node |= {"FAKE_DCGMI_MODE": "hang", "FAKE_DCGMI_PIDFILE": str(pidfile)}
@@ -156,7 +157,7 @@ def test_labels_while_running_then_ctrl_c_stops_every_child(
         assert node_state(node)["labels"] == {HEALTH: "Unschedulable", DEEP: "InProgress"}
         assert node_state(node)["taints"][0]["value"] == "Unschedulable"
         child = int(pidfile.read_text())
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         proc.wait(timeout=30)
     finally:
         proc.kill()
