@@ -23,6 +23,7 @@ BUILTIN: dict[str, str] = {
     "runtime": "checks.runtime:RuntimeCheck",
     "nvml": "checks.nvidia.check:NvmlCheck",
     "nvml_xid": "checks.nvidia.xid:NvmlXidCheck",
+    "dcgm_health": "checks.nvidia.dcgm_health:DcgmHealthCheck",
     "efa": "checks.efa:EfaCheck",
     "neuron": "checks.neuron:NeuronCheck",
     "neuron_monitor": "checks.neuron:NeuronMonitorCheck",

@@ -87,6 +87,7 @@ def test_checks_list_shows_state_interval_and_what_is_missing(cli_env, tmp_path)
         "runtime",
         "nvml",
         "nvml_xid",
+        "dcgm_health",
         "efa",
         "neuron",
         "neuron_monitor",
@@ -95,6 +96,7 @@ def test_checks_list_shows_state_interval_and_what_is_missing(cli_env, tmp_path)
         "needs",
         "broken",
     }
+    assert "skipped: DCGM Python bindings not found" in rows["dcgm_health"]
     assert (
         "error: check 'broken': cannot load 'tests.plugins.no_such_module:Missing'"
         in (rows["broken"])
@@ -108,6 +110,7 @@ def test_a_check_that_cannot_run_says_so_once_and_the_rest_runs(cli_env, tmp_pat
     logs = [json.loads(line) for line in out.stderr.splitlines()]
     assert [(entry["event"], entry["check"]) for entry in logs] == [
         ("check_not_loaded", "broken"),
+        ("check_skipped", "dcgm_health"),
         ("check_skipped", "disk"),
         ("check_skipped", "efa"),
         ("check_skipped", "kernel_log"),
@@ -117,10 +120,11 @@ def test_a_check_that_cannot_run_says_so_once_and_the_rest_runs(cli_env, tmp_pat
         ("check_skipped", "nvml"),
         ("check_skipped", "nvml_xid"),
     ]
-    assert logs[1]["missing"] == ["/proc/mounts not found"]
-    assert logs[2]["missing"][0].startswith("no EFA here")
-    assert logs[3]["missing"][0].startswith("no kernel log source (/dev/kmsg not readable")
-    assert logs[4]["missing"] == [
+    assert logs[1]["missing"][0].startswith("DCGM Python bindings not found")
+    assert logs[2]["missing"] == ["/proc/mounts not found"]
+    assert logs[3]["missing"][0].startswith("no EFA here")
+    assert logs[4]["missing"][0].startswith("no kernel log source (/dev/kmsg not readable")
+    assert logs[5]["missing"] == [
         "dcgmi-not-on-this-machine not found",
         "/dev/nvidia-not-here not found",
     ]
