@@ -132,7 +132,7 @@ def deep_check(
     """Run the deep health check on this node: exit 0 passed, 1 failed, 2 could not judge."""
     import asyncio
 
-    from agent import deepcheck
+    from agent import deepcheck, deeprecord
     from agent.nodestate import LocalStateFile
     from checks.api import seconds
 
@@ -152,10 +152,12 @@ def deep_check(
         typer.echo(f"node-health: not running the deep check: {busy} (--force to run)", err=True)
         raise typer.Exit(2)
     run_id = deepcheck.new_run_id()
+    records = settings.state_dir / "deep-health-check"
     lifecycle = None
     if not settings.dry_run:
         writer = LocalStateFile(settings.state_dir / "node-state.json")
         lifecycle = deepcheck.Lifecycle(writer, settings.node_keys)
+        deeprecord.start_record(records, run_id, ident)
 
     def progress(name: str, result: deepcheck.StepResult | None) -> None:
         if lines:
@@ -171,14 +173,14 @@ def deep_check(
             deepcheck.deep_check(opts, ident, lifecycle, limit, progress)
         )
     except (KeyboardInterrupt, asyncio.CancelledError):
+        if not settings.dry_run:
+            deeprecord.write_results(records, run_id, [deeprecord.stopped_line(ident, run_id)])
         typer.echo("node-health: deep check stopped; node labels put back", err=True)
         raise typer.Exit(2) from None
     event = deepcheck.result_event(ident, status, results, run_id)
-    path = deepcheck.write_results(
-        settings.state_dir / "deep-health-check",
-        run_id,
-        [*(r.line() for r in results), event],
-    )
+    if settings.dry_run:
+        event["dry_run"] = True
+    path = deeprecord.write_results(records, run_id, [*(r.line() for r in results), event])
     if lines:
         typer.echo(json.dumps(event, separators=(",", ":")))
     else:

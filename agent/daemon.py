@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
+import os
 import signal
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import structlog
 
+from agent import deeprecord
 from agent.config import Settings
 from agent.events import EventBuilder
 from agent.identity import Identity
@@ -38,6 +39,8 @@ from agent.sinks import Fanout, Sink
 from agent.sinks.spool import SpoolSink
 from agent.sinks.stdout import StdoutSink
 from checks.api import Action, Finding, Status
+
+RECORD_POLL = 2.0  # seconds between looks at the deep-check record (one stat)
 
 log = structlog.get_logger("agent.daemon")
 
@@ -85,8 +88,11 @@ class Agent:
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._ready = False
-        # deep-health-check-status: the last run's, kept in its result file across restarts
-        self.deep_status: str | None = _last_deep_status(state / Paths.deep_check)
+        # deep-health-check-status: the last run's, kept in its record across restarts
+        record = deeprecord.latest_record(state / Paths.deep_check)
+        self.deep_status: str | None = record.status if record else None
+        self._deep_seen = {record.run_id} if record else set()  # runs the policy has seen
+        self._deep_running = False
         cfg = settings.deep_check
         # After the reboot that remediated a fault (the policy holds its verdict until the
         # first round), the node stays out until a deep check passes.
@@ -158,27 +164,64 @@ class Agent:
         opts = deepcheck.Options(
             suite=cfg.suite, level=cfg.level, instance_type=self.identity.instance_type
         )
+        records = self.settings.state_dir / Paths.deep_check
+        run_id = deepcheck.new_run_id()
         async with self._lock:
-            self.deep_status = "InProgress"
+            self.deep_status, self._deep_running = "InProgress", True
+            self._deep_seen.add(run_id)
+            deeprecord.start_record(records, run_id, self.identity)
             await self._reconcile()
         log.info("deep_check_started", suite=cfg.suite, level=cfg.level)
-        status, _, results = await deepcheck.deep_check(
-            opts, self.identity, None, cfg.deadline, lambda name, result: None
-        )
-        run_id = deepcheck.new_run_id()
+        try:
+            status, _, results = await deepcheck.deep_check(
+                opts, self.identity, None, cfg.deadline, lambda name, result: None
+            )
+        except asyncio.CancelledError:
+            deeprecord.write_results(
+                records, run_id, [deeprecord.stopped_line(self.identity, run_id)]
+            )
+            raise
         event = deepcheck.result_event(self.identity, status, results, run_id)
-        deepcheck.write_results(
-            self.settings.state_dir / Paths.deep_check,
-            run_id,
-            [*(r.line() for r in results), event],
-        )
+        deeprecord.write_results(records, run_id, [*(r.line() for r in results), event])
         await self.fanout.emit(event)
         findings = [dataclasses.replace(f, check="deep_check") for r in results for f in r.findings]
         async with self._lock:
-            self.deep_status = None if status == "Unknown" else status
+            self._deep_running = False
+            record = deeprecord.latest_record(records)
+            self.deep_status = record.status if record else None
             await self._publish(self.policy.observe(findings))
             await self._reconcile()
         log.info("deep_check_done", status=status)
+
+    async def _deep_record_loop(self) -> None:
+        """A deep check run beside the daemon (`node-health deep-check` in its pod): keep its
+        labels while it runs and after; a failed one goes to the policy like the daemon's own."""
+        directory = self.settings.state_dir / Paths.deep_check
+        seen = _newest(directory)
+        while True:
+            await asyncio.sleep(RECORD_POLL)
+            if (now := _newest(directory)) == seen:
+                continue
+            seen = now
+            record = deeprecord.latest_record(directory)
+            async with self._lock:
+                if self._deep_running:  # the daemon's own run owns the label now
+                    continue
+                findings = []
+                if (
+                    record
+                    and record.status != "InProgress"
+                    and record.run_id not in self._deep_seen
+                ):
+                    self._deep_seen.add(record.run_id)
+                    findings = deeprecord.record_findings(record)
+                status = record.status if record else None
+                if status == self.deep_status and not findings:
+                    continue
+                log.info("deep_check_record", run=record and record.run_id, status=status)
+                self.deep_status = status
+                await self._publish(self.policy.observe(findings))
+                await self._reconcile()
 
     def stop(self) -> None:
         self._stop.set()
@@ -206,7 +249,12 @@ class Agent:
                 checks=[c.name for c in self.runner.checks],
                 dry_run=self.settings.dry_run,
             )
-            loops = [self.runner.serve(), self._expiry_loop(), self._after_first_round()]
+            loops = [
+                self.runner.serve(),
+                self._expiry_loop(),
+                self._after_first_round(),
+                self._deep_record_loop(),
+            ]
             if self._deep_pending:
                 loops.append(self._run_deep_check())
             tasks = [asyncio.create_task(coro) for coro in loops]
@@ -256,14 +304,14 @@ async def _ignore(findings: list[Finding]) -> None:
     return None
 
 
-def _last_deep_status(directory: Path) -> str | None:
-    """Passed or Failed, from the newest deep check result the daemon kept; None: none yet."""
-    for path in sorted(directory.glob("*.jsonl"), reverse=True):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            last = json.loads(path.read_text().splitlines()[-1])
-            if last.get("deep_health_check_status") in ("Passed", "Failed"):
-                return str(last["deep_health_check_status"])
-    return None
+def _newest(directory: Path) -> tuple[str, int, int] | None:
+    """The newest record file's name, size and modification time: cheap to poll."""
+    try:
+        name = max(p.name for p in os.scandir(directory) if p.name.endswith(".jsonl"))
+        st = (directory / name).stat()
+    except (OSError, ValueError):
+        return None
+    return name, st.st_size, st.st_mtime_ns
 
 
 def with_deep_check(state: NodeState, deep: str | None, settings: Settings) -> NodeState:

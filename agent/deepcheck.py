@@ -18,10 +18,9 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from agent.events import dumps, rfc3339
+from agent.events import rfc3339
 from agent.identity import Identity
 from agent.models import NodeKeys
 from agent.nodestate import LocalStateFile, NodeState, relabel
@@ -348,14 +347,6 @@ def result_event(
 
 def new_run_id() -> str:
     return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
-
-
-def write_results(directory: Path, run_id: str, lines: list[dict[str, Any]]) -> Path:
-    """The on-node log of one run: `<state_dir>/deep-health-check/<run id>.jsonl`."""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{run_id}.jsonl"
-    path.write_text("".join(dumps(line) + "\n" for line in lines))
-    return path
 
 
 async def accelerators_in_use(

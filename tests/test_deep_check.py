@@ -272,3 +272,65 @@ async def test_busy_gpus_are_counted_through_nvml() -> None:
     assert busy == "3 processes are using the GPUs"
     idle = await deepcheck.accelerators_in_use(which=lambda tool: None, gpu_processes=lambda: 0)
     assert idle is None
+
+
+def test_the_record_tells_a_daemon_what_a_run_says(tmp_path: Path) -> None:
+    """The newest run that says something: a running one (its process alive), else the last
+    Passed or Failed; a run that judged nothing, a dry run or a killed one say nothing."""
+    from agent import deeprecord
+    from agent.identity import Identity
+
+    records, ident = tmp_path / "records", Identity(node_name="node-a")
+    assert deeprecord.latest_record(records) is None
+    deeprecord.start_record(records, "20261101T000000Z-a", ident)
+    failed = {"test": "dcgm-diag", "result": "failed", "action": "reboot", "message": "row"}
+    deeprecord.write_results(
+        records, "20261101T000000Z-a", [failed, {"deep_health_check_status": "Failed"}]
+    )
+    record = deeprecord.latest_record(records)
+    assert (record.run_id, record.status) == ("20261101T000000Z-a", "Failed")
+    [f] = deeprecord.record_findings(record)
+    assert (f.action, f.component, f.check) == (
+        deepcheck.Action.REBOOT,
+        "deep_check:dcgm-diag",
+        "deep_check",
+    )
+    for run_id, last in [
+        ("20261102T000000Z-b", {"deep_health_check_status": "Unknown"}),
+        ("20261103T000000Z-c", {"deep_health_check_status": "Passed", "dry_run": True}),
+        ("20261104T000000Z-d", {"deep_health_check_status": "InProgress", "pid": 2**22 + 7}),
+    ]:
+        deeprecord.write_results(records, run_id, [last])
+    assert deeprecord.latest_record(records).run_id == "20261101T000000Z-a"
+    deeprecord.start_record(records, "20261105T000000Z-e", ident)  # this process: alive
+    assert deeprecord.latest_record(records).status == "InProgress"
+
+
+def test_a_run_beside_the_daemon_keeps_its_labels_and_reaches_the_policy(
+    node: dict[str, str], tmp_path: Path
+) -> None:
+    """`node-health deep-check` in the daemon's pod: the daemon keeps the run's labels and
+    takes a failed run into its policy, so they survive the daemon's next write."""
+    from tests.test_daemon import start, stop
+
+    state = Path(node["NODE_HEALTH_STATE_DIR"])
+    cfg = tmp_path / "quiet.yaml"
+    cfg.write_text("checks:\n  hang: {enabled: false}\n  needs: {enabled: false}\n")
+    daemon = start(node, "--config", str(cfg))
+    try:
+        wait_for(lambda: (state / "node-state.json").exists())
+        node["FAKE_DCGMI_OUTPUT"] = str(FIXTURES / "dcgm" / "deployment-row-remap-pending.txt")
+        out = deep_check(node, *P5, "--level", "1", "--force")
+        assert out.returncode == 1, out.stderr
+        wait_for(lambda: _verdict(state) is not None)
+    finally:
+        stop(daemon)
+    assert _verdict(state) == "UnschedulablePendingReboot"
+    assert node_state(node)["labels"] == {HEALTH: "UnschedulablePendingReboot", DEEP: "Failed"}
+    assert "deep_check_record" in daemon.stderr.read()
+
+
+def _verdict(state: Path) -> str | None:
+    from tests.conftest import spooled
+
+    return next((e["verdict"] for e in spooled(state) if "verdict" in e), None)

@@ -1,0 +1,118 @@
+"""The on-node record of deep health checks: `<state_dir>/deep-health-check/<run id>.jsonl`.
+
+Each run's file begins with an InProgress line (with the process running it), then has each
+test's line and the run's result line. The record is how a daemon on the node learns of a run
+it did not start (`node-health deep-check` in its pod): it keeps that run's labels and feeds a
+failed run to its policy. Light on purpose: the daemon imports it at start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.events import dumps, rfc3339
+from agent.identity import Identity
+from checks.api import Action, Finding, Status
+
+FAILED = "failed"  # a test's result word (deepcheck.Outcome.FAILED)
+
+
+def start_record(directory: Path, run_id: str, identity: Identity) -> Path:
+    """The run's on-node log, `<state_dir>/deep-health-check/<run id>.jsonl`, begun with an
+    InProgress line: a daemon on the node keeps the labels of a run it did not start."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{run_id}.jsonl"
+    line = {
+        "ts": rfc3339(time.time()),
+        "node": identity.node_name,
+        "deep_health_check_id": run_id,
+        "deep_health_check_status": "InProgress",
+        "pid": os.getpid(),
+    }
+    path.write_text(dumps(line) + "\n")
+    return path
+
+
+def stopped_line(identity: Identity, run_id: str) -> dict[str, Any]:
+    """The last line of a run stopped before its end: it judged nothing."""
+    return {
+        "level": "warn",
+        "ts": rfc3339(time.time()),
+        "msg": "Deep health check stopped before the end.",
+        "node": identity.node_name,
+        "deep_health_check_id": run_id,
+        "deep_health_check_status": "Unknown",
+    }
+
+
+def write_results(directory: Path, run_id: str, lines: list[dict[str, Any]]) -> Path:
+    """Each test's line and the run's result, after the run's InProgress line."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{run_id}.jsonl"
+    with path.open("a") as out:
+        out.write("".join(dumps(line) + "\n" for line in lines))
+    return path
+
+
+@dataclass(frozen=True)
+class Record:
+    """The newest deep check on record that says something about the node."""
+
+    run_id: str
+    status: str  # InProgress (a run still going), Passed or Failed
+    tests: list[dict[str, Any]]
+
+
+def latest_record(directory: Path) -> Record | None:
+    """The newest run that is still going or ended Passed or Failed. A run that could not
+    judge says nothing; nor does a dry run, or an InProgress one whose process is gone."""
+    for path in sorted(directory.glob("*.jsonl"), reverse=True):
+        try:
+            lines = [json.loads(line) for line in path.read_text().splitlines() if line]
+        except (OSError, ValueError):
+            continue
+        last = lines[-1] if lines and isinstance(lines[-1], dict) else {}
+        status = last.get("deep_health_check_status")
+        if last.get("dry_run"):  # a dry run changes nothing, now or later
+            continue
+        if status == "InProgress" and not _alive(last.get("pid")):
+            continue
+        if status in ("InProgress", "Passed", "Failed"):
+            tests = [t for t in lines if isinstance(t, dict) and "test" in t]
+            return Record(path.stem, status, tests)
+    return None
+
+
+def record_findings(record: Record) -> list[Finding]:
+    """A failed run's tests as findings, for a policy that did not see the run itself."""
+    return [
+        Finding(
+            f"deep_check:{t['test']}",
+            "DeepHealthCheck",
+            Status.FAULT,
+            "DeepHealthCheckFailed",
+            f"deep health check {record.run_id}: {t['test']} failed: {t.get('message', '')}",
+            Action.REBOOT if t.get("action") == "reboot" else Action.REPLACE,
+            {"deep_health_check_id": record.run_id},
+            check="deep_check",
+        )
+        for t in record.tests
+        if t.get("result") == FAILED
+    ]
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: there all the same
+        pass
+    return True
