@@ -194,8 +194,16 @@ def plan(
 
 async def _efa_loopback(fi_info: str | None, fi_pingpong: str, timeout: float) -> list[Finding]:
     """fi_pingpong over each EFA device fi_info lists, one after another."""
-    if fi_info is None:
-        return [judge_fi_info("", None)]  # unknown: no device list to loop over
+    if fi_info is None:  # no device list to loop over: nothing judged
+        return [
+            Finding(
+                "node",
+                "EfaLoopback",
+                Status.UNKNOWN,
+                "NoEfaDeviceList",
+                "fi_info not found: it lists the EFA devices to loop back over",
+            )
+        ]
     listed = await run_command([fi_info, "-p", "efa", "-t", "FI_EP_RDM"], 20)
     devices = parse_fi_info(listed.stdout)
     if not devices:

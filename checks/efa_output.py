@@ -45,7 +45,8 @@ def judge_fi_info(
             "EfaDevices",
             Status.UNKNOWN,
             "NoEfaProvider",
-            f"fi_info -p efa found no EFA ({stdout.strip()[:100]})",
+            "fi_info -p efa found no EFA"
+            + (f" ({stdout.strip()[:100]})" if stdout.strip() else f" (exit {returncode})"),
             evidence=evidence,
         )
     if want is not None and len(devices) < want:

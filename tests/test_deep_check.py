@@ -334,3 +334,15 @@ def _verdict(state: Path) -> str | None:
     from tests.conftest import spooled
 
     return next((e["verdict"] for e in spooled(state) if "verdict" in e), None)
+
+
+def test_efa_loopback_without_fi_info_says_what_is_missing(node: dict[str, str]) -> None:
+    (Path(node["PATH"]) / "fi_pingpong").symlink_to(BIN / "fake-tool")
+    out = deep_check(node, *P5, "--suite", "all")
+    tests = {t["test"]: t for t in lines(out.stdout)[:-1]}
+    assert tests["efa-devices"]["result"] == "skipped"
+    assert tests["efa-loopback"]["result"] == "unknown"
+    assert tests["efa-loopback"]["message"] == (
+        "fi_info not found: it lists the EFA devices to loop back over"
+    )
+    assert out.returncode == 2
