@@ -19,7 +19,13 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from agent.models import CheckSettings, DeepCheckSettings, NodeKeys, SpoolSettings
+from agent.models import (
+    CheckSettings,
+    DeepCheckSettings,
+    KubernetesSettings,
+    NodeKeys,
+    SpoolSettings,
+)
 from agent.policy import PolicyRule, PolicySettings, RuleMatch
 from checks.api import Check
 from checks.units import Duration
@@ -76,6 +82,7 @@ class Settings(BaseSettings):
     policy: PolicySettings = PolicySettings()
     node_keys: NodeKeys = NodeKeys()
     deep_check: DeepCheckSettings = DeepCheckSettings()
+    kubernetes: KubernetesSettings = KubernetesSettings()
 
     @classmethod
     def settings_customise_sources(

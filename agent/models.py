@@ -34,6 +34,13 @@ class NodeKeys(Strict):
     deep_health_check_label: str = "sagemaker.amazonaws.com/deep-health-check-status"
     taint_key: str = "sagemaker.amazonaws.com/node-health-status"
     fault_details_annotation: str = "sagemaker.amazonaws.com/fault-details"
+    fault_types_label: str = "sagemaker.amazonaws.com/fault-types"
+    fault_reasons_label: str = "sagemaker.amazonaws.com/fault-reasons"
+    # Our own: what the agent wrote last (so it removes only its own keys and knows a label
+    # set by hand), the operator's switch for one node, and a deep check asked for.
+    owned_annotation: str = "node-health-agent.io/owned"
+    remediation_annotation: str = "node-health-agent.io/remediation"  # "off": report only
+    deep_check_request_annotation: str = "node-health-agent.io/deep-check"  # "run" | "force"
 
 
 class SpoolSettings(Strict):
@@ -57,4 +64,21 @@ class DeepCheckSettings(Strict):
     deadline: Duration = Field(4 * 3600.0, description="time for the whole run")
     idle_wait: Duration = Field(
         60.0, description="how long to wait before looking again while the accelerators are busy"
+    )
+
+
+class KubernetesSettings(Strict):
+    """The agent's own Node through the API server (the node writer in a cluster)."""
+
+    enabled: bool | None = Field(
+        None, description="None: when running in a cluster (KUBERNETES_SERVICE_HOST is set)"
+    )
+    kubeconfig: str | None = Field(None, description="a kubeconfig file; else in-cluster")
+    events_namespace: str = Field("default", description="where Node events go, as kubelet's")
+    request_timeout: Duration = Field(10.0, description="one API request, connect and read")
+    max_unschedulable: int | None = Field(
+        None, ge=0, description="breaker: take no node out beyond this many unschedulable"
+    )
+    max_unschedulable_percent: float | None = Field(
+        None, ge=0, le=100, description="breaker: nor beyond this share of the agent's nodes"
     )

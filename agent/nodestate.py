@@ -8,6 +8,7 @@ applies it; the local writer keeps it in a JSON file, the Kubernetes writer patc
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -50,8 +51,10 @@ def relabel(
 
 def desired(policy: Policy, keys: NodeKeys) -> NodeState:
     active = [t for t in policy.trackers.values() if t.active]
-    annotations = {}
+    annotations, labels = {}, {}
     if active:
+        labels[keys.fault_types_label] = label_value(t.condition for t in active)
+        labels[keys.fault_reasons_label] = label_value(t.reason for t in active)
         details = [
             {
                 "timestamp": rfc3339(t.last_fault or t.changed),
@@ -62,8 +65,24 @@ def desired(policy: Policy, keys: NodeKeys) -> NodeState:
             for t in active
         ]
         annotations[keys.fault_details_annotation] = json.dumps(details, separators=(",", ":"))
-    base = NodeState(annotations=annotations, conditions=_conditions(policy.trackers.values()))
+    conditions = _conditions(policy.trackers.values())
+    base = NodeState(labels=labels, annotations=annotations, conditions=conditions)
     return relabel(base, keys, health=str(policy.verdict))
+
+
+def label_value(words: Any) -> str:
+    """Distinct words joined by `_` as one label value: at most 63 characters of
+    [A-Za-z0-9-_.], cut between words, starting and ending alphanumeric."""
+    out = ""
+    for word in sorted(set(words)):
+        word = re.sub(r"[^A-Za-z0-9_.-]", "", word).strip("_.-")
+        if not word:
+            continue
+        joined = f"{out}_{word}" if out else word
+        if len(joined) > 63:
+            break
+        out = joined
+    return out
 
 
 def _conditions(trackers: Any) -> list[dict[str, str]]:

@@ -326,7 +326,9 @@ def test_a_run_beside_the_daemon_keeps_its_labels_and_reaches_the_policy(
     finally:
         stop(daemon)
     assert _verdict(state) == "UnschedulablePendingReboot"
-    assert node_state(node)["labels"] == {HEALTH: "UnschedulablePendingReboot", DEEP: "Failed"}
+    labels = node_state(node)["labels"]
+    assert (labels[HEALTH], labels[DEEP]) == ("UnschedulablePendingReboot", "Failed")
+    assert labels["sagemaker.amazonaws.com/fault-types"] == "DeepHealthCheck"
     assert "deep_check_record" in daemon.stderr.read()
 
 
