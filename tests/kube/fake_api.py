@@ -38,6 +38,7 @@ class Request:
     query: dict[str, str]
     content_type: str | None
     body: Any
+    code: int | None = None  # what the server answered
 
 
 @dataclass
@@ -403,8 +404,9 @@ def _handler(api: FakeKubeAPI) -> type[BaseHTTPRequestHandler]:
                 body = json.loads(raw) if raw else None
             except ValueError:
                 body = raw.decode(errors="replace")
+            self.record = Request(method, url.path, query, ctype, body)
             with api.lock:
-                api.state.requests.append(Request(method, url.path, query, ctype, body))
+                api.state.requests.append(self.record)
                 fault = next(
                     (
                         f
@@ -423,7 +425,7 @@ def _handler(api: FakeKubeAPI) -> type[BaseHTTPRequestHandler]:
                 err = ApiError(fault.status, _REASONS.get(fault.status, "InternalError"), "fault")
                 return self._send(fault.status, err.status(), headers)
             try:
-                if query.get("watch") in ("true", "1"):
+                if query.get("watch") in _TRUE:
                     return self._watch(url.path, query)
                 code, answer = self._route(method, url.path, query, ctype, body)
             except ApiError as exc:
@@ -456,8 +458,7 @@ def _handler(api: FakeKubeAPI) -> type[BaseHTTPRequestHandler]:
                 items = [
                     copy.deepcopy(n)
                     for n in api.state.nodes.values()
-                    if selects(selector, n["metadata"].get("labels") or {})
-                    and _fields(fields, n)
+                    if selects(selector, n["metadata"].get("labels") or {}) and _fields(fields, n)
                 ]
                 rv = str(api.state.rv)
             return {
@@ -473,6 +474,7 @@ def _handler(api: FakeKubeAPI) -> type[BaseHTTPRequestHandler]:
             fields = query.get("fieldSelector", "")
             since = int(query.get("resourceVersion") or 0)
             deadline = time.monotonic() + float(query.get("timeoutSeconds") or 300)
+            self.record.code = 200
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Transfer-Encoding", "chunked")
@@ -481,8 +483,10 @@ def _handler(api: FakeKubeAPI) -> type[BaseHTTPRequestHandler]:
             try:
                 while True:
                     with api.lock:
-                        while not api.stopped and time.monotonic() < deadline and not any(
-                            rv > sent for rv, _, _ in api.state.history
+                        while (
+                            not api.stopped
+                            and time.monotonic() < deadline
+                            and not any(rv > sent for rv, _, _ in api.state.history)
                         ):
                             api.lock.wait(max(0.0, min(0.2, deadline - time.monotonic())))
                         if api.stopped or time.monotonic() >= deadline:
@@ -550,6 +554,7 @@ def _handler(api: FakeKubeAPI) -> type[BaseHTTPRequestHandler]:
                 return copy.deepcopy(ev)
 
         def _send(self, code: int, body: Any, headers: dict[str, str] | None = None) -> None:
+            self.record.code = code
             data = json.dumps(body).encode()
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
@@ -562,6 +567,7 @@ def _handler(api: FakeKubeAPI) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+_TRUE = {"1", "t", "T", "TRUE", "true", "True"}  # Go's strconv.ParseBool, as the server parses
 _REASONS = {
     403: "Forbidden",
     404: "NotFound",
