@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -80,8 +81,17 @@ def run(
     from agent.daemon import run_daemon, run_once
 
     settings, ident, planned = _setup(config, dry_run=dry_run)
-    main = run_once if once else run_daemon
-    raise typer.Exit(asyncio.run(main(settings, ident, planned)))
+    if once:
+        raise typer.Exit(asyncio.run(run_once(settings, ident, planned)))
+    from agent.config import ConfigError
+    from agent.kube import connect
+
+    try:
+        kube = connect(settings)
+    except ConfigError as exc:
+        typer.echo(f"node-health: configuration error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    raise typer.Exit(asyncio.run(run_daemon(settings, ident, planned, kube)))
 
 
 @app.command(
@@ -154,10 +164,14 @@ def deep_check(
     run_id = deepcheck.new_run_id()
     records = settings.state_dir / "deep-health-check"
     lifecycle = None
+    in_cluster = settings.kubernetes.enabled or (
+        settings.kubernetes.enabled is None and "KUBERNETES_SERVICE_HOST" in os.environ
+    )
     if not settings.dry_run:
-        writer = LocalStateFile(settings.state_dir / "node-state.json")
-        lifecycle = deepcheck.Lifecycle(writer, settings.node_keys)
         deeprecord.start_record(records, run_id, ident)
+        if not in_cluster:  # in a cluster the node's daemon labels it, from the record
+            writer = LocalStateFile(settings.state_dir / "node-state.json")
+            lifecycle = deepcheck.Lifecycle(writer, settings.node_keys)
 
     def progress(name: str, result: deepcheck.StepResult | None) -> None:
         if lines:

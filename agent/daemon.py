@@ -22,6 +22,7 @@ from agent import deeprecord
 from agent.config import Settings
 from agent.events import EventBuilder
 from agent.identity import Identity
+from agent.kube.client import KubeClient
 from agent.metrics import Metrics
 from agent.nodestate import LocalStateFile, NodeState, NodeWriter, desired, relabel
 from agent.plan import PlannedCheck
@@ -56,7 +57,13 @@ class Paths:
 class Agent:
     """One agent: built from settings, run with `serve()` until `stop()`."""
 
-    def __init__(self, settings: Settings, identity: Identity, checks: list[PlannedCheck]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        identity: Identity,
+        checks: list[PlannedCheck],
+        kube: KubeClient | None = None,
+    ) -> None:
         self.settings = settings
         self.identity = identity
         state = settings.state_dir
@@ -68,8 +75,26 @@ class Agent:
         self.sinks: list[Sink] = [self.spool]
         if settings.stdout_events:
             self.sinks.append(StdoutSink())
-        self.fanout = Fanout(self.sinks, on_error=self._sink_failed)
         self.writer: NodeWriter = LocalStateFile(state / Paths.node_state)
+        if kube is not None:
+            from agent.kube.events import KubeEventSink
+            from agent.kube.writer import KubeNodeWriter
+
+            cfg = settings.kubernetes
+            writer = KubeNodeWriter(
+                kube,
+                identity.node_name,
+                settings.node_keys,
+                cfg,
+                on_refused=self._refused,
+                on_request=self._deep_requested,
+            )
+            self.writer = writer
+            uid = lambda: ((writer.node or {}).get("metadata") or {}).get("uid")  # noqa: E731
+            self.sinks.append(
+                KubeEventSink(kube, identity.node_name, cfg.events_namespace, uid=uid)
+            )
+        self.fanout = Fanout(self.sinks, on_error=self._sink_failed)
         self.builder = EventBuilder(identity, dry_run=settings.dry_run)
         boot_id = read_boot_id(settings.host_root / "proc/sys/kernel/random/boot_id")
         rules = rule_table(settings.policy)
@@ -93,6 +118,7 @@ class Agent:
         self.deep_status: str | None = record.status if record else None
         self._deep_seen = {record.run_id} if record else set()  # runs the policy has seen
         self._deep_running = False
+        self._deep_task: asyncio.Task[None] | None = None
         cfg = settings.deep_check
         # After the reboot that remediated a fault (the policy holds its verdict until the
         # first round), the node stays out until a deep check passes.
@@ -100,6 +126,24 @@ class Agent:
         self._deep_pending = remediated or (cfg.on_first_start and self.deep_status is None)
         if remediated:
             self.deep_status = "InProgress"
+
+    async def _refused(self, why: str) -> None:
+        """The breaker kept the node in: said as an event (CloudWatch, Node events), counted;
+        the finding itself stays reported and the condition set."""
+        self.metrics.breaker_refusals.inc()
+        event = self.builder.notice(
+            "warn", f"Node not taken out: {why}", reason="CircuitBreakerOpen"
+        )
+        await self.fanout.emit(event)
+
+    async def _deep_requested(self, value: str) -> None:
+        """An operator asked for a deep check on the node (its annotation): run it, unless one
+        runs already; `force` runs it even while the accelerators are in use."""
+        if self._deep_running or (self._deep_task is not None and not self._deep_task.done()):
+            log.info("deep_check_request_ignored", why="one is running")
+            return
+        log.info("deep_check_requested", value=value)
+        self._deep_task = asyncio.create_task(self._run_deep_check(force=value == "force"))
 
     def _sink_failed(self, sink: str) -> None:
         self.metrics.sink_errors.labels(sink).inc()
@@ -151,14 +195,14 @@ class Agent:
         self._ready = True
         log.info("first_round_done", verdict=str(self.policy.verdict))
 
-    async def _run_deep_check(self) -> None:
+    async def _run_deep_check(self, force: bool = False) -> None:
         """Once the first round of checks is in and nothing uses the accelerators: the deep
         check, its failures fed to the policy like any check's findings."""
         from agent import deepcheck
 
         cfg = self.settings.deep_check
         await self.runner.first_round.wait()
-        while busy := await deepcheck.accelerators_in_use():
+        while not force and (busy := await deepcheck.accelerators_in_use()):
             log.info("deep_check_waiting", why=busy)
             await asyncio.sleep(cfg.idle_wait)
         opts = deepcheck.Options(
@@ -228,6 +272,8 @@ class Agent:
 
     async def serve(self) -> None:
         async with contextlib.AsyncExitStack() as stack:
+            if isinstance(self.writer, contextlib.AbstractAsyncContextManager):
+                await stack.enter_async_context(self.writer)  # the Kubernetes writer's loops
             for sink in self.sinks:
                 await stack.enter_async_context(sink)
             if self.settings.http_listen:
@@ -260,6 +306,8 @@ class Agent:
             tasks = [asyncio.create_task(coro) for coro in loops]
             await self._stop.wait()
             log.info("agent_stopping")
+            if self._deep_task is not None:
+                tasks.append(self._deep_task)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -268,8 +316,13 @@ class Agent:
         log.info("agent_stopped")
 
 
-async def run_daemon(settings: Settings, identity: Identity, checks: list[PlannedCheck]) -> int:
-    agent = Agent(settings, identity, checks)
+async def run_daemon(
+    settings: Settings,
+    identity: Identity,
+    checks: list[PlannedCheck],
+    kube: KubeClient | None = None,
+) -> int:
+    agent = Agent(settings, identity, checks, kube)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, agent.stop)

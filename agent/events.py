@@ -57,6 +57,12 @@ class EventBuilder:
                 )
         raise TypeError(f"cannot render {change!r}")
 
+    def notice(self, level: str, msg: str, **fields: object) -> Event:
+        """An event of the agent's own (not a finding's), e.g. the breaker's refusal."""
+        event = self._base(level, time.time(), msg)
+        event.update(fields)
+        return event
+
     def _base(self, level: str, ts: float, msg: str) -> Event:
         ident = self.identity
         event: Event = {"level": level, "ts": rfc3339(ts), "msg": msg, "node": ident.node_name}

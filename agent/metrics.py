@@ -44,6 +44,12 @@ class Metrics:
             registry=r,
         )
 
+        self.breaker_refusals = Counter(
+            "node_health_breaker_refusals",
+            "Times the circuit breaker kept this node in (too many nodes out already)",
+            registry=r,
+        )
+
     def set_verdict(self, current: Verdict) -> None:
         for v in Verdict:
             self.verdict.labels(str(v)).set(1 if v is current else 0)

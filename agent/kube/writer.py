@@ -95,7 +95,6 @@ class KubeNodeWriter:
         self.writes = 0
         self._wake = asyncio.Event()
         self._stop = threading.Event()
-        self._clear_request = False
         self._lock = threading.Lock()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -164,12 +163,15 @@ class KubeNodeWriter:
 
     def _reconcile(self, want: NodeState) -> tuple[str | None, str | None]:
         """One pass (in a thread): plan against the freshest node, patch what differs.
-        Returns the deep-check request found on the node (cleared next pass) and the
+        Returns the deep-check request found on the node (cleared by this pass) and the
         breaker's refusal when it is new."""
         node = self._fresh() or self._seen(self.client.get_node(self.name))
         refused: str | None = None
+        request: str | None = None
         for _ in range(CONFLICT_TRIES):
-            p = plan(node, want, self.keys, rfc3339(time.time()), refused, self._clear_request)
+            annotations = (node.get("metadata") or {}).get("annotations") or {}
+            request = annotations.get(self.keys.deep_check_request_annotation) or request
+            p = plan(node, want, self.keys, rfc3339(time.time()), refused, request is not None)
             if p.takes_out and refused is None and self.breaker.enabled:
                 refused = self.breaker.refuses(self.name)
                 if refused is not None:
@@ -189,15 +191,10 @@ class KubeNodeWriter:
                     node = self._seen(self.client.get_node(self.name))  # re-read, plan again
                     continue
                 self.writes += 1
-            self._clear_request = False
             newly = refused if refused is not None and self.refused is None else None
             if newly:
                 log.warning("node_not_taken_out", node=self.name, why=refused)
             self.refused = refused
-            request = ((node.get("metadata") or {}).get("annotations") or {}).get(
-                self.keys.deep_check_request_annotation
-            )
-            self._clear_request = bool(request)
             return request, newly
         raise KubeError(409, "the node kept changing under us; trying again later")
 

@@ -1,0 +1,142 @@
+"""Kubernetes Events for the agent's events: each transition and each temporary problem shows
+in `kubectl describe node` and `kubectl get events`, as kubelet's and NPD's do.
+
+A sink like the others, but it never holds the daemon up: `emit` queues (bounded; the oldest
+goes first when full, counted), a task posts. The same reason and message again within
+`REPEAT_WINDOW` raises the first event's count (a patch), as the API's own event series do.
+The events are also in the spool and CloudWatch: one that cannot be posted is not lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Self
+
+import structlog
+
+from agent.events import Event
+from agent.kube.client import KubeClient, KubeError
+
+log = structlog.get_logger("agent.kube.events")
+
+QUEUE = 256
+REPEAT_WINDOW = 600.0
+COMPONENT = "node-health-agent"
+
+
+def _utc(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def k8s_event(event: Event, node: str, uid: str | None, namespace: str, now: float) -> dict:
+    """The core/v1 Event for one of the agent's events."""
+    details = event.get("details: ") or {}
+    reason = event.get("reason") or details.get("reason") or event.get("verdict") or "NodeHealth"
+    kind = "Warning" if event.get("level") in ("warn", "error") else "Normal"
+    involved = {"apiVersion": "v1", "kind": "Node", "name": node}
+    if uid:
+        involved["uid"] = uid
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"name": f"{node}.{time.time_ns():x}", "namespace": namespace},
+        "involvedObject": involved,
+        "reason": str(reason)[:128],
+        "message": str(event.get("msg", ""))[:1024],
+        "type": kind,
+        "source": {"component": COMPONENT, "host": node},
+        "reportingComponent": COMPONENT,
+        "reportingInstance": node,
+        "firstTimestamp": _utc(now),
+        "lastTimestamp": _utc(now),
+        "count": 1,
+    }
+
+
+class KubeEventSink:
+    name = "kubernetes-events"
+
+    def __init__(
+        self,
+        client: KubeClient,
+        node: str,
+        namespace: str = "default",
+        uid: Callable[[], str | None] = lambda: None,
+    ) -> None:
+        self.client, self.node, self.namespace, self.uid = client, node, namespace, uid
+        self.dropped = 0
+        self.posted = 0
+        self._queue: collections.deque[tuple[Event, float]] = collections.deque()
+        self._ready = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._series: dict[tuple[str, str], tuple[str, int, float]] = {}  # -> name, count, at
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Self:
+        self._task = asyncio.create_task(self._post_loop())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):
+                await self.flush()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def emit(self, event: Event) -> None:
+        if len(self._queue) >= QUEUE:
+            self._queue.popleft()
+            self.dropped += 1
+        self._queue.append((event, time.time()))
+        self._idle.clear()
+        self._ready.set()
+
+    async def flush(self) -> None:
+        await self._idle.wait()
+
+    async def _post_loop(self) -> None:
+        delay = 0.5
+        while True:
+            await self._ready.wait()
+            while self._queue:
+                event, at = self._queue[0]
+                try:
+                    await asyncio.to_thread(self._post, event, at)
+                except KubeError as exc:
+                    if not exc.retryable:  # refused for good (403, 422): not worth holding
+                        log.warning("node_event_refused", error=str(exc))
+                        self._queue.popleft()
+                        continue
+                    await asyncio.sleep(exc.retry_after or delay)
+                    delay = min(30.0, delay * 2)
+                    continue
+                self._queue.popleft()
+                delay = 0.5
+            self._ready.clear()
+            self._idle.set()
+
+    def _post(self, event: Event, at: float) -> None:
+        body = k8s_event(event, self.node, self.uid(), self.namespace, at)
+        key = (body["reason"], body["message"])
+        seen = self._series.get(key)
+        if seen is not None and at - seen[2] <= REPEAT_WINDOW:
+            name, count, _ = seen
+            patch = {"count": count + 1, "lastTimestamp": _utc(at)}
+            try:
+                self.client.patch_event(self.namespace, name, patch)
+                self._series[key] = (name, count + 1, at)
+                self.posted += 1
+                return
+            except KubeError as exc:
+                if exc.status != 404:  # gone (expired): post a new one below
+                    raise
+        self.client.create_event(self.namespace, body)
+        self._series[key] = (body["metadata"]["name"], 1, at)
+        self._series = {k: v for k, v in self._series.items() if at - v[2] <= REPEAT_WINDOW}
+        self.posted += 1

@@ -1,0 +1,95 @@
+"""The daemon (`node-health run`, a real process) against the fake API server: a fault takes its
+Node out with labels, taint, condition and a Node event; a deep check asked for with the
+annotation runs and labels the node; a kubeconfig that cannot be loaded is a clear error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.conftest import spooled, wait_for
+from tests.kube.fake_api import FakeKubeAPI
+from tests.test_cli import node_health
+from tests.test_daemon import FIX, faulty, start, stop, with_tools
+
+HEALTH = "sagemaker.amazonaws.com/node-health-status"
+DEEP = "sagemaker.amazonaws.com/deep-health-check-status"
+
+
+def in_cluster(config: str, kcfg: Path, extra: str = "") -> str:
+    """`config` (a file) with the kubernetes section added."""
+    path = Path(config)
+    path.write_text(
+        path.read_text() + f"kubernetes: {{enabled: true, kubeconfig: '{kcfg}'}}\n" + extra
+    )
+    return str(path)
+
+
+def test_a_fault_takes_the_node_out_through_the_api(cli_env, tmp_path, api: FakeKubeAPI, kcfg):
+    proc = start(cli_env, "--config", in_cluster(faulty(tmp_path), kcfg))
+    try:
+        wait_for(lambda: api.node("node-a")["metadata"]["labels"].get(HEALTH) is not None)
+        wait_for(lambda: any(e["reason"] == "XidHardwareFailure" for e in api.events()))
+    finally:
+        stop(proc)
+    node = api.node("node-a")
+    assert node["metadata"]["labels"][HEALTH] == "UnschedulablePendingReboot"
+    assert node["metadata"]["labels"]["sagemaker.amazonaws.com/fault-types"] == (
+        "NvidiaGPUUnhealthy"
+    )
+    assert node["spec"]["taints"] == [
+        {"key": HEALTH, "value": "UnschedulablePendingReboot", "effect": "NoSchedule"}
+    ]
+    gpu = next(c for c in node["status"]["conditions"] if c["type"] == "NvidiaGPUUnhealthy")
+    assert (gpu["status"], gpu["reason"]) == ("True", "XidHardwareFailure")
+    event = next(e for e in api.events() if e["reason"] == "XidHardwareFailure")
+    assert event["type"] == "Warning"
+    assert event["involvedObject"] == {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "name": "node-a",
+        "uid": "uid-node-a",
+    }
+    assert event["metadata"]["namespace"] == "default"
+    assert not (tmp_path / "state" / "node-state.json").exists()  # no local stand-in
+    assert any("verdict" in e for e in spooled(tmp_path / "state"))
+
+
+def test_a_deep_check_asked_for_by_annotation_runs(cli_env, tmp_path, api: FakeKubeAPI, kcfg):
+    env = with_tools(cli_env, tmp_path) | {
+        "FAKE_DCGMI_OUTPUT": str(FIX / "dcgm" / "r2-3.3.1-metadata-truncated.txt"),
+    }
+    cfg = tmp_path / "quiet.yaml"
+    cfg.write_text(
+        "checks:\n  hang: {enabled: false}\n  needs: {enabled: false}\ndeep_check: {level: 1}\n"
+    )
+    proc = start(env, "--config", in_cluster(str(cfg), kcfg))
+    try:
+        wait_for(lambda: api.node("node-a")["metadata"]["labels"].get(HEALTH) == "Schedulable")
+        api.edit(
+            "node-a",
+            lambda n: n["metadata"]["annotations"].update(
+                {"node-health-agent.io/deep-check": "run"}
+            ),
+        )
+        wait_for(lambda: api.node("node-a")["metadata"]["labels"].get(DEEP) == "Passed", 30)
+    finally:
+        stop(proc)
+    node = api.node("node-a")
+    assert "node-health-agent.io/deep-check" not in node["metadata"]["annotations"]
+    assert node["metadata"]["labels"][HEALTH] == "Schedulable"
+    # While it ran, the node was out, as HyperPod's is during a deep check.
+    patched = [
+        r.body["metadata"]["labels"].get(DEEP)
+        for r in api.requests("PATCH", "/api/v1/nodes/node-a")
+        if "labels" in r.body.get("metadata", {})
+    ]
+    assert "InProgress" in patched
+    assert "deep_check_requested" in proc.stderr.read()
+
+
+def test_an_unloadable_kubeconfig_is_a_configuration_error(cli_env, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("kubernetes: {enabled: true, kubeconfig: /nonexistent/kubeconfig}\n")
+    out = node_health(cli_env, "run", "--config", str(cfg))
+    assert out.returncode == 2
+    assert "configuration error: kubernetes: cannot load /nonexistent/kubeconfig" in out.stderr
