@@ -206,6 +206,37 @@ def deep_check(
     raise typer.Exit(code)
 
 
+@app.command()
+def status(
+    config: ConfigOption = None,
+    kubeconfig: Annotated[
+        str | None,
+        typer.Option(help="A kubeconfig (default: the settings', $KUBECONFIG, ~/.kube/config)."),
+    ] = None,
+    selector: Annotated[str, typer.Option(help="Only nodes with these labels.")] = "",
+    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table.")] = False,
+) -> None:
+    """The cluster's nodes: health status, deep-check status, instance type, last reason."""
+    from agent.kube.client import KubeClient, KubeError
+    from agent.kube.status import counts, render, rows
+
+    settings, _, _ = _setup(config)
+    try:
+        client = KubeClient(kubeconfig or settings.kubernetes.kubeconfig, operator=True)
+        nodes = client.list_nodes(selector)
+    except KubeError as exc:
+        typer.echo(f"node-health: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except Exception as exc:  # no kubeconfig, a bad one
+        typer.echo(f"node-health: cannot reach the cluster: {exc}", err=True)
+        raise typer.Exit(2) from None
+    table = rows(nodes, settings.node_keys)
+    if as_json:
+        typer.echo(json.dumps({"nodes": table, "counts": counts(table)}, indent=2))
+    else:
+        typer.echo(render(table))
+
+
 @checks_app.command("list")
 def checks_list(
     config: ConfigOption = None,

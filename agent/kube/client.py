@@ -30,11 +30,15 @@ class KubeError(Exception):
 
 
 class KubeClient:
-    def __init__(self, kubeconfig: str | None = None, timeout: float = 10.0) -> None:
+    def __init__(
+        self, kubeconfig: str | None = None, timeout: float = 10.0, operator: bool = False
+    ) -> None:
+        """`kubeconfig`, else in-cluster; for an `operator` (a person's command) without one,
+        $KUBECONFIG or ~/.kube/config, as kubectl."""
         from kubernetes import client, config
 
         cfg = client.Configuration()
-        if kubeconfig:
+        if kubeconfig or operator:
             config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
         else:
             config.load_incluster_config(client_configuration=cfg)

@@ -1,0 +1,57 @@
+"""`node-health status`: the cluster's nodes as the agent labelled them, with counts per state."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+from agent.models import NodeKeys
+
+INSTANCE_TYPE = "node.kubernetes.io/instance-type"
+
+
+def rows(nodes: list[dict[str, Any]], keys: NodeKeys) -> list[dict[str, str]]:
+    """One row per node: name, health status, deep-check status, instance type, last reason."""
+    out = []
+    for n in sorted(nodes, key=lambda n: n["metadata"]["name"]):
+        meta = n["metadata"]
+        labels, annotations = meta.get("labels") or {}, meta.get("annotations") or {}
+        out.append(
+            {
+                "node": meta["name"],
+                "health": labels.get(keys.health_status_label, "-"),
+                "deep_check": labels.get(keys.deep_health_check_label, "-"),
+                "instance_type": labels.get(INSTANCE_TYPE, "-"),
+                "reason": _last_reason(annotations.get(keys.fault_details_annotation))
+                or labels.get(keys.fault_reasons_label, "")
+                or "-",
+            }
+        )
+    return out
+
+
+def _last_reason(details: str | None) -> str | None:
+    """The newest fault's reason and message from the fault-details annotation."""
+    try:
+        faults = json.loads(details or "[]")
+        last = max(faults, key=lambda f: f.get("timestamp", ""))
+        return f"{last['reason']}: {last['message']}"[:120]
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
+def counts(table: list[dict[str, str]]) -> dict[str, int]:
+    return dict(sorted(Counter(r["health"] for r in table).items()))
+
+
+def render(table: list[dict[str, str]]) -> str:
+    cols = ("node", "health", "deep_check", "instance_type", "reason")
+    heads = ("NODE", "HEALTH", "DEEP-CHECK", "INSTANCE-TYPE", "REASON")
+    widths = [max([len(h)] + [len(r[c]) for r in table]) for c, h in zip(cols, heads, strict=True)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True)).rstrip()]
+    for r in table:
+        lines.append("  ".join(r[c].ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip())
+    summary = ", ".join(f"{state}: {n}" for state, n in counts(table).items())
+    lines.append(f"\n{len(table)} nodes ({summary})" if table else "no nodes")
+    return "\n".join(lines)

@@ -1,0 +1,69 @@
+"""`node-health status` against the fake API server: every node with its states and last
+reason, counts per state, as a table or JSON."""
+
+from __future__ import annotations
+
+import json
+
+from tests.test_cli import node_health
+
+HEALTH = "sagemaker.amazonaws.com/node-health-status"
+DEEP = "sagemaker.amazonaws.com/deep-health-check-status"
+TYPE = "node.kubernetes.io/instance-type"
+
+
+def seed(api) -> None:
+    api.edit(
+        "node-a",
+        lambda n: n["metadata"]["labels"].update({HEALTH: "Schedulable", TYPE: "p5.48xlarge"}),
+    )
+    api.add_node(
+        "node-b", {HEALTH: "UnschedulablePendingReboot", DEEP: "Failed", TYPE: "p5.48xlarge"}
+    )
+    details = [
+        {
+            "timestamp": "2026-11-23T09:00:00Z",
+            "type": "KernelDeadlock",
+            "reason": "TaskHung",
+            "message": "old",
+        },
+        {
+            "timestamp": "2026-11-23T10:00:00Z",
+            "type": "NvidiaGPUUnhealthy",
+            "reason": "XidHardwareFailure",
+            "message": "Xid 79",
+        },
+    ]
+    api.edit(
+        "node-b",
+        lambda n: n["metadata"]["annotations"].update(
+            {"sagemaker.amazonaws.com/fault-details": json.dumps(details)}
+        ),
+    )
+    api.add_node("node-c")  # never seen by the agent
+
+
+def test_status_table_and_counts(cli_env, api, kcfg):
+    seed(api)
+    out = node_health(cli_env, "status", "--kubeconfig", str(kcfg))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split() == ["NODE", "HEALTH", "DEEP-CHECK", "INSTANCE-TYPE", "REASON"]
+    assert lines[2].split()[:4] == ["node-b", "UnschedulablePendingReboot", "Failed", "p5.48xlarge"]
+    assert lines[2].endswith("XidHardwareFailure: Xid 79")
+    assert lines[3].split() == ["node-c", "-", "-", "-", "-"]
+    assert lines[-1] == "3 nodes (-: 1, Schedulable: 1, UnschedulablePendingReboot: 1)"
+
+
+def test_status_json_with_a_selector(cli_env, api, kcfg):
+    seed(api)
+    out = node_health(cli_env, "status", "--kubeconfig", str(kcfg), "--json", "--selector", HEALTH)
+    doc = json.loads(out.stdout)
+    assert [n["node"] for n in doc["nodes"]] == ["node-a", "node-b"]
+    assert doc["counts"] == {"Schedulable": 1, "UnschedulablePendingReboot": 1}
+
+
+def test_status_without_a_cluster_says_so(cli_env, tmp_path):
+    out = node_health(cli_env | {"KUBECONFIG": str(tmp_path / "none")}, "status")
+    assert out.returncode == 2
+    assert "cannot reach the cluster" in out.stderr
