@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ class Request:
     content_type: str | None
     body: Any
     code: int | None = None  # what the server answered
+    at: float = field(default_factory=time.monotonic)  # when it arrived
+    done: float | None = None  # when the answer was sent
 
 
 @dataclass
@@ -382,6 +385,11 @@ def _handler(api: FakeKubeAPI) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
+        def setup(self) -> None:
+            super().setup()
+            # As Go's net/http: no Nagle, or a reply's body waits on the client's delayed ACK.
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
         def log_message(self, *args: Any) -> None:
             return
 
@@ -563,6 +571,7 @@ def _handler(api: FakeKubeAPI) -> type[BaseHTTPRequestHandler]:
                 self.send_header(k, v)
             self.end_headers()
             self.wfile.write(data)
+            self.record.done = time.monotonic()
 
     return Handler
 
