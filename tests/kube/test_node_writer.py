@@ -41,10 +41,11 @@ def run(
     kcfg: Path,
     steps: Callable[[KubeNodeWriter], Any],
     cfg: KubernetesSettings | None = None,
+    timeout: float = 5,
     **callbacks: Any,
 ) -> KubeNodeWriter:
     async def main() -> KubeNodeWriter:
-        client = KubeClient(str(kcfg), timeout=5)
+        client = KubeClient(str(kcfg), timeout=timeout)
         async with KubeNodeWriter(
             client, "node-a", KEYS, cfg or KubernetesSettings(), **callbacks
         ) as w:
@@ -326,3 +327,14 @@ def test_a_deep_check_asked_for_on_the_node_is_handed_over_once_and_cleared(api,
 
     run(kcfg, steps, on_request=request)
     assert asked == ["run"]
+
+
+def test_a_slow_api_server_times_out_and_the_write_is_retried(api, kcfg):
+    api.fail("PATCH", NODE, 0, delay=1.5)  # answers, but after the client gave up
+
+    async def steps(w: KubeNodeWriter) -> None:
+        await w.apply(state("UnschedulablePendingReboot"))
+        await until(lambda: labels(api).get(HEALTH) == "UnschedulablePendingReboot")
+
+    run(kcfg, steps, timeout=0.5)
+    assert len(api.requests("PATCH", NODE)) >= 2
