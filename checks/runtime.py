@@ -14,6 +14,7 @@ restart of containerd is not a node fault.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -74,7 +75,20 @@ class RuntimeCheck(PollingCheck):
         if sock is None:
             return []  # no runtime socket on this host (or not mounted): nothing to judge
         problems = []
-        error = _h2_answers(str(self.ctx.path(sock)), opts.probe_timeout)
+        path = str(self.ctx.path(sock))
+        if not os.access(path, os.W_OK):  # connecting needs write permission on the socket
+            return [
+                Finding(
+                    "container-runtime",
+                    "ContainerRuntimeUnhealthy",
+                    Status.UNKNOWN,
+                    "NoPermission",
+                    f"{sock}: this agent's user may not connect to it (run as root to check "
+                    "the runtime)",
+                    evidence={"socket": sock},
+                )
+            ]
+        error = _h2_answers(path, opts.probe_timeout)
         if error:
             problems.append(f"{sock} does not answer: {error}")
         elif shutil.which(opts.crictl):

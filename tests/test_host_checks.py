@@ -291,3 +291,22 @@ def test_pid_and_fd_exhaustion(runtime_root, kubelet, monkeypatch) -> None:
 def test_no_runtime_and_no_kubelet_is_nothing_to_judge(tmp_path, kubelet, monkeypatch) -> None:
     found = runtime(tmp_path, kubelet, monkeypatch).collect()
     assert found == []
+
+
+def test_a_runtime_socket_this_user_may_not_use_is_unknown_never_a_fault(
+    runtime_root, kubelet, monkeypatch
+) -> None:
+    """containerd's socket is root's (0660): an agent running as non-root cannot judge it."""
+    sock = runtime_root / "run/containerd/containerd.sock"
+    server = H2Server(sock)
+    import checks.runtime
+
+    real = checks.runtime.os.access
+    monkeypatch.setattr(
+        checks.runtime.os, "access", lambda p, m: False if p == str(sock) else real(p, m)
+    )
+    check = runtime(runtime_root, kubelet, monkeypatch, polls=1)
+    found = by(check.collect(), "ContainerRuntimeUnhealthy", "container-runtime")
+    server.close()
+    assert (found.status, found.reason) == (Status.UNKNOWN, "NoPermission")
+    assert "may not connect" in found.message
