@@ -93,3 +93,33 @@ def test_an_unloadable_kubeconfig_is_a_configuration_error(cli_env, tmp_path):
     out = node_health(cli_env, "run", "--config", str(cfg))
     assert out.returncode == 2
     assert "configuration error: kubernetes: cannot load /nonexistent/kubeconfig" in out.stderr
+
+
+def test_reboot_recovery_brings_the_node_back(cli_env, tmp_path, host_root, api, kcfg):
+    """UnschedulablePendingReboot through the API; the node reboots (a new boot id) and the
+    fault is gone: the agent itself takes its own Pending label back to Schedulable."""
+    boot_id = host_root / "proc/sys/kernel/random/boot_id"
+    boot_id.parent.mkdir(parents=True, exist_ok=True)
+    boot_id.write_text("boot-1\n")
+    proc = start(cli_env, "--config", in_cluster(faulty(tmp_path), kcfg))
+    try:
+        wait_for(
+            lambda: (
+                api.node("node-a")["metadata"]["labels"].get(HEALTH) == "UnschedulablePendingReboot"
+            )
+        )
+    finally:
+        stop(proc)
+    boot_id.write_text("boot-2\n")
+    cfg = tmp_path / "healed.yaml"
+    cfg.write_text(
+        "checks:\n  hang: {enabled: false}\n  needs: {enabled: false}\n  fixed: {enabled: false}\n"
+    )
+    proc = start(cli_env, "--config", in_cluster(str(cfg), kcfg))
+    try:
+        wait_for(lambda: api.node("node-a")["metadata"]["labels"].get(HEALTH) == "Schedulable")
+    finally:
+        stop(proc)
+    node = api.node("node-a")
+    assert node["spec"]["taints"] == []
+    assert "sagemaker.amazonaws.com/fault-types" not in node["metadata"]["labels"]
