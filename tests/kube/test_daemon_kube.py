@@ -15,11 +15,11 @@ HEALTH = "sagemaker.amazonaws.com/node-health-status"
 DEEP = "sagemaker.amazonaws.com/deep-health-check-status"
 
 
-def in_cluster(config: str, kcfg: Path, extra: str = "") -> str:
-    """`config` (a file) with the kubernetes section added."""
+def in_cluster(config: str, kcfg: Path, more: str = "") -> str:
+    """`config` (a file) with the kubernetes section added (and `more` of its settings)."""
     path = Path(config)
     path.write_text(
-        path.read_text() + f"kubernetes: {{enabled: true, kubeconfig: '{kcfg}'}}\n" + extra
+        path.read_text() + f"kubernetes: {{enabled: true, kubeconfig: '{kcfg}'{more}}}\n"
     )
     return str(path)
 
@@ -123,3 +123,25 @@ def test_reboot_recovery_brings_the_node_back(cli_env, tmp_path, host_root, api,
     node = api.node("node-a")
     assert node["spec"]["taints"] == []
     assert "sagemaker.amazonaws.com/fault-types" not in node["metadata"]["labels"]
+
+
+def test_the_breaker_keeps_the_node_in_and_says_so_everywhere(cli_env, tmp_path, api, kcfg):
+    api.add_node("node-b", {HEALTH: "UnschedulablePendingReplacement"})
+    cfg = in_cluster(faulty(tmp_path), kcfg, ", max_unschedulable: 1")
+    state = tmp_path / "state"
+    proc = start(cli_env, "--config", cfg)
+    try:
+        wait_for(lambda: any(e["reason"] == "CircuitBreakerOpen" for e in api.events()))
+        wait_for(lambda: any("circuit breaker" in e["msg"] for e in spooled(state)))
+    finally:
+        stop(proc)
+    node = api.node("node-a")
+    assert node["metadata"]["labels"].get(HEALTH) != "UnschedulablePendingReboot"
+    assert not node["spec"].get("taints")
+    gpu = next(c for c in node["status"]["conditions"] if c["type"] == "NvidiaGPUUnhealthy")
+    assert gpu["status"] == "True"  # the finding is still reported
+    refusal = next(e for e in spooled(state) if "circuit breaker" in e["msg"])
+    assert refusal["msg"] == (
+        "Node not taken out: circuit breaker: 1 nodes are unschedulable already (at most 1)"
+    )
+    assert refusal["level"] == "warn"
