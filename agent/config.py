@@ -21,6 +21,7 @@ from pydantic_settings import (
 
 from agent.models import (
     CheckSettings,
+    CloudWatchSettings,
     DeepCheckSettings,
     KubernetesSettings,
     NodeKeys,
@@ -83,6 +84,7 @@ class Settings(BaseSettings):
     node_keys: NodeKeys = NodeKeys()
     deep_check: DeepCheckSettings = DeepCheckSettings()
     kubernetes: KubernetesSettings = KubernetesSettings()
+    cloudwatch: CloudWatchSettings = CloudWatchSettings()
 
     @classmethod
     def settings_customise_sources(

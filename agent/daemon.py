@@ -52,6 +52,7 @@ class Paths:
     node_state: str = "node-state.json"
     spool: str = "spool"
     deep_check: str = "deep-health-check"  # one <run id>.jsonl per run
+    cloudwatch_cursor: str = "cloudwatch.cursor"  # how far the spool has shipped
 
 
 class Agent:
@@ -75,6 +76,18 @@ class Agent:
         self.sinks: list[Sink] = [self.spool]
         if settings.stdout_events:
             self.sinks.append(StdoutSink())
+        from agent.sinks import cloudwatch
+
+        if cloudwatch.enabled(settings.cloudwatch, identity):
+            self.sinks.append(
+                cloudwatch.CloudWatchSink(
+                    settings.cloudwatch,
+                    identity,
+                    state / Paths.spool,
+                    state / Paths.cloudwatch_cursor,
+                    self.metrics,
+                )
+            )
         self.writer: NodeWriter = LocalStateFile(state / Paths.node_state)
         if kube is not None:
             from agent.kube.events import KubeEventSink

@@ -50,6 +50,29 @@ class Metrics:
             registry=r,
         )
 
+        self.cw_shipped = Counter(
+            "node_health_cloudwatch_shipped_events", "Events CloudWatch accepted", registry=r
+        )
+        self.cw_batches = Counter(
+            "node_health_cloudwatch_batches", "PutLogEvents calls that succeeded", registry=r
+        )
+        self.cw_retries = Counter(
+            "node_health_cloudwatch_retries", "PutLogEvents calls tried again", registry=r
+        )
+        self.cw_rejected = Counter(
+            "node_health_cloudwatch_rejected_events",
+            "Events CloudWatch refused (too old, too new, invalid) or unreadable spool lines",
+            registry=r,
+        )
+        self.cw_spool_depth = Gauge(
+            "node_health_cloudwatch_spool_depth_bytes", "Spool bytes not shipped yet", registry=r
+        )
+        self.cw_lag = Gauge(
+            "node_health_cloudwatch_lag_seconds",
+            "Age of the oldest event in the last batch shipped",
+            registry=r,
+        )
+
     def set_verdict(self, current: Verdict) -> None:
         for v in Verdict:
             self.verdict.labels(str(v)).set(1 if v is current else 0)

@@ -82,3 +82,17 @@ class KubernetesSettings(Strict):
     max_unschedulable_percent: float | None = Field(
         None, ge=0, le=100, description="breaker: nor beyond this share of the agent's nodes"
     )
+
+
+class CloudWatchSettings(Strict):
+    """Shipping events to CloudWatch Logs, in HyperPod's log group and streams."""
+
+    enabled: bool | None = Field(
+        None, description="None: when cluster_name and cluster_id are known"
+    )
+    log_group: str | None = Field(
+        None, description="default /aws/sagemaker/Clusters/<cluster_name>/<cluster_id>"
+    )
+    region: str | None = Field(None, description="default: the node's region, else boto3's")
+    flush_interval: Duration = Field(1.0, description="ship at most this long after an event")
+    request_timeout: Duration = Field(10.0, description="one AWS request, connect and read")

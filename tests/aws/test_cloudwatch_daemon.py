@@ -1,0 +1,48 @@
+"""The daemon ships its events to CloudWatch Logs (moto in server mode, real HTTP): HyperPod's
+log group and streams, every spooled event there, deep-check results in their own stream."""
+
+from __future__ import annotations
+
+import json
+
+from tests.aws.conftest import all_events, aws_env, logs_client
+from tests.conftest import spooled, wait_for
+from tests.test_daemon import faulty, start, stop
+
+GROUP = "/aws/sagemaker/Clusters/train-1/abc123"
+STREAM = "SagemakerHealthMonitoringAgent/gpu-workers/i-0123456789abcdef0"
+
+
+def identity(config: str, more: str = "") -> str:
+    with open(config, "a") as f:
+        f.write(
+            "cluster_name: train-1\ncluster_id: abc123\nnode_group: gpu-workers\n"
+            "instance_id: i-0123456789abcdef0\ncloudwatch: {flush_interval: 0.2s}\n" + more
+        )
+    return config
+
+
+def streams(url: str) -> list[str]:
+    try:
+        answer = logs_client(url).describe_log_streams(logGroupName=GROUP)
+    except Exception:
+        return []
+    return [s["logStreamName"] for s in answer["logStreams"]]
+
+
+def test_every_spooled_event_reaches_hyperpods_stream(cli_env, tmp_path, moto_url):
+    env = cli_env | aws_env(moto_url)
+    state = tmp_path / "state"
+    proc = start(env, "--config", identity(faulty(tmp_path)))
+    try:
+        wait_for(lambda: any("verdict" in e for e in spooled(state)))
+        wait_for(lambda: STREAM in streams(moto_url))
+        wait_for(lambda: len(all_events(moto_url, GROUP, STREAM)) >= len(spooled(state)))
+    finally:
+        stop(proc)
+    shipped = [json.loads(e["message"]) for e in all_events(moto_url, GROUP, STREAM)]
+    assert shipped == spooled(state)  # the same events, in order, each once
+    first = all_events(moto_url, GROUP, STREAM)[0]["message"]
+    assert first.startswith('{"level":')  # HyperPod's shape: level, ts, msg first
+    cursor = json.loads((state / "cloudwatch.cursor").read_text())
+    assert cursor["offset"] > 0
