@@ -39,6 +39,8 @@ class Batch:
     stream: str
     events: list[LogEvent] = field(default_factory=list)
     size: int = 0
+    first: int = 0  # earliest and latest timestamps, for the 24-hour span
+    last: int = 0
 
     @property
     def end(self) -> tuple[int, int]:
@@ -47,15 +49,17 @@ class Batch:
     def fits(self, ev: LogEvent) -> bool:
         if not self.events:
             return True
-        stamps = [e.timestamp for e in self.events] + [ev.timestamp]
         return (
             ev.stream == self.stream
             and len(self.events) < MAX_BATCH_EVENTS
             and self.size + ev.size <= MAX_BATCH_BYTES
-            and max(stamps) - min(stamps) <= MAX_SPAN_MS
+            and max(self.last, ev.timestamp) - min(self.first, ev.timestamp) <= MAX_SPAN_MS
         )
 
     def add(self, ev: LogEvent) -> None:
+        if not self.events:
+            self.first = self.last = ev.timestamp
+        self.first, self.last = min(self.first, ev.timestamp), max(self.last, ev.timestamp)
         self.events.append(ev)
         self.size += ev.size
 
