@@ -1,0 +1,117 @@
+"""Shipping through a proxy that holds moto to CloudWatch's real limits and injects faults:
+throttling, 5xx, connection resets and a `kill -9` mid-ship lose nothing; a burst goes out in
+the fewest PutLogEvents calls the limits allow."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.aws.conftest import aws_env
+from tests.aws.proxy import LogsProxy
+from tests.conftest import wait_for
+from tests.test_daemon import start, stop
+
+QUIET = (
+    "checks:\n  hang: {enabled: false}\n  needs: {enabled: false}\n  fixed: {enabled: false}\n"
+    "cluster_name: train-1\ncluster_id: abc123\nnode_group: gpu-workers\n"
+    "instance_id: i-0123456789abcdef0\ncloudwatch: {flush_interval: 0.1s}\n"
+)
+
+
+@pytest.fixture
+def proxy(moto_url):
+    with LogsProxy(moto_url) as p:
+        yield p
+
+
+def spool_events(state: Path, n: int, size: int = 40) -> None:
+    """`n` events already in the spool, as a daemon that could not ship them left them."""
+    spool = state / "spool"
+    spool.mkdir(parents=True, exist_ok=True)
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    with (spool / "0000000001.jsonl").open("w") as f:
+        for i in range(n):
+            event = {"level": "info", "ts": now, "msg": f"event {i} " + "x" * size, "seq": i}
+            f.write(json.dumps(event, separators=(",", ":")) + "\n")
+
+
+def seqs(proxy: LogsProxy) -> Counter:
+    return Counter(
+        json.loads(e["message"]).get("seq") for e in proxy.events() if '"seq"' in e["message"]
+    )
+
+
+def run_until_shipped(env, tmp_path, proxy, n: int, timeout: float = 60) -> None:
+    cfg = tmp_path / "quiet.yaml"
+    cfg.write_text(QUIET)
+    proc = start(env | aws_env(proxy.url), "--config", str(cfg))
+    try:
+        wait_for(lambda: len(seqs(proxy)) == n, timeout)
+    finally:
+        stop(proc)
+
+
+def test_throttling_5xx_and_resets_lose_nothing(cli_env, tmp_path, proxy):
+    spool_events(tmp_path / "state", 3000)
+    proxy.faults.extend(["throttle", "500", "reset", "503", "throttle"])
+    run_until_shipped(cli_env, tmp_path, proxy, 3000)
+    counts = seqs(proxy)
+    assert set(counts) == set(range(3000)) and max(counts.values()) == 1
+    assert not proxy.faults  # every fault was met and got past
+    assert proxy.refused == []
+
+
+def full(puts: list[dict]) -> bool:
+    """Every batch but the last is full: the next event would have broken a limit."""
+    for batch, after in itertools.pairwise(puts):
+        size = sum(len(e["message"].encode()) + 26 for e in batch["logEvents"])
+        nxt = len(after["logEvents"][0]["message"].encode()) + 26
+        if len(batch["logEvents"]) < 10_000 and size + nxt <= 1_048_576:
+            return False
+    return True
+
+
+def test_a_burst_goes_out_in_the_fewest_calls_the_limits_allow(cli_env, tmp_path, proxy):
+    spool_events(tmp_path / "state", 25_000, size=0)  # small events: the count limit binds
+    run_until_shipped(cli_env, tmp_path, proxy, 25_000)
+    # 25,000 and the daemon's own few: 3 calls, the first two of 10,000
+    assert [len(p["logEvents"]) for p in proxy.puts][:2] == [10_000, 10_000]
+    assert len(proxy.puts) == 3 and full(proxy.puts) and proxy.refused == []
+
+
+def test_big_events_fill_batches_by_bytes(cli_env, tmp_path, proxy):
+    spool_events(tmp_path / "state", 300, size=20_000)  # about 20 KB each: bytes bind
+    run_until_shipped(cli_env, tmp_path, proxy, 300)
+    assert proxy.refused == []
+    assert full(proxy.puts) and len(proxy.puts) == 6  # 300 x ~20 KB: about 6 MB
+
+
+def test_kill_9_mid_ship_loses_nothing(cli_env, tmp_path, proxy):
+    """The agent dies while CloudWatch holds a batch; after a restart every event arrives,
+    duplicates at most that one batch."""
+    state = tmp_path / "state"
+    spool_events(state, 30_000)
+    proxy.faults.append("hold:2")
+    cfg = tmp_path / "quiet.yaml"
+    cfg.write_text(QUIET)
+    env = cli_env | aws_env(proxy.url)
+    proc = start(env, "--config", str(cfg))
+    wait_for(proxy.inflight.is_set, 30)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    time.sleep(2.5)  # the held batch reaches moto after its sender died
+    proc = start(env, "--config", str(cfg))
+    try:
+        wait_for(lambda: len(seqs(proxy)) == 30_000, 60)
+    finally:
+        stop(proc)
+    counts = seqs(proxy)
+    assert set(counts) == set(range(30_000))
+    assert sum(n - 1 for n in counts.values()) <= 10_000  # at most one batch twice
