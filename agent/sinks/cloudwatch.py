@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import threading
 import time
 from pathlib import Path
 from typing import Any, Self
@@ -48,6 +49,34 @@ PERMANENT = {
     "InvalidClientTokenId",
     "InvalidSignatureException",
 }
+
+
+async def in_daemon_thread(fn: Any, *args: Any) -> Any:
+    """`fn(*args)` in a daemon thread: a request blocked on the network never holds up the
+    agent's exit (the loop's executor threads would: asyncio.run joins them)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[Any] = loop.create_future()
+
+    def call() -> None:
+        result, error = None, None
+        try:
+            result = fn(*args)
+        except BaseException as exc:
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop closed: the agent has stopped
+            loop.call_soon_threadsafe(_settle, done, result, error)
+
+    threading.Thread(target=call, daemon=True, name="cloudwatch").start()
+    return await done
+
+
+def _settle(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if fut.done():  # cancelled while the call went on
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(result)
 
 
 def log_group(settings: CloudWatchSettings, ident: Identity) -> str:
@@ -154,7 +183,7 @@ class CloudWatchSink:
         delay = 0.0
         while True:
             try:
-                rejected = await asyncio.to_thread(self._put, batch)
+                rejected = await in_daemon_thread(self._put, batch)
                 break
             except ShipError as exc:
                 if not exc.retry and len(batch.events) > 1:  # invalid: find the bad event

@@ -45,6 +45,22 @@ def violations(body: dict[str, Any]) -> list[str]:
     return out
 
 
+def reject_by_age(body: dict[str, Any]) -> tuple[dict[str, int], bytes]:
+    """As CloudWatch does one by one: events older than 14 days (tooOldLogEventEndIndex) or
+    more than 2 hours ahead (tooNewLogEventStartIndex) are left out, the rest kept."""
+    events = body.get("logEvents") or []
+    now = time.time() * 1000
+    old = [i for i, e in enumerate(events) if e["timestamp"] < now - 14 * 86400_000]
+    new = [i for i, e in enumerate(events) if e["timestamp"] > now + 2 * 3600_000]
+    info = {}
+    if old:
+        info["tooOldLogEventEndIndex"] = old[-1] + 1
+    if new:
+        info["tooNewLogEventStartIndex"] = new[0]
+    keep = [e for i, e in enumerate(events) if i not in set(old) | set(new)]
+    return info, json.dumps({**body, "logEvents": keep}).encode()
+
+
 class LogsProxy:
     def __init__(self, upstream: str) -> None:
         self.upstream = urlparse(upstream)
@@ -94,16 +110,21 @@ class LogsProxy:
                         )
                         self.connection.close()
                         return
-                    if fault in ("throttle", "500", "503"):
-                        code = 400 if fault == "throttle" else int(fault)
-                        kind = {"throttle": "ThrottlingException", "500": "InternalFailure"}.get(
-                            fault, "ServiceUnavailableException"
-                        )
+                    if fault in ("throttle", "500", "503", "denied"):
+                        code = 400 if fault in ("throttle", "denied") else int(fault)
+                        kind = {
+                            "throttle": "ThrottlingException",
+                            "denied": "AccessDeniedException",
+                            "500": "InternalFailure",
+                        }.get(fault, "ServiceUnavailableException")
                         return self._answer(code, {"__type": kind, "message": "injected"})
                     if fault and fault.startswith("hold:"):
                         proxy.inflight.set()
                         time.sleep(float(fault.split(":")[1]))
                     body = json.loads(raw)
+                    rejected, raw = reject_by_age(body)
+                    if rejected and not json.loads(raw)["logEvents"]:  # all of them: nothing kept
+                        return self._answer(200, {"rejectedLogEventsInfo": rejected})
                     if problems := violations(body):
                         with proxy.lock:
                             proxy.refused += problems
@@ -115,6 +136,8 @@ class LogsProxy:
                 if target == PUT and code == 200:
                     with proxy.lock:
                         proxy.puts.append(json.loads(raw))
+                    if rejected:
+                        data = json.dumps({"rejectedLogEventsInfo": rejected}).encode()
                 self.send_response(code)
                 for k, v in headers:
                     if k.lower() not in ("transfer-encoding", "connection", "content-length"):
@@ -138,7 +161,8 @@ class LogsProxy:
                 data = json.dumps(body).encode()
                 self.send_response(code)
                 self.send_header("Content-Type", "application/x-amz-json-1.1")
-                self.send_header("x-amzn-ErrorType", body["__type"])
+                if "__type" in body:
+                    self.send_header("x-amzn-ErrorType", body["__type"])
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)

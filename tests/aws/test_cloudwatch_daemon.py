@@ -46,3 +46,27 @@ def test_every_spooled_event_reaches_hyperpods_stream(cli_env, tmp_path, moto_ur
     assert first.startswith('{"level":')  # HyperPod's shape: level, ts, msg first
     cursor = json.loads((state / "cloudwatch.cursor").read_text())
     assert cursor["offset"] > 0
+
+
+def test_deep_check_results_go_to_their_own_stream(cli_env, tmp_path, moto_url):
+    from tests.test_daemon import FIX, with_tools
+
+    env = with_tools(cli_env, tmp_path) | aws_env(moto_url)
+    env["FAKE_DCGMI_OUTPUT"] = str(FIX / "dcgm" / "r2-3.3.1-metadata-truncated.txt")
+    cfg = tmp_path / "deep.yaml"
+    cfg.write_text(
+        "checks:\n  hang: {enabled: false}\n  needs: {enabled: false}\n"
+        "deep_check: {on_first_start: true, level: 1}\n"
+    )
+    proc = start(env, "--config", identity(str(cfg)))
+    try:
+        wait_for(
+            lambda: any(s.startswith("DeepHealthCheckResults/") for s in streams(moto_url)), 30
+        )
+    finally:
+        stop(proc)
+    [deep] = [s for s in streams(moto_url) if s.startswith("DeepHealthCheckResults/")]
+    [result] = [json.loads(e["message"]) for e in all_events(moto_url, GROUP, deep)]
+    assert result["deep_health_check_status"] == "Passed"
+    assert deep == f"DeepHealthCheckResults/{result['deep_health_check_id']}"
+    assert result["msg"].startswith("Deep health check passed.")

@@ -115,3 +115,31 @@ def test_kill_9_mid_ship_loses_nothing(cli_env, tmp_path, proxy):
     counts = seqs(proxy)
     assert set(counts) == set(range(30_000))
     assert sum(n - 1 for n in counts.values()) <= 10_000  # at most one batch twice
+
+
+def test_events_cloudwatch_rejects_as_too_old_are_counted_not_retried(cli_env, tmp_path, proxy):
+    state = tmp_path / "state"
+    spool_events(state, 10)
+    old = {"level": "info", "ts": "2020-01-01T00:00:00Z", "msg": "from long ago", "seq": 10}
+    with (state / "spool" / "0000000001.jsonl").open("r+") as f:
+        lines = f.readlines()
+        f.seek(0)
+        f.writelines([json.dumps(old) + "\n", *lines])
+    run_until_shipped(cli_env, tmp_path, proxy, 10)
+    assert 10 not in seqs(proxy)  # CloudWatch left it out; the rest arrived
+    assert len(proxy.puts) == 1  # and the batch was not sent again
+
+
+def test_access_denied_is_said_once_and_retried(cli_env, tmp_path, proxy):
+    spool_events(tmp_path / "state", 5)
+    proxy.faults.extend(["denied"] * 3)
+    cfg = tmp_path / "quiet.yaml"
+    cfg.write_text(QUIET)
+    proc = start(cli_env | aws_env(proxy.url), "--config", str(cfg))
+    try:
+        wait_for(lambda: len(seqs(proxy)) == 5, 60)
+    finally:
+        stop(proc)
+    errors = [line for line in proc.stderr.read().splitlines() if "cloudwatch_ship_failed" in line]
+    assert len(errors) == 1 and "AccessDeniedException" in errors[0]
+    assert "logs:PutLogEvents permission" in errors[0]
