@@ -22,6 +22,8 @@ app = typer.Typer(
 )
 checks_app = typer.Typer(help="Inspect the checks.", no_args_is_help=True)
 app.add_typer(checks_app, name="checks")
+logs_app = typer.Typer(help="The agent's events in CloudWatch Logs.", no_args_is_help=True)
+app.add_typer(logs_app, name="logs")
 
 ConfigOption = Annotated[
     Path | None,
@@ -235,6 +237,69 @@ def status(
         typer.echo(json.dumps({"nodes": table, "counts": counts(table)}, indent=2))
     else:
         typer.echo(render(table))
+
+
+class Format(enum.StrEnum):
+    short = "short"
+    detailed = "detailed"
+    json = "json"
+
+
+@logs_app.command("tail")
+def logs_tail(
+    config: ConfigOption = None,
+    cluster: Annotated[str | None, typer.Option(help="Cluster name (default: settings).")] = None,
+    cluster_id: Annotated[str | None, typer.Option(help="Cluster id (default: settings).")] = None,
+    log_group: Annotated[
+        str | None, typer.Option(help="The log group (instead of --cluster/--cluster-id).")
+    ] = None,
+    node: Annotated[str | None, typer.Option(help="Only this node's events.")] = None,
+    instance_id: Annotated[str | None, typer.Option(help="Only this instance's stream.")] = None,
+    deep_health: Annotated[
+        bool, typer.Option("--deep-health", help="The deep health check results instead.")
+    ] = False,
+    since: Annotated[str, typer.Option(help="From 10m, 1h, 2d ago, or a UTC time.")] = "10m",
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new events.")
+    ] = False,
+    filter_pattern: Annotated[
+        str | None, typer.Option("--filter", help="A CloudWatch Logs filter pattern.")
+    ] = None,
+    fmt: Annotated[
+        Format, typer.Option("--format", help="short, detailed or json.")
+    ] = Format.short,
+    interval: Annotated[float, typer.Option(help="Seconds between polls with --follow.")] = 5.0,
+    region: Annotated[str | None, typer.Option(help="AWS region (default: boto3's).")] = None,
+) -> None:
+    """Print the agent's events from CloudWatch Logs, like `aws logs tail`."""
+    from agent import logs_tail as lt
+
+    settings, _, _ = _setup(config)
+    cluster, cluster_id = cluster or settings.cluster_name, cluster_id or settings.cluster_id
+    group = log_group or settings.cloudwatch.log_group
+    if not group and not (cluster and cluster_id):
+        typer.echo("node-health: give --log-group, or --cluster and --cluster-id", err=True)
+        raise typer.Exit(2)
+    group = group or f"/aws/sagemaker/Clusters/{cluster}/{cluster_id}"
+    try:
+        start = lt.since_ms(since)
+    except ValueError as exc:
+        typer.echo(f"node-health: {exc}", err=True)
+        raise typer.Exit(2) from None
+    import boto3
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    client = boto3.client(
+        "logs", region_name=region or settings.cloudwatch.region or settings.region
+    )
+    q = lt.Query(group, deep_health, instance_id, node, filter_pattern)
+    try:
+        lt.tail(client, q, start, follow, interval, lt.printer(fmt.value))
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+    except (ClientError, BotoCoreError) as exc:
+        typer.echo(f"node-health: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 @checks_app.command("list")

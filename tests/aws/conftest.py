@@ -14,8 +14,16 @@ def moto_url():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
+    url = f"http://{host}:{port}"
+    reset(url)  # moto keeps its state per process, not per server: start each test afresh
+    yield url
     server.stop()
+
+
+def reset(url: str) -> None:
+    import urllib.request
+
+    urllib.request.urlopen(urllib.request.Request(f"{url}/moto-api/reset", method="POST"))
 
 
 def aws_env(url: str) -> dict[str, str]:

@@ -1,0 +1,145 @@
+"""`node-health logs tail` against moto: the agent's streams only, one node, the deep-check
+streams, --since, --filter, the three formats, and --follow with no duplicates and no gaps."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from agent import logs_tail as lt
+from tests.aws.conftest import aws_env, logs_client
+from tests.conftest import wait_for
+from tests.test_cli import node_health
+
+GROUP = "/aws/sagemaker/Clusters/train-1/abc123"
+A = "SagemakerHealthMonitoringAgent/gpu-workers/i-0aaa"
+B = "SagemakerHealthMonitoringAgent/gpu-workers/i-0bbb"
+DEEP = "DeepHealthCheckResults/20261123T100000Z-1a2b3c4d"
+
+
+def put(url: str, stream: str, *events: dict, ago: float = 0) -> None:
+    client = logs_client(url)
+    for make, kw in (
+        (client.create_log_group, {"logGroupName": GROUP}),
+        (client.create_log_stream, {"logGroupName": GROUP, "logStreamName": stream}),
+    ):
+        with contextlib.suppress(client.exceptions.ResourceAlreadyExistsException):
+            make(**kw)
+    now = int((time.time() - ago) * 1000)
+    client.put_log_events(
+        logGroupName=GROUP,
+        logStreamName=stream,
+        logEvents=[{"timestamp": now, "message": json.dumps(e)} for e in events],
+    )
+
+
+def ev(msg: str, node: str = "node-a", level: str = "info", **more) -> dict:
+    return {"level": level, "ts": "2026-11-23T10:00:00Z", "msg": msg, "node": node, **more}
+
+
+def tail(cli_env, url: str, *args: str) -> list[str]:
+    out = node_health(cli_env | aws_env(url), "logs", "tail", "--log-group", GROUP, *args)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.splitlines()
+
+
+@pytest.fixture
+def seeded(moto_url):
+    put(
+        moto_url,
+        A,
+        ev("first on a"),
+        ev("NPD caught event: Xid", level="error", reason="XidHardwareFailure"),
+    )
+    put(moto_url, B, ev("on b", node="node-b"))
+    put(moto_url, "some-other-stream", ev("not ours"))
+    put(moto_url, DEEP, ev("Deep health check passed.", deep_health_check_status="Passed"))
+    put(moto_url, A, ev("long ago"), ago=3 * 3600)
+    return moto_url
+
+
+def test_the_agents_detection_streams_since_10_minutes(cli_env, seeded):
+    lines = tail(cli_env, seeded, "--format", "short")
+    assert [line.split(None, 2)[2] for line in lines] == [
+        "first on a",
+        "NPD caught event: Xid",
+        "on b",
+    ]
+    assert lines[1].startswith("2026-11-23T10:00:00Z error")
+
+
+def test_one_node_one_instance_and_the_deep_check_streams(cli_env, seeded):
+    assert [
+        json.loads(x)["msg"] for x in tail(cli_env, seeded, "--node", "node-b", "--format", "json")
+    ] == ["on b"]
+    assert len(tail(cli_env, seeded, "--instance-id", "i-0aaa")) == 2
+    [deep] = tail(cli_env, seeded, "--deep-health", "--format", "detailed")
+    assert DEEP in deep and '"deep_health_check_status":"Passed"' in deep
+    assert len(tail(cli_env, seeded, "--since", "4h")) == 4
+
+
+def test_a_filter_pattern_goes_to_cloudwatch(cli_env, seeded):
+    lines = tail(cli_env, seeded, "--filter", "XidHardwareFailure", "--format", "json")
+    assert [json.loads(x)["msg"] for x in lines] == ["NPD caught event: Xid"]
+
+
+def test_follow_prints_each_new_event_once(cli_env, moto_url):
+    put(moto_url, A, ev("before"))
+    env = cli_env | aws_env(moto_url)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "agent",
+            "logs",
+            "tail",
+            "--log-group",
+            GROUP,
+            "--follow",
+            "--interval",
+            "0.2",
+            "--format",
+            "json",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: list[str] = []
+    try:
+        import threading
+
+        threading.Thread(
+            target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True
+        ).start()
+        wait_for(lambda: len(lines) == 1, 20)
+        for i in range(5):
+            put(moto_url, A if i % 2 else B, ev(f"new {i}"))
+            time.sleep(0.1)
+        put(moto_url, A, ev("late but in time"), ago=30)  # indexed late: still within look-back
+        wait_for(lambda: len(lines) == 7, 20)
+        time.sleep(1.0)  # several more polls: nothing printed twice
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    msgs = [json.loads(x)["msg"] for x in lines]
+    assert sorted(msgs) == sorted(["before", *(f"new {i}" for i in range(5)), "late but in time"])
+
+
+def test_since_accepts_durations_and_times_and_refuses_the_rest():
+    assert lt.since_ms("10m", now=1000.0) == 400_000
+    assert lt.since_ms("2026-11-23T10:00:00Z") == 1795428000000
+    with pytest.raises(ValueError, match="neither a duration"):
+        lt.since_ms("yesterday")
+
+
+def test_colored_levels_on_a_terminal():
+    event = {"timestamp": 0, "message": json.dumps(ev("x", level="error"))}
+    assert "\x1b[31merror" in lt.render(event, "short", color=True)
+    assert "\x1b[" not in lt.render(event, "short", color=False)
