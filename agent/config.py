@@ -24,6 +24,7 @@ from agent.models import (
     CloudWatchSettings,
     DeepCheckSettings,
     KubernetesSettings,
+    MqttSettings,
     NodeKeys,
     SpoolSettings,
 )
@@ -85,6 +86,7 @@ class Settings(BaseSettings):
     deep_check: DeepCheckSettings = DeepCheckSettings()
     kubernetes: KubernetesSettings = KubernetesSettings()
     cloudwatch: CloudWatchSettings = CloudWatchSettings()
+    mqtt: MqttSettings = MqttSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -41,6 +41,7 @@ from agent.sinks.spool import SpoolSink
 from agent.sinks.stdout import StdoutSink
 from checks.api import Action, Finding, Status
 
+_RESULT_RANK = {"ok": 0, "unknown": 1, "fault": 2}
 RECORD_POLL = 2.0  # seconds between looks at the deep-check record (one stat)
 
 log = structlog.get_logger("agent.daemon")
@@ -88,6 +89,10 @@ class Agent:
                     self.metrics,
                 )
             )
+        if settings.mqtt.host:
+            from agent.sinks.mqtt import MqttSink
+
+            self.sinks.append(MqttSink(settings.mqtt, identity, self._status, self._command))
         self.writer: NodeWriter = LocalStateFile(state / Paths.node_state)
         if kube is not None:
             from agent.kube.events import KubeEventSink
@@ -132,6 +137,7 @@ class Agent:
         self._deep_seen = {record.run_id} if record else set()  # runs the policy has seen
         self._deep_running = False
         self._deep_task: asyncio.Task[None] | None = None
+        self._extra_tasks: set[asyncio.Task[None]] = set()  # checks run on request
         cfg = settings.deep_check
         # After the reboot that remediated a fault (the policy holds its verdict until the
         # first round), the node stays out until a deep check passes.
@@ -157,6 +163,50 @@ class Agent:
             return
         log.info("deep_check_requested", value=value)
         self._deep_task = asyncio.create_task(self._run_deep_check(force=value == "force"))
+
+    def _status(self) -> dict[str, object]:
+        """The node as the agent sees it now: verdict, labels, each check's last result."""
+        checks: dict[str, str] = {}
+        for t in self.policy.trackers.values():
+            now = "fault" if t.active else str(t.status)
+            if _RESULT_RANK[now] >= _RESULT_RANK.get(checks.get(t.check, "ok"), 0):
+                checks[t.check] = now
+        state = with_deep_check(
+            desired(self.policy, self.settings.node_keys), self.deep_status, self.settings
+        )
+        return {"verdict": str(self.policy.verdict), "labels": state.labels, "checks": checks}
+
+    async def _command(self, cmd: dict[str, object]) -> None:
+        """A command from MQTT: `deep-check` (`force`), `run-check` (`check`). Each is
+        answered with an event; an unknown or malformed one too."""
+        name, ident = cmd.get("command"), cmd.get("id")
+        planned = {c.name: c for c in self.runner.checks}
+        refused: str | None = None
+        if name is None:
+            refused = f"malformed: {cmd.get('error')}"
+        elif name == "deep-check":
+            await self._deep_requested("force" if cmd.get("force") else "run")
+        elif name == "run-check":
+            pc = planned.get(str(cmd.get("check")))
+            if pc is None:
+                refused = f"no check {cmd.get('check')!r} runs here (known: {sorted(planned)})"
+            else:
+                task = asyncio.create_task(self._run_check_now(pc))
+                self._extra_tasks.add(task)
+                task.add_done_callback(self._extra_tasks.discard)
+        else:
+            refused = f"unknown command {name!r} (deep-check, run-check)"
+        what = f"MQTT command {name or ''}".rstrip()
+        event = self.builder.notice(
+            "warn" if refused else "info",
+            f"{what} refused: {refused}" if refused else f"{what} accepted",
+            command=cmd.get("payload", cmd) if name is None else cmd,
+            command_id=ident,
+        )
+        await self.fanout.emit(event)
+
+    async def _run_check_now(self, pc: PlannedCheck) -> None:
+        await self.handle(await self.runner.run_one(pc))
 
     def _sink_failed(self, sink: str) -> None:
         self.metrics.sink_errors.labels(sink).inc()
@@ -321,6 +371,7 @@ class Agent:
             log.info("agent_stopping")
             if self._deep_task is not None:
                 tasks.append(self._deep_task)
+            tasks += list(self._extra_tasks)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

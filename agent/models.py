@@ -96,3 +96,19 @@ class CloudWatchSettings(Strict):
     region: str | None = Field(None, description="default: the node's region, else boto3's")
     flush_interval: Duration = Field(1.0, description="ship at most this long after an event")
     request_timeout: Duration = Field(10.0, description="one AWS request, connect and read")
+
+
+class MqttSettings(Strict):
+    """Events to an MQTT broker, a retained status, and commands from it (aiomqtt)."""
+
+    host: str | None = Field(None, description="the broker; unset: no MQTT")
+    port: int = Field(1883, ge=1, le=65535)
+    prefix: str = Field("node-health", description="topics: <prefix>/<cluster>/<node>/...")
+    username: str | None = None
+    password: str | None = Field(None, description="better from NODE_HEALTH_MQTT__PASSWORD")
+    tls: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    keepalive: int = Field(30, ge=1, description="seconds; the broker calls us gone after 1.5x")
+    buffer: int = Field(10_000, ge=1, description="events kept while the broker is away")

@@ -1,0 +1,168 @@
+"""MQTT: every event to `<prefix>/<cluster>/<node>/events` (QoS 1), a retained status to
+`.../status`, a last will there so subscribers see the agent go offline, and commands from
+`.../cmd` and the cluster-wide `<prefix>/<cluster>/cmd`.
+
+While the broker is away, events wait in a bounded buffer (the oldest go first, counted) and
+the client reconnects with jittered backoff; an event leaves the buffer only once the broker
+acknowledged it (at-least-once). A command is handed to the agent as a dict; a malformed one is
+answered with a reply event, never a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Self
+
+import structlog
+
+from agent.events import Event, dumps, rfc3339
+from agent.identity import Identity
+from agent.models import MqttSettings
+
+log = structlog.get_logger("agent.mqtt")
+
+BACKOFF_MIN, BACKOFF_MAX = 1.0, 30.0
+STATUS_EVERY = 1.0  # seconds: the retained status at most this often
+
+
+class MqttSink:
+    name = "mqtt"
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        identity: Identity,
+        status: Callable[[], dict[str, Any]],
+        on_command: Callable[[dict[str, Any]], Awaitable[None]],
+    ) -> None:
+        self.settings, self.status, self.on_command = settings, status, on_command
+        cluster = identity.cluster_name or "default"
+        base = f"{settings.prefix}/{cluster}"
+        self.node = identity.node_name
+        self.events_topic = f"{base}/{self.node}/events"
+        self.status_topic = f"{base}/{self.node}/status"
+        self.command_topics = [f"{base}/{self.node}/cmd", f"{base}/cmd"]
+        self.buffer: collections.deque[bytes] = collections.deque()
+        self.dropped = 0
+        self.connected = False
+        self._ready = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._status_due = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Self:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(3):
+                await self.flush()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def emit(self, event: Event) -> None:
+        if len(self.buffer) >= self.settings.buffer:
+            self.buffer.popleft()
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.warning("mqtt_buffer_full_dropped_oldest", dropped_total=self.dropped)
+        self.buffer.append(dumps(event).encode())
+        self._drained.clear()
+        self._ready.set()
+        self._status_due.set()
+
+    async def flush(self) -> None:
+        """Until the broker has every event; at once while it is away (they wait in the
+        buffer, and in the spool)."""
+        if self.connected:
+            await self._drained.wait()
+
+    def _online(self, online: bool) -> bytes:
+        doc: dict[str, Any] = {"online": online, "node": self.node, "ts": rfc3339(time.time())}
+        if online:
+            doc |= self.status()
+        return json.dumps(doc, separators=(",", ":"), default=str).encode()
+
+    async def _run(self) -> None:
+        import aiomqtt
+
+        s = self.settings
+        tls = None
+        if s.tls:
+            tls = aiomqtt.TLSParameters(
+                ca_certs=s.ca_file, certfile=s.cert_file, keyfile=s.key_file
+            )
+        will = aiomqtt.Will(self.status_topic, self._online(False), qos=1, retain=True)
+        delay = BACKOFF_MIN
+        while True:
+            try:
+                async with aiomqtt.Client(
+                    s.host or "localhost",
+                    s.port,
+                    username=s.username,
+                    password=s.password,
+                    identifier=f"node-health-{self.node}",
+                    will=will,
+                    keepalive=s.keepalive,
+                    tls_params=tls,
+                    timeout=10,
+                ) as client:
+                    await client.publish(self.status_topic, self._online(True), qos=1, retain=True)
+                    for topic in self.command_topics:
+                        await client.subscribe(topic, qos=1)
+                    if self.buffer:  # what waited while the broker was away
+                        self._ready.set()
+                    if not self.connected:
+                        log.info("mqtt_connected", broker=f"{s.host}:{s.port}")
+                    self.connected, delay = True, BACKOFF_MIN
+                    async with asyncio.TaskGroup() as tg:
+                        tg.create_task(self._publish(client))
+                        tg.create_task(self._statuses(client))
+                        async for message in client.messages:
+                            await self._command(message.payload)
+            except* aiomqtt.MqttError as group:
+                if self.connected or delay == BACKOFF_MIN:
+                    log.warning("mqtt_disconnected", error=str(group.exceptions[0]))
+            self.connected = False
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(BACKOFF_MAX, delay * 2)
+
+    async def _publish(self, client: Any) -> None:
+        while True:
+            await self._ready.wait()
+            self._ready.clear()  # before draining: an event emitted meanwhile wakes us again
+            while self.buffer:
+                payload = self.buffer[0]
+                await client.publish(self.events_topic, payload, qos=1)  # acknowledged (PUBACK)
+                if self.buffer and self.buffer[0] is payload:
+                    self.buffer.popleft()
+            self._drained.set()
+
+    async def _statuses(self, client: Any) -> None:
+        while True:
+            await self._status_due.wait()
+            self._status_due.clear()
+            await client.publish(self.status_topic, self._online(True), qos=1, retain=True)
+            await asyncio.sleep(STATUS_EVERY)
+
+    async def _command(self, payload: Any) -> None:
+        """A command for the agent; anything unreadable is answered, never raised."""
+        raw = payload if isinstance(payload, bytes | bytearray) else str(payload).encode()
+        try:
+            cmd = json.loads(raw)
+            if not isinstance(cmd, dict) or not isinstance(cmd.get("command"), str):
+                raise ValueError('a command is a JSON object with a "command" string')
+        except ValueError as exc:
+            text = bytes(raw[:200]).decode(errors="replace")
+            await self.on_command({"command": None, "error": str(exc), "payload": text})
+            return
+        await self.on_command(cmd)

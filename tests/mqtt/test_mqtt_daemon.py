@@ -1,0 +1,148 @@
+"""The daemon on a real broker: every event QoS 1 on the events topic, a retained status, the
+last will when it dies, commands (and answers to bad ones), a broker restart mid-stream."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+
+import paho.mqtt.client as paho
+import pytest
+
+from tests.conftest import spooled, wait_for
+from tests.test_daemon import faulty, start, stop
+from tests.test_kernel_log_e2e import XID79, gpu_host
+
+BASE = "node-health/train-1/node-a"
+
+
+class Subscriber:
+    """A plain paho client that keeps every message it gets."""
+
+    def __init__(self, port: int, *topics: str) -> None:
+        self.messages: list[tuple[str, dict, bool]] = []
+        self.lock = threading.Lock()
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2)
+        self.client.on_message = self._got
+        self.client.on_connect = lambda c, *a: [c.subscribe(t, qos=1) for t in topics]
+        self.client.connect("127.0.0.1", port, keepalive=5)
+        self.client.loop_start()
+
+    def _got(self, client, userdata, msg) -> None:
+        with self.lock:
+            self.messages.append((msg.topic, json.loads(msg.payload), msg.retain))
+
+    def on(self, topic: str) -> list[dict]:
+        with self.lock:
+            return [m for t, m, _ in self.messages if t == topic]
+
+    def publish(self, topic: str, payload: bytes | str) -> None:
+        self.client.publish(topic, payload, qos=1).wait_for_publish(5)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def mqtt(config: str, port: int, more: str = "") -> str:
+    with open(config, "a") as f:
+        f.write(
+            f"cluster_name: train-1\nmqtt: {{host: 127.0.0.1, port: {port}, keepalive: 2{more}}}\n"
+        )
+    return config
+
+
+@pytest.fixture
+def sub(broker):
+    s = Subscriber(broker.port, f"{BASE}/#")
+    yield s
+    s.close()
+
+
+def test_events_status_and_last_will(cli_env, tmp_path, broker, sub):
+    state = tmp_path / "state"
+    proc = start(cli_env, "--config", mqtt(faulty(tmp_path), broker.port))
+    wait_for(lambda: any("verdict" in e for e in sub.on(f"{BASE}/events")))
+    wait_for(
+        lambda: any(
+            s.get("verdict") == "UnschedulablePendingReboot" for s in sub.on(f"{BASE}/status")
+        )
+    )
+    events = sub.on(f"{BASE}/events")
+    assert events == spooled(state)[: len(events)]  # the same events, in order
+    status = sub.on(f"{BASE}/status")[-1]
+    assert status["online"] is True
+    assert (
+        status["labels"]["sagemaker.amazonaws.com/node-health-status"]
+        == "UnschedulablePendingReboot"
+    )
+    assert status["checks"]["fixed"] == "fault"
+    proc.send_signal(signal.SIGKILL)  # no goodbye: the broker sends the will
+    proc.wait(10)
+    wait_for(lambda: sub.on(f"{BASE}/status")[-1]["online"] is False, 15)
+    # A subscriber that comes later gets the retained status: offline.
+    late = Subscriber(broker.port, f"{BASE}/status")
+    try:
+        wait_for(lambda: bool(late.on(f"{BASE}/status")))
+        assert late.on(f"{BASE}/status")[-1]["online"] is False
+    finally:
+        late.close()
+
+
+def test_commands_and_answers_to_bad_ones(cli_env, tmp_path, broker, sub):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("checks:\n  hang: {enabled: false}\n  needs: {enabled: false}\n")
+    proc = start(cli_env, "--config", mqtt(str(cfg), broker.port))
+    try:
+        wait_for(lambda: bool(sub.on(f"{BASE}/status")))
+        sub.publish(
+            f"{BASE}/cmd", json.dumps({"command": "run-check", "check": "fixed", "id": "c1"})
+        )
+        sub.publish("node-health/train-1/cmd", b"this is not json")  # cluster-wide, garbage
+        sub.publish(f"{BASE}/cmd", json.dumps({"command": "reboot-everything", "id": "c3"}))
+        sub.publish(f"{BASE}/cmd", json.dumps({"command": "run-check", "check": "nope"}))
+        wait_for(
+            lambda: len([e for e in sub.on(f"{BASE}/events") if "MQTT command" in e["msg"]]) == 4
+        )
+    finally:
+        stop(proc)
+    answers = [e for e in sub.on(f"{BASE}/events") if "MQTT command" in e["msg"]]
+    by_msg = {e["msg"].split(":")[0]: e for e in answers}
+    assert by_msg["MQTT command run-check accepted"]["command_id"] == "c1"
+    assert "MQTT command refused" in by_msg
+    assert by_msg["MQTT command refused"]["command"] == "this is not json"
+    assert by_msg["MQTT command reboot-everything refused"]["level"] == "warn"
+    assert "no check 'nope' runs here" in by_msg["MQTT command run-check refused"]["msg"]
+    assert proc.returncode == 0  # nothing crashed
+
+
+def test_a_broker_restart_mid_stream_loses_nothing(cli_env, tmp_path, broker, sub):
+    root = gpu_host(tmp_path)
+    env = cli_env | {"NODE_HEALTH_HOST_ROOT": str(root)}
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "checks:\n  hang: {enabled: false}\n  needs: {enabled: false}\n  fixed: {enabled: false}\n"
+    )
+    state = tmp_path / "state"
+    proc = start(env, "--config", mqtt(str(cfg), broker.port))
+    kmsg = os.open(root / "dev/kmsg", os.O_RDWR | os.O_NONBLOCK)
+    try:
+        wait_for(lambda: bool(sub.on(f"{BASE}/status")))
+        broker.stop()
+        for i in range(5):  # while the broker is away
+            line = XID79.replace("b9:00", f"{0x20 + i:02x}:00")
+            os.write(kmsg, f"3,{900 + i},{i * 1000},-;{line}\n".encode())
+        wait_for(lambda: sum("Xid" in e.get("msg", "") for e in spooled(state)) >= 5)
+        broker.start()  # same port
+        sub.close()
+        again = Subscriber(broker.port, f"{BASE}/events")
+        try:
+            wait_for(lambda: sum("Xid" in e["msg"] for e in again.on(f"{BASE}/events")) >= 5, 40)
+        finally:
+            again.close()
+    finally:
+        os.close(kmsg)
+        stop(proc)
+    assert "mqtt_disconnected" in proc.stderr.read()
