@@ -146,3 +146,27 @@ def test_a_broker_restart_mid_stream_loses_nothing(cli_env, tmp_path, broker, su
         os.close(kmsg)
         stop(proc)
     assert "mqtt_disconnected" in proc.stderr.read()
+
+
+def test_a_deep_check_asked_for_over_mqtt_runs(cli_env, tmp_path, broker, sub):
+    from tests.test_daemon import FIX, node_state, with_tools
+
+    env = with_tools(cli_env, tmp_path)
+    env["FAKE_DCGMI_OUTPUT"] = str(FIX / "dcgm" / "r2-3.3.1-metadata-truncated.txt")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "checks:\n  hang: {enabled: false}\n  needs: {enabled: false}\ndeep_check: {level: 1}\n"
+    )
+    state = tmp_path / "state"
+    proc = start(env, "--config", mqtt(str(cfg), broker.port))
+    try:
+        wait_for(lambda: bool(sub.on(f"{BASE}/status")))
+        sub.publish("node-health/train-1/cmd", json.dumps({"command": "deep-check", "id": "d1"}))
+        deep = "sagemaker.amazonaws.com/deep-health-check-status"
+        wait_for(lambda: node_state(state).get("labels", {}).get(deep) == "Passed", 30)
+        wait_for(lambda: any(e["msg"].startswith("MQTT command") for e in sub.on(f"{BASE}/events")))
+    finally:
+        stop(proc)
+    [answer] = [e for e in sub.on(f"{BASE}/events") if e["msg"].startswith("MQTT command")]
+    assert answer["msg"] == "MQTT command deep-check accepted" and answer["command_id"] == "d1"
+    assert any(e.get("deep_health_check_status") == "Passed" for e in sub.on(f"{BASE}/events"))
