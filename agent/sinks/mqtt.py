@@ -124,11 +124,19 @@ class MqttSink:
                     if not self.connected:
                         log.info("mqtt_connected", broker=f"{s.host}:{s.port}")
                     self.connected, delay = True, BACKOFF_MIN
-                    async with asyncio.TaskGroup() as tg:
-                        tg.create_task(self._publish(client))
-                        tg.create_task(self._statuses(client))
-                        async for message in client.messages:
-                            await self._command(message.payload)
+                    try:
+                        async with asyncio.TaskGroup() as tg:
+                            tg.create_task(self._publish(client))
+                            tg.create_task(self._statuses(client))
+                            async for message in client.messages:
+                                await self._command(message.payload)
+                    except asyncio.CancelledError:  # stopping: say so, as the will would
+                        with contextlib.suppress(Exception):
+                            async with asyncio.timeout(2):
+                                await client.publish(
+                                    self.status_topic, self._online(False), qos=1, retain=True
+                                )
+                        raise
             except* aiomqtt.MqttError as group:
                 if self.connected or delay == BACKOFF_MIN:
                     log.warning("mqtt_disconnected", error=str(group.exceptions[0]))

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import threading
+import time
 
 import paho.mqtt.client as paho
 import pytest
@@ -21,10 +22,14 @@ BASE = "node-health/train-1/node-a"
 class Subscriber:
     """A plain paho client that keeps every message it gets."""
 
-    def __init__(self, port: int, *topics: str) -> None:
+    def __init__(self, port: int, *topics: str, ca=None, auth=None) -> None:
         self.messages: list[tuple[str, dict, bool]] = []
         self.lock = threading.Lock()
         self.client = paho.Client(paho.CallbackAPIVersion.VERSION2)
+        if ca:
+            self.client.tls_set(ca_certs=str(ca))
+        if auth:
+            self.client.username_pw_set(*auth)
         self.client.on_message = self._got
         self.client.on_connect = lambda c, *a: [c.subscribe(t, qos=1) for t in topics]
         self.client.connect("127.0.0.1", port, keepalive=5)
@@ -135,8 +140,9 @@ def test_a_broker_restart_mid_stream_loses_nothing(cli_env, tmp_path, broker, su
             line = XID79.replace("b9:00", f"{0x20 + i:02x}:00")
             os.write(kmsg, f"3,{900 + i},{i * 1000},-;{line}\n".encode())
         wait_for(lambda: sum("Xid" in e.get("msg", "") for e in spooled(state)) >= 5)
-        broker.start()  # same port
         sub.close()
+        time.sleep(3)  # the agent backs off further: our subscriber is back before it is
+        broker.start()  # same port
         again = Subscriber(broker.port, f"{BASE}/events")
         try:
             wait_for(lambda: sum("Xid" in e["msg"] for e in again.on(f"{BASE}/events")) >= 5, 40)
@@ -170,3 +176,42 @@ def test_a_deep_check_asked_for_over_mqtt_runs(cli_env, tmp_path, broker, sub):
     [answer] = [e for e in sub.on(f"{BASE}/events") if e["msg"].startswith("MQTT command")]
     assert answer["msg"] == "MQTT command deep-check accepted" and answer["command_id"] == "d1"
     assert any(e.get("deep_health_check_status") == "Passed" for e in sub.on(f"{BASE}/events"))
+
+
+@pytest.fixture
+def secure_broker(tmp_path):
+    from tests.mqtt.conftest import Broker
+
+    b = Broker(tmp_path, users={"agent": "s3cret"}, tls=True)
+    if b.kind != "mosquitto":
+        pytest.skip("TLS and passwords are set up for mosquitto")
+    b.start()
+    yield b
+    b.stop()
+
+
+def test_tls_and_a_password(cli_env, tmp_path, secure_broker):
+    """Over TLS (the broker's CA given), with a user and password: it connects; with a wrong
+    password it does not, says why, and keeps trying."""
+    ca = tmp_path / "ca.pem"
+    good = tmp_path / "good.yaml"
+    good.write_text("checks:\n  hang: {enabled: false}\n  needs: {enabled: false}\n")
+    more = f", tls: true, ca_file: '{ca}', username: agent"
+    env = cli_env | {"NODE_HEALTH_MQTT__PASSWORD": "s3cret"}
+    watcher = Subscriber(secure_broker.port, f"{BASE}/status", ca=ca, auth=("agent", "s3cret"))
+    proc = start(env, "--config", mqtt(str(good), secure_broker.port, more))
+    try:
+        wait_for(lambda: any(m["online"] for m in watcher.on(f"{BASE}/status")), 15)
+    finally:
+        stop(proc)
+    # A clean stop says goodbye too: offline, retained.
+    wait_for(lambda: watcher.on(f"{BASE}/status")[-1]["online"] is False)
+    watcher.close()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(good.read_text())
+    env["NODE_HEALTH_MQTT__PASSWORD"] = "wrong"
+    proc = start(env, "--config", mqtt(str(bad), secure_broker.port, more))
+    time.sleep(3)
+    stop(proc)
+    err = proc.stderr.read()
+    assert "mqtt_connected" not in err and "mqtt_disconnected" in err
