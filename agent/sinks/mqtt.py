@@ -55,6 +55,7 @@ class MqttSink:
         self._drained = asyncio.Event()
         self._drained.set()
         self._status_due = asyncio.Event()
+        self._bye, self._said_bye = asyncio.Event(), asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Self:
@@ -65,6 +66,10 @@ class MqttSink:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(3):
                 await self.flush()
+                if self.connected:  # a clean stop says goodbye
+                    self._bye.set()
+                    self._status_due.set()
+                    await self._said_bye.wait()
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -124,19 +129,11 @@ class MqttSink:
                     if not self.connected:
                         log.info("mqtt_connected", broker=f"{s.host}:{s.port}")
                     self.connected, delay = True, BACKOFF_MIN
-                    try:
-                        async with asyncio.TaskGroup() as tg:
-                            tg.create_task(self._publish(client))
-                            tg.create_task(self._statuses(client))
-                            async for message in client.messages:
-                                await self._command(message.payload)
-                    except asyncio.CancelledError:  # stopping: say so, as the will would
-                        with contextlib.suppress(Exception):
-                            async with asyncio.timeout(2):
-                                await client.publish(
-                                    self.status_topic, self._online(False), qos=1, retain=True
-                                )
-                        raise
+                    async with asyncio.TaskGroup() as tg:
+                        tg.create_task(self._publish(client))
+                        tg.create_task(self._statuses(client))
+                        async for message in client.messages:
+                            await self._command(message.payload)
             except* aiomqtt.MqttError as group:
                 if self.connected or delay == BACKOFF_MIN:
                     log.warning("mqtt_disconnected", error=str(group.exceptions[0]))
@@ -156,11 +153,19 @@ class MqttSink:
             self._drained.set()
 
     async def _statuses(self, client: Any) -> None:
+        """The retained status when something changed, at most every STATUS_EVERY; when the
+        agent stops, offline (as the will says when it dies)."""
         while True:
             await self._status_due.wait()
             self._status_due.clear()
-            await client.publish(self.status_topic, self._online(True), qos=1, retain=True)
-            await asyncio.sleep(STATUS_EVERY)
+            online = not self._bye.is_set()
+            await client.publish(self.status_topic, self._online(online), qos=1, retain=True)
+            if not online:
+                self._said_bye.set()
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(STATUS_EVERY):
+                    await self._bye.wait()
 
     async def _command(self, payload: Any) -> None:
         """A command for the agent; anything unreadable is answered, never raised."""
