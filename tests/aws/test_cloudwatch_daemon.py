@@ -70,3 +70,30 @@ def test_deep_check_results_go_to_their_own_stream(cli_env, tmp_path, moto_url):
     assert result["deep_health_check_status"] == "Passed"
     assert deep == f"DeepHealthCheckResults/{result['deep_health_check_id']}"
     assert result["msg"].startswith("Deep health check passed.")
+
+
+def test_shipping_shows_in_the_metrics(cli_env, tmp_path, moto_url):
+    from tests.test_daemon import free_port, get
+
+    port = free_port()
+    env = cli_env | aws_env(moto_url) | {"NODE_HEALTH_HTTP_LISTEN": f"127.0.0.1:{port}"}
+    state = tmp_path / "state"
+    proc = start(env, "--config", identity(faulty(tmp_path)))
+    try:
+        wait_for(lambda: any("verdict" in e for e in spooled(state)))
+
+        def shipped() -> float:
+            _, body = get(f"http://127.0.0.1:{port}/metrics")
+            line = next(
+                x
+                for x in body.splitlines()
+                if x.startswith("node_health_cloudwatch_shipped_events_total")
+            )
+            return float(line.split()[-1])
+
+        wait_for(lambda: shipped() >= len(spooled(state)))
+        _, body = get(f"http://127.0.0.1:{port}/metrics")
+    finally:
+        stop(proc)
+    assert "node_health_cloudwatch_spool_depth_bytes 0.0" in body
+    assert "node_health_cloudwatch_rejected_events_total 0.0" in body
