@@ -82,18 +82,15 @@ def test_shipping_shows_in_the_metrics(cli_env, tmp_path, moto_url):
     try:
         wait_for(lambda: any("verdict" in e for e in spooled(state)))
 
-        def shipped() -> float:
+        def metric(name: str) -> float:
             _, body = get(f"http://127.0.0.1:{port}/metrics")
-            line = next(
-                x
-                for x in body.splitlines()
-                if x.startswith("node_health_cloudwatch_shipped_events_total")
-            )
+            line = next(x for x in body.splitlines() if x.startswith(name + " "))
             return float(line.split()[-1])
 
-        wait_for(lambda: shipped() >= len(spooled(state)))
-        _, body = get(f"http://127.0.0.1:{port}/metrics")
+        shipped = "node_health_cloudwatch_shipped_events_total"
+        depth = "node_health_cloudwatch_spool_depth_bytes"
+        wait_for(lambda: metric(shipped) >= len(spooled(state)) and metric(depth) == 0)
+        rejected = metric("node_health_cloudwatch_rejected_events_total")
     finally:
         stop(proc)
-    assert "node_health_cloudwatch_spool_depth_bytes 0.0" in body
-    assert "node_health_cloudwatch_rejected_events_total 0.0" in body
+    assert rejected == 0
