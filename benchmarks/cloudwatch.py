@@ -24,6 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.harness import daemon_env, fifo_host
+from benchmarks.harness import wait as wait_for
 from tests.aws.conftest import aws_env
 from tests.aws.proxy import LogsProxy
 
@@ -41,11 +43,7 @@ XID = "NVRM: Xid (PCI:0000:{bus:02x}:00): 79, pid=1234, GPU has fallen off the b
 
 
 def wait(predicate, timeout: float = 120.0) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            raise TimeoutError("not shipped in time")
-        time.sleep(0.002)
+    wait_for(predicate, timeout, "not shipped in time (see its agent.log)")
 
 
 def main() -> int:
@@ -62,11 +60,7 @@ def main() -> int:
     moto.start()
     host, port = moto.get_host_and_port()
     tmp = Path(tempfile.mkdtemp(prefix="cloudwatch-bench-"))
-    root, state = tmp / "host", tmp / "state"
-    (root / "dev").mkdir(parents=True)
-    os.mkfifo(root / "dev/kmsg")
-    (root / "proc/sys/kernel/random").mkdir(parents=True)
-    (root / "proc/sys/kernel/random/boot_id").write_text("bench\n")
+    root, state = fifo_host(tmp), tmp / "state"
     (state / "spool").mkdir(parents=True)
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     with (state / "spool" / "0000000001.jsonl").open("w") as f:
@@ -78,13 +72,7 @@ def main() -> int:
     cfg = tmp / "config.yaml"
     cfg.write_text(CONFIG)
     with LogsProxy(f"http://{host}:{port}") as proxy:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("NODE_HEALTH_")}
-        env |= aws_env(proxy.url) | {
-            "NODE_HEALTH_HOST_ROOT": str(root),
-            "NODE_HEALTH_STATE_DIR": str(state),
-            "NODE_HEALTH_NODE_NAME": "bench-node",
-            "PATH": str(tmp / "no-tools"),
-        }
+        env = daemon_env(tmp, root, "bench-node") | aws_env(proxy.url)
         start = time.monotonic()
         agent = subprocess.Popen(
             [sys.executable, "-m", "agent", "run", "--config", str(cfg)],

@@ -21,6 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.harness import daemon_env, fifo_host
+from benchmarks.harness import wait as wait_for
 from tests.kube.conftest import kubeconfig
 from tests.kube.fake_api import FakeKubeAPI
 
@@ -43,11 +45,7 @@ policy:
 
 
 def wait(predicate, timeout: float = 10.0) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            raise TimeoutError("the agent did not get there in time (see its agent.log)")
-        time.sleep(0.001)
+    wait_for(predicate, timeout, "the agent did not get there in time (see its agent.log)")
 
 
 def main() -> int:
@@ -56,23 +54,13 @@ def main() -> int:
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="detect-to-label-"))
     print(f"working in {tmp}", file=sys.stderr)
-    root = tmp / "host"
-    (root / "dev").mkdir(parents=True)
-    os.mkfifo(root / "dev/kmsg")
-    (root / "proc/sys/kernel/random").mkdir(parents=True)
-    (root / "proc/sys/kernel/random/boot_id").write_text("bench-boot\n")
+    root = fifo_host(tmp)
     with FakeKubeAPI() as api:
         api.add_node("bench-node")
         kcfg = kubeconfig(tmp / "kubeconfig", api.url)
         cfg = tmp / "config.yaml"
         cfg.write_text(CONFIG.format(kcfg=kcfg))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("NODE_HEALTH_")}
-        env |= {
-            "NODE_HEALTH_HOST_ROOT": str(root),
-            "NODE_HEALTH_STATE_DIR": str(tmp / "state"),
-            "NODE_HEALTH_NODE_NAME": "bench-node",
-            "PATH": str(tmp / "no-tools"),
-        }
+        env = daemon_env(tmp, root, "bench-node")
         agent = subprocess.Popen(
             [sys.executable, "-m", "agent", "run", "--config", str(cfg)],
             env=env,

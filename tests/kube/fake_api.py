@@ -16,13 +16,14 @@ from __future__ import annotations
 import copy
 import json
 import re
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
+
+from tests.httpbase import QuietHandler
 
 MERGE_KEYS = {("status", "conditions"): "type", ("status", "addresses"): "type"}
 PATCH_TYPES = (
@@ -382,17 +383,7 @@ _EVENTS = re.compile(r"^/api/v1/namespaces/([^/]+)/events(?:/([^/]+))?$")
 
 
 def _handler(api: FakeKubeAPI) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def setup(self) -> None:
-            super().setup()
-            # As Go's net/http: no Nagle, or a reply's body waits on the client's delayed ACK.
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-        def log_message(self, *args: Any) -> None:
-            return
-
+    class Handler(QuietHandler):
         def do_GET(self) -> None:
             self._serve("GET")
 

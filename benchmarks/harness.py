@@ -1,0 +1,38 @@
+"""What the daemon benchmarks share: a host whose kernel log is a FIFO, the daemon's
+environment on it, and waiting for a condition."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+def fifo_host(tmp: Path) -> Path:
+    """A host root with /dev/kmsg as a FIFO (write kernel-log records into it) and a boot id."""
+    root = tmp / "host"
+    (root / "dev").mkdir(parents=True)
+    os.mkfifo(root / "dev/kmsg")
+    (root / "proc/sys/kernel/random").mkdir(parents=True)
+    (root / "proc/sys/kernel/random/boot_id").write_text("bench-boot\n")
+    return root
+
+
+def daemon_env(tmp: Path, root: Path, node: str) -> dict[str, str]:
+    """The environment without the caller's NODE_HEALTH_* and with no host tools on PATH."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NODE_HEALTH_")}
+    return env | {
+        "NODE_HEALTH_HOST_ROOT": str(root),
+        "NODE_HEALTH_STATE_DIR": str(tmp / "state"),
+        "NODE_HEALTH_NODE_NAME": node,
+        "PATH": str(tmp / "no-tools"),
+    }
+
+
+def wait(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise TimeoutError(what)
+        time.sleep(0.001)
