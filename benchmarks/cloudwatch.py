@@ -16,7 +16,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.harness import daemon_env, fifo_host
+from benchmarks.harness import daemon_env, fifo_host, start_daemon
 from benchmarks.harness import wait as wait_for
 from tests.aws.conftest import aws_env
 from tests.aws.proxy import LogsProxy
@@ -74,13 +73,7 @@ def main() -> int:
     with LogsProxy(f"http://{host}:{port}") as proxy:
         env = daemon_env(tmp, root, "bench-node") | aws_env(proxy.url)
         start = time.monotonic()
-        agent = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "--config", str(cfg)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=(tmp / "agent.log").open("w"),
-        )
-        kmsg = os.open(root / "dev/kmsg", os.O_RDWR | os.O_NONBLOCK)
+        agent, kmsg = start_daemon(cfg, env, tmp / "agent.log")
         try:
             wait(lambda: sum('"seq"' in e["message"] for e in proxy.events()) == args.burst)
             took = time.monotonic() - start

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.harness import daemon_env, fifo_host
+from benchmarks.harness import daemon_env, fifo_host, start_daemon
 from benchmarks.harness import wait as wait_for
 from tests.kube.conftest import kubeconfig
 from tests.kube.fake_api import FakeKubeAPI
@@ -61,13 +60,7 @@ def main() -> int:
         cfg = tmp / "config.yaml"
         cfg.write_text(CONFIG.format(kcfg=kcfg))
         env = daemon_env(tmp, root, "bench-node")
-        agent = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "--config", str(cfg)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=(tmp / "agent.log").open("w"),
-        )
-        kmsg = os.open(root / "dev/kmsg", os.O_RDWR | os.O_NONBLOCK)
+        agent, kmsg = start_daemon(cfg, env, tmp / "agent.log")
 
         def label() -> str | None:
             return api.node("bench-node")["metadata"]["labels"].get(LABEL)

@@ -4,6 +4,8 @@ environment on it, and waiting for a condition."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,3 +38,15 @@ def wait(predicate: Callable[[], object], timeout: float, what: str) -> None:
         if time.monotonic() > end:
             raise TimeoutError(what)
         time.sleep(0.001)
+
+
+def start_daemon(config: Path, env: dict[str, str], log: Path) -> tuple[subprocess.Popen, int]:
+    """`node-health run` on `config`, its log to `log`; and the FIFO's write end."""
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "agent", "run", "--config", str(config)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("w"),
+    )
+    kmsg = os.open(Path(env["NODE_HEALTH_HOST_ROOT"]) / "dev/kmsg", os.O_RDWR | os.O_NONBLOCK)
+    return agent, kmsg
