@@ -1,0 +1,1 @@
+"""The cluster-level half: acting on the health labels the agents set (drain, reboot, replace)."""
