@@ -102,3 +102,20 @@ def test_segments_in_order_and_one_the_spool_dropped_is_skipped(tmp_path) -> Non
     os.unlink(spool / "0000000001.jsonl")
     os.unlink(spool / "0000000002.jsonl")  # dropped while the spool was full
     assert [json.loads(line) for line, _ in reader.lines()] == [{"s": 3}]
+
+
+def test_unreadable_spool_lines_are_counted_once_and_stepped_over(tmp_path) -> None:
+    from agent.identity import Identity
+    from agent.metrics import Metrics
+    from agent.models import CloudWatchSettings
+    from agent.sinks.cloudwatch import CloudWatchSink
+
+    spool, cursor = tmp_path / "spool", tmp_path / "cursor"
+    write(spool, 1, ['{"level":"info","ts":"2026-11-23T10:00:00Z","msg":"ok"}', '{"level":"in'])
+    metrics = Metrics()
+    sink = CloudWatchSink(CloudWatchSettings(), Identity(node_name="n"), spool, cursor, metrics)
+    [batch] = sink._batches()
+    sink.reader.commit(batch.end)  # as after CloudWatch took it
+    assert sink._batches() == [] and sink._batches() == []
+    rejected = metrics.registry.get_sample_value("node_health_cloudwatch_rejected_events_total")
+    assert rejected == 1  # counted once, though read twice

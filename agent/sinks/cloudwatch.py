@@ -120,6 +120,7 @@ class CloudWatchSink:
         self._client: Any = None
         self._made: set[str] = set()  # streams known to exist
         self._said: dict[str, float] = {}  # error code -> when it was last logged
+        self._unreadable: set[tuple[int, int]] = set()  # spool lines counted as unreadable
 
     async def __aenter__(self) -> Self:
         self._task = asyncio.create_task(self._loop())
@@ -159,11 +160,15 @@ class CloudWatchSink:
     def _batches(self, limit: int = 64) -> list[Batch]:
         """The next batches after the cursor, each one stream's, in spool order."""
         out: list[Batch] = []
+        skipped: tuple[int, int] | None = None
         for line, end in self.reader.lines():
             event = parse_line(line)
             if event is None:  # a line a crash cut short: nothing to send
-                log.warning("spool_line_unreadable", at=end)
-                self.metrics.cw_rejected.inc()
+                if end not in self._unreadable:  # read again until the cursor passes it
+                    self._unreadable.add(end)
+                    log.warning("spool_line_unreadable", at=end)
+                    self.metrics.cw_rejected.inc()
+                skipped = end
                 continue
             stream = self.stream
             run = event.get("deep_health_check_id")
@@ -177,6 +182,9 @@ class CloudWatchSink:
                     break
                 out.append(Batch(stream))
             out[-1].add(ev)
+        if not out and skipped is not None:  # only unreadable lines left: step past them
+            self.reader.commit(skipped)
+            self._unreadable.clear()
         return out
 
     async def _ship(self, batch: Batch) -> None:
