@@ -20,6 +20,7 @@ import structlog
 
 from agent.events import Event
 from agent.kube.client import KubeClient, KubeError
+from agent.threads import in_daemon_thread
 
 log = structlog.get_logger("agent.kube.events")
 
@@ -107,7 +108,7 @@ class KubeEventSink:
             while self._queue:
                 event, at = self._queue[0]
                 try:
-                    await asyncio.to_thread(self._post, event, at)
+                    await in_daemon_thread(self._post, event, at)
                 except KubeError as exc:
                     if not exc.retryable:  # refused for good (403, 422): not worth holding
                         log.warning("node_event_refused", error=str(exc))

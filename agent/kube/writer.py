@@ -28,6 +28,7 @@ from agent.kube.plan import plan
 from agent.models import KubernetesSettings, NodeKeys
 from agent.nodestate import NodeState
 from agent.policy import Verdict
+from agent.threads import in_daemon_thread
 
 log = structlog.get_logger("agent.kube")
 
@@ -135,7 +136,7 @@ class KubeNodeWriter:
             delay = 0.0
             while True:  # until this state (or a newer one) is written
                 try:
-                    request, refused = await asyncio.to_thread(self._reconcile, self.want)
+                    request, refused = await in_daemon_thread(self._reconcile, self.want)
                     break
                 except KubeError as exc:
                     delay = self._backoff(exc, delay)

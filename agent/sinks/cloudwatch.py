@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import threading
 import time
 from pathlib import Path
 from typing import Any, Self
@@ -31,6 +30,7 @@ from agent.metrics import Metrics
 from agent.models import CloudWatchSettings
 from agent.ship.batch import Batch, LogEvent, cap, parse_line, timestamp_ms
 from agent.ship.spoolreader import SpoolReader
+from agent.threads import in_daemon_thread
 
 log = structlog.get_logger("agent.cloudwatch")
 
@@ -49,34 +49,6 @@ PERMANENT = {
     "InvalidClientTokenId",
     "InvalidSignatureException",
 }
-
-
-async def in_daemon_thread(fn: Any, *args: Any) -> Any:
-    """`fn(*args)` in a daemon thread: a request blocked on the network never holds up the
-    agent's exit (the loop's executor threads would: asyncio.run joins them)."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[Any] = loop.create_future()
-
-    def call() -> None:
-        result, error = None, None
-        try:
-            result = fn(*args)
-        except BaseException as exc:
-            error = exc
-        with contextlib.suppress(RuntimeError):  # the loop closed: the agent has stopped
-            loop.call_soon_threadsafe(_settle, done, result, error)
-
-    threading.Thread(target=call, daemon=True, name="cloudwatch").start()
-    return await done
-
-
-def _settle(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
-    if fut.done():  # cancelled while the call went on
-        return
-    if exc is not None:
-        fut.set_exception(exc)
-    else:
-        fut.set_result(result)
 
 
 def log_group(settings: CloudWatchSettings, ident: Identity) -> str:
