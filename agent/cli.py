@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -145,6 +144,7 @@ def deep_check(
     import asyncio
 
     from agent import deepcheck, deeprecord
+    from agent.kube import in_cluster
     from agent.nodestate import LocalStateFile
     from checks.api import seconds
 
@@ -164,14 +164,11 @@ def deep_check(
         typer.echo(f"node-health: not running the deep check: {busy} (--force to run)", err=True)
         raise typer.Exit(2)
     run_id = deepcheck.new_run_id()
-    records = settings.state_dir / "deep-health-check"
+    records = settings.state_dir / deeprecord.DIRECTORY
     lifecycle = None
-    in_cluster = settings.kubernetes.enabled or (
-        settings.kubernetes.enabled is None and "KUBERNETES_SERVICE_HOST" in os.environ
-    )
     if not settings.dry_run:
         deeprecord.start_record(records, run_id, ident)
-        if not in_cluster:  # in a cluster the node's daemon labels it, from the record
+        if not in_cluster(settings):  # in a cluster the node's daemon labels it, from the record
             writer = LocalStateFile(settings.state_dir / "node-state.json")
             lifecycle = deepcheck.Lifecycle(writer, settings.node_keys)
 
@@ -273,14 +270,15 @@ def logs_tail(
 ) -> None:
     """Print the agent's events from CloudWatch Logs, like `aws logs tail`."""
     from agent import logs_tail as lt
+    from agent.sinks.cloudwatch import log_group as hyperpod_log_group
 
     settings, _, _ = _setup(config)
     cluster, cluster_id = cluster or settings.cluster_name, cluster_id or settings.cluster_id
-    group = log_group or settings.cloudwatch.log_group
-    if not group and not (cluster and cluster_id):
+    given = log_group or settings.cloudwatch.log_group
+    if not given and not (cluster and cluster_id):
         typer.echo("node-health: give --log-group, or --cluster and --cluster-id", err=True)
         raise typer.Exit(2)
-    group = group or f"/aws/sagemaker/Clusters/{cluster}/{cluster_id}"
+    group = hyperpod_log_group(given, cluster, cluster_id)
     try:
         start = lt.since_ms(since)
     except ValueError as exc:

@@ -52,7 +52,7 @@ class Paths:
     policy_state: str = "policy-state.json"
     node_state: str = "node-state.json"
     spool: str = "spool"
-    deep_check: str = "deep-health-check"  # one <run id>.jsonl per run
+    deep_check: str = deeprecord.DIRECTORY  # one <run id>.jsonl per run
     cloudwatch_cursor: str = "cloudwatch.cursor"  # how far the spool has shipped
 
 
@@ -171,10 +171,13 @@ class Agent:
             now = "fault" if t.active else str(t.status)
             if _RESULT_RANK[now] >= _RESULT_RANK.get(checks.get(t.check, "ok"), 0):
                 checks[t.check] = now
-        state = with_deep_check(
-            desired(self.policy, self.settings.node_keys), self.deep_status, self.settings
-        )
-        return {"verdict": str(self.policy.verdict), "labels": state.labels, "checks": checks}
+        labels = self._node_state().labels
+        return {"verdict": str(self.policy.verdict), "labels": labels, "checks": checks}
+
+    def _node_state(self) -> NodeState:
+        """What the node should look like: the policy's state with the deep check's label."""
+        state = desired(self.policy, self.settings.node_keys)
+        return with_deep_check(state, self.deep_status, self.settings)
 
     async def _command(self, cmd: dict[str, object]) -> None:
         """A command from MQTT: `deep-check` (`force`), `run-check` (`check`). Each is
@@ -232,8 +235,7 @@ class Agent:
         if self.settings.dry_run:
             return
         try:
-            state = desired(self.policy, self.settings.node_keys)
-            await self.writer.apply(with_deep_check(state, self.deep_status, self.settings))
+            await self.writer.apply(self._node_state())
         except Exception as exc:  # the node write is retried at the next change
             log.error("node_write_failed", error=repr(exc))
 

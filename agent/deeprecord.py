@@ -19,6 +19,7 @@ from agent.events import dumps, rfc3339
 from agent.identity import Identity
 from checks.api import Action, Finding, Status
 
+DIRECTORY = "deep-health-check"  # under the state dir
 FAILED = "failed"  # a test's result word (deepcheck.Outcome.FAILED)
 
 

@@ -10,18 +10,22 @@ if TYPE_CHECKING:
     from agent.kube.client import KubeClient
 
 
+def in_cluster(settings: Settings) -> bool:
+    """Whether the agent writes its Node through the API server: as set, or when it runs in
+    a pod (KUBERNETES_SERVICE_HOST)."""
+    enabled = settings.kubernetes.enabled
+    return enabled if enabled is not None else bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+
+
 def connect(settings: Settings) -> KubeClient | None:
     """The API client when the agent runs against a cluster (settings, or in-cluster by
     KUBERNETES_SERVICE_HOST), else None. A cluster that cannot be reached from the settings
     given is a configuration error, never a silent fallback to the local state file."""
     from agent.config import ConfigError
 
-    cfg = settings.kubernetes
-    enabled = (
-        cfg.enabled if cfg.enabled is not None else bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
-    )
-    if not enabled:
+    if not in_cluster(settings):
         return None
+    cfg = settings.kubernetes
     from agent.kube.client import KubeClient
 
     try:

@@ -18,7 +18,7 @@ from typing import Self
 
 import structlog
 
-from agent.events import Event
+from agent.events import Event, rfc3339
 from agent.kube.client import KubeClient, KubeError
 from agent.threads import in_daemon_thread
 
@@ -27,10 +27,6 @@ log = structlog.get_logger("agent.kube.events")
 QUEUE = 256
 REPEAT_WINDOW = 600.0
 COMPONENT = "node-health-agent"
-
-
-def _utc(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def k8s_event(event: Event, node: str, uid: str | None, namespace: str, now: float) -> dict:
@@ -52,8 +48,8 @@ def k8s_event(event: Event, node: str, uid: str | None, namespace: str, now: flo
         "source": {"component": COMPONENT, "host": node},
         "reportingComponent": COMPONENT,
         "reportingInstance": node,
-        "firstTimestamp": _utc(now),
-        "lastTimestamp": _utc(now),
+        "firstTimestamp": rfc3339(now),
+        "lastTimestamp": rfc3339(now),
         "count": 1,
     }
 
@@ -128,7 +124,7 @@ class KubeEventSink:
         seen = self._series.get(key)
         if seen is not None and at - seen[2] <= REPEAT_WINDOW:
             name, count, _ = seen
-            patch = {"count": count + 1, "lastTimestamp": _utc(at)}
+            patch = {"count": count + 1, "lastTimestamp": rfc3339(at)}
             try:
                 self.client.patch_event(self.namespace, name, patch)
                 self._series[key] = (name, count + 1, at)

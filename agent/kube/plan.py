@@ -15,7 +15,7 @@ nothing else: a pure function, so every rule here is tested without a server.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from agent.models import NodeKeys
@@ -68,7 +68,6 @@ class Plan:
     status: dict[str, Any] | None = None  # strategic merge patch of nodes/status
     hands_off: str | None = None  # why the health label and taint were left alone
     takes_out: bool = False  # the health label goes from Schedulable (or none) to not
-    notes: list[str] = field(default_factory=list)
 
 
 def plan(

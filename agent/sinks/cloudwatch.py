@@ -51,10 +51,9 @@ PERMANENT = {
 }
 
 
-def log_group(settings: CloudWatchSettings, ident: Identity) -> str:
-    return settings.log_group or (
-        f"/aws/sagemaker/Clusters/{ident.cluster_name}/{ident.cluster_id}"
-    )
+def log_group(configured: str | None, cluster_name: str | None, cluster_id: str | None) -> str:
+    """The configured group, else HyperPod's for the cluster."""
+    return configured or f"/aws/sagemaker/Clusters/{cluster_name}/{cluster_id}"
 
 
 def enabled(settings: CloudWatchSettings, ident: Identity) -> bool:
@@ -81,7 +80,7 @@ class CloudWatchSink:
         metrics: Metrics,
     ) -> None:
         self.settings, self.identity, self.metrics = settings, identity, metrics
-        self.group = log_group(settings, identity)
+        self.group = log_group(settings.log_group, identity.cluster_name, identity.cluster_id)
         node_group = identity.node_group or "default"
         instance = identity.instance_id or identity.node_name
         self.stream = f"SagemakerHealthMonitoringAgent/{node_group}/{instance}"
