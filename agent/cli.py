@@ -236,6 +236,35 @@ def status(
         typer.echo(render(table))
 
 
+@app.command()
+def controller(config: ConfigOption = None) -> None:
+    """Run the cluster controller: drain, then reboot or replace the nodes whose health label
+    asks for it (one active replica, by a Lease). Settings: the `controller` section."""
+    import asyncio
+    import os
+
+    from agent import logs
+    from agent.config import ConfigError, load_settings
+    from agent.controller.run import run_controller
+    from agent.kube.client import KubeClient
+
+    try:
+        settings = load_settings(config)
+        logs.configure(settings.log_level)
+        if settings.controller.backend == "sagemaker" and not settings.cluster_name:
+            raise ConfigError("controller.backend sagemaker needs cluster_name")
+        cfg = settings.kubernetes
+        outside = not os.environ.get("KUBERNETES_SERVICE_HOST")
+        try:
+            client = KubeClient(cfg.kubeconfig, cfg.request_timeout, operator=outside)
+        except Exception as exc:
+            raise ConfigError(f"kubernetes: cannot load a kubeconfig: {exc}") from None
+    except ConfigError as exc:
+        typer.echo(f"node-health: configuration error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    raise typer.Exit(asyncio.run(run_controller(settings, client)))
+
+
 class Format(enum.StrEnum):
     short = "short"
     detailed = "detailed"

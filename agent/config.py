@@ -22,6 +22,7 @@ from pydantic_settings import (
 from agent.models import (
     CheckSettings,
     CloudWatchSettings,
+    ControllerSettings,
     DeepCheckSettings,
     KubernetesSettings,
     MqttSettings,
@@ -87,6 +88,7 @@ class Settings(BaseSettings):
     kubernetes: KubernetesSettings = KubernetesSettings()
     cloudwatch: CloudWatchSettings = CloudWatchSettings()
     mqtt: MqttSettings = MqttSettings()
+    controller: ControllerSettings = ControllerSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -73,6 +73,16 @@ class Metrics:
             registry=r,
         )
 
+        self.leader = Gauge(
+            "node_health_controller_leader", "1 while this controller holds the Lease", registry=r
+        )
+        self.remediation_steps = Counter(
+            "node_health_controller_steps",
+            "Remediation steps taken and reports made, by reason (RemediationStarted, ...)",
+            ["reason"],
+            registry=r,
+        )
+
     def set_verdict(self, current: Verdict) -> None:
         for v in Verdict:
             self.verdict.labels(str(v)).set(1 if v is current else 0)

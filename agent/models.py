@@ -41,6 +41,10 @@ class NodeKeys(Strict):
     owned_annotation: str = "node-health-agent.io/owned"
     remediation_annotation: str = "node-health-agent.io/remediation"  # "off": report only
     deep_check_request_annotation: str = "node-health-agent.io/deep-check"  # "run" | "force"
+    # The controller's: where a node is in its remediation (a label, to select on) and the
+    # record that lets a restarted controller carry on (an annotation, JSON).
+    remediation_step_label: str = "node-health-agent.io/remediation-step"
+    remediation_state_annotation: str = "node-health-agent.io/remediation-state"
 
 
 class SpoolSettings(Strict):
@@ -112,3 +116,40 @@ class MqttSettings(Strict):
     key_file: str | None = None
     keepalive: int = Field(30, ge=1, description="seconds; the broker calls us gone after 1.5x")
     buffer: int = Field(10_000, ge=1, description="events kept while the broker is away")
+
+
+class ControllerSettings(Strict):
+    """`node-health controller`: acts on the health labels (drain, then reboot or replace)."""
+
+    backend: str = Field(
+        "none", pattern="^(sagemaker|ec2|none)$", description="who reboots or replaces a node"
+    )
+    namespace: str = Field("node-health", description="where its Lease lives")
+    lease_name: str = "node-health-controller"
+    lease_duration: Duration = Field(15.0, description="a leader that stops renewing is gone after")
+    renew_deadline: Duration = Field(10.0, description="a leader that cannot renew stops acting")
+    retry_period: Duration = Field(2.0, description="between tries to renew or take the Lease")
+    interval: Duration = Field(5.0, description="between passes over the nodes")
+    concurrent: int = Field(1, ge=0, description="nodes in remediation at once")
+    per_hour: int = Field(4, ge=0, description="remediations started in any hour")
+    concurrent_percent: float | None = Field(
+        None, ge=0, le=100, description="nor more than this share of the agents' nodes at once"
+    )
+    drain_timeout: Duration = Field(
+        900.0, description="after this, a drain still blocked is reported, not forced"
+    )
+    force: bool = Field(
+        False, description="act when the drain deadline passes even though pods remain"
+    )
+    eviction_grace: int | None = Field(
+        None, ge=0, description="seconds each evicted pod gets; None: the pod's own"
+    )
+    reboot_timeout: Duration = Field(1800.0, description="no reboot seen after this: failed")
+    replace_timeout: Duration = Field(3600.0, description="node still here after this: failed")
+    settle: Duration = Field(
+        900.0, description="after a reboot, how long the node's agent has to decide"
+    )
+    retry_interval: Duration = Field(600.0, description="before asking the backend again")
+    reboots_before_replace: int = Field(
+        1, ge=0, description="a node that needs a reboot again after this many is replaced"
+    )

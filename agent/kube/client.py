@@ -45,6 +45,7 @@ class KubeClient:
         cfg.retries = False  # ours back off and honour Retry-After; urllib3's would not
         self.api = client.ApiClient(cfg)
         self.v1 = client.CoreV1Api(self.api)
+        self.leases = client.CoordinationV1Api(self.api)
         self.timeout = timeout
         self._watching: Any = None
 
@@ -62,6 +63,34 @@ class KubeClient:
         # resourceVersion=0: served from the API server's cache, not from etcd
         answer = self._call(self.v1.list_node, label_selector=label_selector, resource_version="0")
         return list(answer.get("items") or [])
+
+    def list_pods_on(self, node: str) -> list[dict[str, Any]]:
+        """Every pod bound to `node`, in all namespaces (fresh: not from the cache)."""
+        answer = self._call(
+            self.v1.list_pod_for_all_namespaces, field_selector=f"spec.nodeName={node}"
+        )
+        return list(answer.get("items") or [])
+
+    def evict(self, namespace: str, name: str, grace: int | None = None) -> None:
+        """The Eviction API: the API server refuses (429) what a PodDisruptionBudget forbids."""
+        body: dict[str, Any] = {
+            "apiVersion": "policy/v1",
+            "kind": "Eviction",
+            "metadata": {"name": name, "namespace": namespace},
+        }
+        if grace is not None:
+            body["deleteOptions"] = {"gracePeriodSeconds": grace}
+        self._call(self.v1.create_namespaced_pod_eviction, name, namespace, body)
+
+    def get_lease(self, namespace: str, name: str) -> dict[str, Any]:
+        return self._call(self.leases.read_namespaced_lease, name, namespace)
+
+    def create_lease(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self._call(self.leases.create_namespaced_lease, namespace, body)
+
+    def replace_lease(self, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        """PUT: the body's resourceVersion is the precondition (409 when someone wrote first)."""
+        return self._call(self.leases.replace_namespaced_lease, name, namespace, body)
 
     def create_event(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
         return self._call(self.v1.create_namespaced_event, namespace, body)

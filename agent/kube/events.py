@@ -29,8 +29,17 @@ REPEAT_WINDOW = 600.0
 COMPONENT = "node-health-agent"
 
 
-def k8s_event(event: Event, node: str, uid: str | None, namespace: str, now: float) -> dict:
-    """The core/v1 Event for one of the agent's events."""
+def k8s_event(
+    event: Event,
+    node: str,
+    uid: str | None,
+    namespace: str,
+    now: float,
+    component: str = COMPONENT,
+    instance: str | None = None,
+) -> dict:
+    """The core/v1 Event for one of our events, on `node`, reported by `component` from
+    `instance` (the node itself for its agent)."""
     details = event.get("details: ") or {}
     reason = event.get("reason") or details.get("reason") or event.get("verdict") or "NodeHealth"
     kind = "Warning" if event.get("level") in ("warn", "error") else "Normal"
@@ -45,9 +54,9 @@ def k8s_event(event: Event, node: str, uid: str | None, namespace: str, now: flo
         "reason": str(reason)[:128],
         "message": str(event.get("msg", ""))[:1024],
         "type": kind,
-        "source": {"component": COMPONENT, "host": node},
-        "reportingComponent": COMPONENT,
-        "reportingInstance": node,
+        "source": {"component": component, "host": node},
+        "reportingComponent": component,
+        "reportingInstance": instance or node,
         "firstTimestamp": rfc3339(now),
         "lastTimestamp": rfc3339(now),
         "count": 1,
@@ -60,18 +69,23 @@ class KubeEventSink:
     def __init__(
         self,
         client: KubeClient,
-        node: str,
+        node: str | None,
         namespace: str = "default",
         uid: Callable[[], str | None] = lambda: None,
+        component: str = COMPONENT,
+        instance: str | None = None,
     ) -> None:
+        """Events go on `node`; with None (the controller, reporting as `instance`) on the
+        node an event names (`node`, `node_uid`), and one that names none is not posted."""
         self.client, self.node, self.namespace, self.uid = client, node, namespace, uid
+        self.component, self.instance = component, instance
         self.dropped = 0
         self.posted = 0
         self._queue: collections.deque[tuple[Event, float]] = collections.deque()
         self._ready = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._series: dict[tuple[str, str], tuple[str, int, float]] = {}  # -> name, count, at
+        self._series: dict[tuple[str, str, str], tuple[str, int, float]] = {}  # -> name, count, at
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Self:
@@ -87,6 +101,8 @@ class KubeEventSink:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def emit(self, event: Event) -> None:
+        if self.node is None and not event.get("node"):
+            return
         if len(self._queue) >= QUEUE:
             self._queue.popleft()
             self.dropped += 1
@@ -119,8 +135,10 @@ class KubeEventSink:
             self._idle.set()
 
     def _post(self, event: Event, at: float) -> None:
-        body = k8s_event(event, self.node, self.uid(), self.namespace, at)
-        key = (body["reason"], body["message"])
+        node = str(self.node or event.get("node"))
+        uid = self.uid() if self.node else event.get("node_uid")
+        body = k8s_event(event, node, uid, self.namespace, at, self.component, self.instance)
+        key = (node, body["reason"], body["message"])
         seen = self._series.get(key)
         if seen is not None and at - seen[2] <= REPEAT_WINDOW:
             name, count, _ = seen

@@ -78,12 +78,14 @@ class CloudWatchSink:
         spool_dir: Path,
         cursor: Path,
         metrics: Metrics,
+        stream: str | None = None,
     ) -> None:
+        """`stream`: where events go (deep-check results aside); default the agent's own."""
         self.settings, self.identity, self.metrics = settings, identity, metrics
         self.group = log_group(settings.log_group, identity.cluster_name, identity.cluster_id)
         node_group = identity.node_group or "default"
         instance = identity.instance_id or identity.node_name
-        self.stream = f"SagemakerHealthMonitoringAgent/{node_group}/{instance}"
+        self.stream = stream or f"SagemakerHealthMonitoringAgent/{node_group}/{instance}"
         self.reader = SpoolReader(spool_dir, cursor)
         self._wake = asyncio.Event()
         self._caught_up = asyncio.Event()

@@ -7,7 +7,8 @@ API server applies it (merge patch: RFC 7386; strategic merge: lists merged on t
 merge key, `$patch: delete`; JSON patch: RFC 6902 with `test`), the main resource ignoring
 status and the status subresource ignoring everything else; `metadata.resourceVersion` in a
 patch as a precondition (409 on mismatch); core/v1 events create and patch, validated as the
-API server validates them; and, on demand, 403/404/429 (with Retry-After)/500 answers and slow
+API server validates them; pods, evictions against PodDisruptionBudgets and leases
+(tests/kube/fake_workloads.py); and, on demand, 403/404/429 (with Retry-After)/500 answers and slow
 responses. Every request is recorded (method, path, content type, body) for tests to assert on.
 """
 
@@ -66,6 +67,11 @@ class State:
     requests: list[Request] = field(default_factory=list)
     faults: list[Fault] = field(default_factory=list)
     delay: float = 0.0  # added to every answer
+    pods: dict[tuple[str, str], dict] = field(default_factory=dict)
+    pdbs: dict[tuple[str, str], dict] = field(default_factory=dict)
+    evictions: list[tuple[str, str, int | None]] = field(default_factory=list)
+    leases: dict[tuple[str, str], dict] = field(default_factory=dict)
+    lease_writes: list[dict] = field(default_factory=list)
 
 
 class FakeKubeAPI:
@@ -79,6 +85,7 @@ class FakeKubeAPI:
         self.url = f"http://127.0.0.1:{self._server.server_port}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self.stopped = False
+        self.hold_deletion = False  # evicted pods stay terminating until `finish_deletion`
 
     def __enter__(self) -> FakeKubeAPI:
         self._thread.start()
@@ -147,6 +154,48 @@ class FakeKubeAPI:
                 and (path is None or re.fullmatch(path, r.path))
             ]
 
+    def add_pod(self, namespace: str, name: str, node: str, **kw: Any) -> dict:
+        from tests.kube.fake_workloads import pod
+
+        with self.lock:
+            self.state.rv += 1
+            p = pod(namespace, name, node, **kw)
+            p["metadata"]["resourceVersion"] = str(self.state.rv)
+            self.state.pods[(namespace, name)] = p
+            return copy.deepcopy(p)
+
+    def pods_on(self, node: str) -> list[str]:
+        """`namespace/name` of the pods bound to `node` (terminating ones too)."""
+        with self.lock:
+            return sorted(
+                f"{ns}/{n}"
+                for (ns, n), p in self.state.pods.items()
+                if p["spec"]["nodeName"] == node
+            )
+
+    def add_pdb(self, namespace: str, name: str, selector: str, allowed: int) -> None:
+        """A PodDisruptionBudget over the pods `selector` picks, allowing `allowed` more
+        disruptions (its status.disruptionsAllowed)."""
+        with self.lock:
+            self.state.pdbs[(namespace, name)] = {
+                "name": name,
+                "selector": selector,
+                "allowed": allowed,
+                "min_available": 1,
+            }
+
+    def finish_deletion(self) -> None:
+        """Terminating pods are gone (their containers stopped)."""
+        with self.lock:
+            for key, p in list(self.state.pods.items()):
+                if p["metadata"].get("deletionTimestamp"):
+                    del self.state.pods[key]
+
+    def lease(self, namespace: str, name: str) -> dict | None:
+        with self.lock:
+            found = self.state.leases.get((namespace, name))
+            return copy.deepcopy(found) if found else None
+
     def events(self) -> list[dict]:
         with self.lock:
             return [copy.deepcopy(e) for e in self.state.events.values()]
@@ -193,6 +242,7 @@ class ApiError(Exception):
     def __init__(self, code: int, reason: str, message: str) -> None:
         super().__init__(message)
         self.code, self.reason, self.message = code, reason, message
+        self.details: dict | None = None
 
     def status(self) -> dict:
         return {
@@ -203,6 +253,7 @@ class ApiError(Exception):
             "message": self.message,
             "reason": self.reason,
             "code": self.code,
+            **({"details": self.details} if self.details else {}),
         }
 
 
@@ -383,6 +434,8 @@ _EVENTS = re.compile(r"^/api/v1/namespaces/([^/]+)/events(?:/([^/]+))?$")
 
 
 def _handler(api: FakeKubeAPI) -> type[BaseHTTPRequestHandler]:
+    from tests.kube import fake_workloads as wl
+
     class Handler(QuietHandler):
         def do_GET(self) -> None:
             self._serve("GET")
@@ -392,6 +445,9 @@ def _handler(api: FakeKubeAPI) -> type[BaseHTTPRequestHandler]:
 
         def do_POST(self) -> None:
             self._serve("POST")
+
+        def do_PUT(self) -> None:
+            self._serve("PUT")
 
         def _serve(self, method: str) -> None:
             url = urlparse(self.path)
@@ -445,6 +501,17 @@ def _handler(api: FakeKubeAPI) -> type[BaseHTTPRequestHandler]:
                 if ctype not in PATCH_TYPES:
                     raise ApiError(415, "UnsupportedMediaType", f"unknown format {ctype}")
                 return 200, api.patch_node(m.group(1), m.group(2) or "", ctype, body)
+            if wl.PODS.match(path) and method == "GET":
+                return 200, wl.list_pods(api, query)
+            if (m := wl.EVICTION.match(path)) and method == "POST":
+                return 201, wl.evict(api, m.group(1), m.group(2), body)
+            if m := wl.LEASES.match(path):
+                if method == "GET" and m.group(2):
+                    return 200, wl.get_lease(api, m.group(1), m.group(2))
+                if method == "POST" and not m.group(2):
+                    return 201, wl.create_lease(api, m.group(1), body)
+                if method == "PUT" and m.group(2):
+                    return 200, wl.replace_lease(api, m.group(1), m.group(2), body)
             if (m := _EVENTS.match(path)) and method == "POST" and not m.group(2):
                 return 201, self._create_event(m.group(1), body)
             if (m := _EVENTS.match(path)) and method == "PATCH" and m.group(2):

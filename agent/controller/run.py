@@ -1,0 +1,197 @@
+"""`node-health controller`: one active replica (the Lease), a pass over the nodes every
+`interval`, and the events of each step to the spool, stdout, CloudWatch and the node's
+Kubernetes Events.
+
+Two loops: one keeps the Lease (every `retry_period`), one runs passes in a thread while this
+replica leads. A pass checks leadership before each write, and a write that the Lease fences
+off is not done, so a replica that lost the Lease stops within `renew_deadline`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import time
+import uuid
+from pathlib import Path
+
+import structlog
+
+from agent.config import Settings
+from agent.controller.backends import backend
+from agent.controller.lease import Elector
+from agent.controller.remediator import Remediator
+from agent.events import rfc3339
+from agent.identity import Identity
+from agent.kube.client import KubeClient
+from agent.metrics import Metrics
+from agent.server import HealthServer
+from agent.sinks import Fanout, Sink
+from agent.sinks.spool import SpoolSink
+from agent.sinks.stdout import StdoutSink
+from agent.threads import in_daemon_thread
+
+log = structlog.get_logger("agent.controller")
+
+COMPONENT = "node-health-controller"
+
+
+def holder_identity() -> str:
+    """Unique per process, readable per pod (as client-go's `<hostname>_<uuid>`)."""
+    name = os.environ.get("POD_NAME") or socket.gethostname()
+    return f"{name}_{uuid.uuid4().hex[:12]}"
+
+
+class Controller:
+    def __init__(self, settings: Settings, client: KubeClient, identity: str | None = None):
+        cfg = settings.controller
+        self.settings, self.client = settings, client
+        self.identity = identity or holder_identity()
+        self.metrics = Metrics()
+        self.elector = Elector(
+            client,
+            cfg.namespace,
+            cfg.lease_name,
+            self.identity,
+            cfg.lease_duration,
+            cfg.renew_deadline,
+        )
+        self.remediator = Remediator(
+            client,
+            settings.node_keys,
+            cfg,
+            backend(cfg.backend, settings.cluster_name),
+            settings.kubernetes.max_unschedulable_percent
+            if cfg.concurrent_percent is None
+            else cfg.concurrent_percent,
+            is_leader=lambda: self.elector.leader,
+            record_start=self.elector.record_start,
+            starts=self.elector.starts,
+        )
+        self.sinks = self._sinks(settings)
+        self.fanout = Fanout(self.sinks)
+        self._stop = asyncio.Event()
+        self._leading = asyncio.Event()
+
+    def _sinks(self, settings: Settings) -> list[Sink]:
+        state = Path(settings.state_dir) / "controller"
+        spool = settings.spool
+        sinks: list[Sink] = [
+            SpoolSink(state / "spool", spool.max_segment_bytes, spool.max_segments)
+        ]
+        if settings.stdout_events:
+            sinks.append(StdoutSink())
+        from agent.sinks import cloudwatch
+
+        me = Identity(
+            node_name=self.identity.split("_")[0],
+            region=settings.region,
+            cluster_name=settings.cluster_name,
+            cluster_id=settings.cluster_id,
+        )
+        if cloudwatch.enabled(settings.cloudwatch, me):
+            sinks.append(
+                cloudwatch.CloudWatchSink(
+                    settings.cloudwatch,
+                    me,
+                    state / "spool",
+                    state / "cloudwatch.cursor",
+                    self.metrics,
+                    stream=f"NodeHealthController/{me.cluster_name or 'cluster'}",
+                )
+            )
+        from agent.kube.events import KubeEventSink
+
+        sinks.append(
+            KubeEventSink(
+                self.client,
+                None,
+                settings.kubernetes.events_namespace,
+                component=COMPONENT,
+                instance=me.node_name,
+            )
+        )
+        return sinks
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def serve(self) -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            for sink in self.sinks:
+                await stack.enter_async_context(sink)
+            if self.settings.http_listen:
+                await stack.enter_async_context(
+                    HealthServer(
+                        self.settings.http_listen,
+                        self.metrics,
+                        live=lambda: not self._stop.is_set(),
+                        ready=lambda: True,  # a standby replica is ready too
+                    )
+                )
+            log.info(
+                "controller_started",
+                identity=self.identity,
+                backend=self.settings.controller.backend,
+                lease=f"{self.settings.controller.namespace}/{self.settings.controller.lease_name}",
+            )
+            tasks = [asyncio.create_task(self._lease_loop()), asyncio.create_task(self._passes())]
+            await self._stop.wait()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await in_daemon_thread(self.elector.release)
+            await self.fanout.flush()
+        self.client.close()
+        log.info("controller_stopped")
+
+    async def _lease_loop(self) -> None:
+        cfg = self.settings.controller
+        was = False
+        while True:
+            leading = await in_daemon_thread(self.elector.try_acquire_or_renew)
+            if leading != was:
+                log.info("leadership", leader=leading, identity=self.identity)
+                self.metrics.leader.set(1 if leading else 0)
+                await self.fanout.emit(self._notice(leading))
+                was = leading
+            if leading:
+                self._leading.set()
+            else:
+                self._leading.clear()
+            await asyncio.sleep(cfg.retry_period)
+
+    async def _passes(self) -> None:
+        cfg = self.settings.controller
+        while True:
+            await self._leading.wait()
+            try:
+                events = await in_daemon_thread(self.remediator.run_pass)
+            except Exception as exc:  # the API server away, say: try again next time
+                log.warning("pass_failed", error=str(exc))
+                events = []
+            for event in events:
+                self.metrics.remediation_steps.labels(event.get("reason", "")).inc()
+                await self.fanout.emit(event)
+            await asyncio.sleep(cfg.interval)
+
+    def _notice(self, leading: bool) -> dict:
+        msg = "leads: remediation is on" if leading else "does not lead: remediation paused"
+        return {
+            "level": "info",
+            "ts": rfc3339(time.time()),
+            "msg": f"controller {self.identity} {msg}",
+            "controller": self.identity,
+        }
+
+
+async def run_controller(settings: Settings, client: KubeClient) -> int:
+    controller = Controller(settings, client)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, controller.stop)
+    await controller.serve()
+    return 0
