@@ -1,0 +1,169 @@
+"""`node-health controller` as a real process against the fake API server, with SageMaker's
+batch calls served by a fake built from their documented shapes: leader election between two
+replicas, the drain, the reboot asked for once, events on the node, on stdout and in the spool,
+and a clean stop that hands the Lease over."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.kube.plan import Owned
+from agent.models import NodeKeys
+from tests.aws.conftest import aws_env
+from tests.aws.fake_sagemaker import FakeSageMaker
+from tests.conftest import REPO, wait_for
+from tests.kube.fake_api import FakeKubeAPI
+
+KEYS = NodeKeys()
+HEALTH, STEP = KEYS.health_status_label, KEYS.remediation_step_label
+IID = "i-0123456789abcdef0"
+LEASE = ("node-health", "node-health-controller")
+
+
+@pytest.fixture
+def sagemaker():
+    with FakeSageMaker() as fake:
+        fake.add_cluster("train-1", [IID])
+        yield fake
+
+
+def config(tmp_path: Path, kcfg: Path, name: str) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(
+        f"""cluster_name: train-1
+state_dir: {tmp_path / name}
+http_listen: ""
+kubernetes: {{kubeconfig: '{kcfg}'}}
+controller:
+  backend: sagemaker
+  interval: 0.2
+  retry_period: 0.2
+  lease_duration: 3
+  renew_deadline: 2
+"""
+    )
+    return path
+
+
+def start(cfg: Path, url: str, name: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NODE_HEALTH_", "KUBE"))}
+    env.update(aws_env(url), PYTHONPATH=str(REPO), POD_NAME=name)
+    return subprocess.Popen(
+        [sys.executable, "-m", "agent", "controller", "--config", str(cfg)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def holder(api: FakeKubeAPI) -> str:
+    lease = api.lease(*LEASE)
+    return (lease or {}).get("spec", {}).get("holderIdentity") or ""
+
+
+def test_two_replicas_one_leads_remediates_and_hands_over(
+    api: FakeKubeAPI, kcfg: Path, tmp_path: Path, sagemaker: FakeSageMaker
+) -> None:
+    api.add_node("hyperpod-" + IID, {HEALTH: "UnschedulablePendingReboot"})
+    node = "hyperpod-" + IID
+
+    def by_agent(n: dict) -> None:
+        n["status"]["nodeInfo"] = {"bootID": "boot-1"}
+        n["metadata"]["annotations"][KEYS.owned_annotation] = Owned(
+            health="UnschedulablePendingReboot"
+        ).dump()
+
+    api.edit(node, by_agent)
+    api.add_pod("team", "trainer-0", node, owner="StatefulSet")
+
+    a = start(config(tmp_path, kcfg, "a"), sagemaker.url, "ctl-a")
+    try:
+        wait_for(lambda: holder(api).startswith("ctl-a_"), timeout=20)
+        b = start(config(tmp_path, kcfg, "b"), sagemaker.url, "ctl-b")
+        try:
+            wait_for(lambda: api.node(node)["metadata"]["labels"].get(STEP) == "Rebooting", 20)
+            assert [c.body for c in sagemaker.calls] == [
+                {"ClusterName": "train-1", "NodeIds": [IID]}
+            ]
+            assert sagemaker.calls[0].operation == "BatchRebootClusterNodes"
+            assert api.state.evictions == [("team", "trainer-0", None)]
+            assert api.node(node)["spec"]["unschedulable"] is True
+            wait_for(lambda: {"RemediationStarted", "RemediationRebooting"} <= reasons(api))
+            event = next(e for e in api.events() if e["reason"] == "RemediationRebooting")
+            assert event["involvedObject"]["name"] == node
+            assert event["reportingComponent"] == "node-health-controller"
+            assert event["reportingInstance"] == "ctl-a"
+            assert event["type"] == "Warning"
+
+            a.send_signal(signal.SIGTERM)
+            assert a.wait(timeout=10) == 0
+            # a gave the Lease up: b takes it without waiting for it to expire
+            wait_for(lambda: holder(api).startswith("ctl-b_"), timeout=3)
+
+            api.edit(node, lambda n: n["status"].update(nodeInfo={"bootID": "boot-2"}))
+            wait_for(lambda: api.node(node)["metadata"]["labels"].get(STEP) == "Recovering", 10)
+
+            def back(n: dict) -> None:
+                n["metadata"]["labels"][HEALTH] = "Schedulable"
+                n["metadata"]["annotations"][KEYS.owned_annotation] = Owned(
+                    health="Schedulable"
+                ).dump()
+
+            api.edit(node, back)
+            wait_for(lambda: STEP not in api.node(node)["metadata"]["labels"], 10)
+            assert "unschedulable" not in api.node(node)["spec"]
+            assert len(sagemaker.calls) == 1  # b did not ask again
+        finally:
+            b.send_signal(signal.SIGTERM)
+            b_out, b_err = b.communicate(timeout=10)
+    finally:
+        if a.poll() is None:
+            a.kill()
+        a_out, _ = a.communicate(timeout=10)
+    assert b.returncode == 0, b_err
+    assert holder(api) == ""
+    lines = [json.loads(line) for line in (a_out + b_out).splitlines()]
+    assert all(list(e)[:3] == ["level", "ts", "msg"] for e in lines)
+    steps = [e["reason"] for e in lines if "reason" in e]
+    assert steps == [
+        "RemediationStarted",
+        "RemediationRebooting",
+        "RemediationRebooted",
+        "RemediationDone",
+    ]
+    spooled = [
+        json.loads(line)
+        for seg in sorted((tmp_path / "a" / "controller" / "spool").glob("*.jsonl"))
+        for line in seg.read_text().splitlines()
+    ]
+    assert [e.get("reason") for e in spooled if e.get("reason")] == steps[:2]
+
+
+def reasons(api: FakeKubeAPI) -> set[str]:
+    return {e["reason"] for e in api.events()}
+
+
+def test_sagemaker_backend_without_a_cluster_name_is_a_configuration_error(
+    kcfg: Path, tmp_path: Path
+) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"kubernetes: {{kubeconfig: '{kcfg}'}}\ncontroller: {{backend: sagemaker}}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NODE_HEALTH_")}
+    env["PYTHONPATH"] = str(REPO)
+    out = subprocess.run(
+        [sys.executable, "-m", "agent", "controller", "--config", str(cfg)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 2
+    assert "controller.backend sagemaker needs cluster_name" in out.stderr
