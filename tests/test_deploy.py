@@ -191,3 +191,108 @@ def test_another_node_or_no_claim_is_denied_and_others_are_not_concerned() -> No
     ]
     assert len(admitted(old, new, claim=None)) == 2  # no claim: refused, and says why
     assert admitted(old, new, user="system:node:node-a") == []
+
+
+# ---- the controller (deploy/controller/) ---------------------------------------------------
+
+CONTROLLER = DEPLOY / "controller"
+
+
+def controller_resources() -> list[dict[str, Any]]:
+    kust = yaml.safe_load((CONTROLLER / "kustomization.yaml").read_text())
+    return [
+        d
+        for name in kust["resources"]
+        for d in yaml.safe_load_all((CONTROLLER / name).read_text())
+        if d
+    ]
+
+
+def test_the_controllers_manifests_are_valid_and_its_settings_load() -> None:
+    import kubernetes_validate
+
+    from agent.config import load_settings
+
+    for doc in controller_resources():
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    settings = load_settings(CONTROLLER / "config.yaml")
+    assert settings.controller.backend == "none"  # nothing acts until chosen
+    dep = next(d for d in controller_resources() if d["kind"] == "Deployment")
+    assert dep["spec"]["replicas"] == 2
+    pod = dep["spec"]["template"]["spec"]
+    [ctl] = pod["containers"]
+    assert ctl["args"] == ["controller"]
+    env = {e["name"]: e for e in ctl["env"]}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert (
+        ctl["securityContext"]["readOnlyRootFilesystem"] and pod["securityContext"]["runAsNonRoot"]
+    )
+    assert settings.controller.lease_name in yaml.safe_dump(controller_resources())
+
+
+def test_the_controllers_rbac_is_nodes_pods_evictions_events_and_its_lease() -> None:
+    granted = {
+        (group, res, verb, tuple(rule.get("resourceNames", ())))
+        for doc in controller_resources()
+        if doc["kind"] in ("ClusterRole", "Role")
+        for rule in doc["rules"]
+        for group in rule["apiGroups"]
+        for res in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    assert granted == {
+        ("", "nodes", "list", ()),
+        ("", "nodes", "patch", ()),
+        ("", "pods", "list", ()),
+        ("", "pods/eviction", "create", ()),
+        ("", "events", "create", ()),
+        ("", "events", "patch", ()),
+        ("coordination.k8s.io", "leases", "create", ()),
+        ("coordination.k8s.io", "leases", "get", ("node-health-controller",)),
+        ("coordination.k8s.io", "leases", "update", ("node-health-controller",)),
+    }
+    role = next(d for d in controller_resources() if d["kind"] == "Role")
+    assert "namespace" not in role["metadata"]  # kustomize puts it in node-health
+
+
+def test_the_controller_kustomization_builds() -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl not installed (the manifests are validated one by one above)")
+    out = subprocess.run(
+        [kubectl, "kustomize", str(CONTROLLER)], capture_output=True, text=True, check=True
+    )
+    built = [d for d in yaml.safe_load_all(out.stdout) if d]
+    assert {
+        d["metadata"].get("namespace") for d in built if d["kind"] in ("Role", "Deployment")
+    } == {"node-health"}
+    dep = next(d for d in built if d["kind"] == "Deployment")
+    cm = next(d for d in built if d["kind"] == "ConfigMap")
+    volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["config"]["configMap"]["name"] == cm["metadata"]["name"]
+
+
+def test_the_iam_policies_grant_what_each_backend_calls() -> None:
+    import json
+
+    def actions(name: str) -> set[str]:
+        policy = json.loads((CONTROLLER / "iam" / name).read_text())
+        return {a for s in policy["Statement"] for a in s["Action"]}
+
+    import botocore.session
+
+    session = botocore.session.get_session()
+    for name, service in (("sagemaker.json", "sagemaker"), ("ec2.json", "ec2")):
+        model = session.get_service_model(service)
+        for action in actions(name):
+            assert action.split(":")[1] in model.operation_names  # a real operation
+    assert actions("sagemaker.json") == {
+        "sagemaker:BatchRebootClusterNodes",
+        "sagemaker:BatchReplaceClusterNodes",
+    }
+    assert actions("ec2.json") == {"ec2:RebootInstances", "ec2:TerminateInstances"}
+    assert actions("cloudwatch.json") == {
+        "logs:CreateLogGroup",
+        "logs:CreateLogStream",
+        "logs:PutLogEvents",
+    }
