@@ -139,8 +139,25 @@ def deep_check(
     force: Annotated[
         bool, typer.Option("--force", help="Run even while processes use the accelerators.")
     ] = False,
+    connectivity: Annotated[
+        bool,
+        typer.Option(
+            "--connectivity",
+            help="Instead: NCCL all-reduce across pairs of --nodes (MPIJobs in the cluster).",
+        ),
+    ] = False,
+    nodes: Annotated[
+        str, typer.Option(help="With --connectivity: the nodes, comma-separated.")
+    ] = "",
+    kubeconfig: Annotated[
+        str | None,
+        typer.Option(help="With --connectivity: a kubeconfig (default as kubectl's)."),
+    ] = None,
 ) -> None:
-    """Run the deep health check on this node: exit 0 passed, 1 failed, 2 could not judge."""
+    """Run the deep health check on this node, or with --connectivity across nodes of the
+    cluster: exit 0 passed, 1 failed, 2 could not judge."""
+    if connectivity:
+        _connectivity(config, nodes, kubeconfig, dry_run, as_json or not sys.stdout.isatty())
     import asyncio
 
     from agent import deepcheck, deeprecord
@@ -203,6 +220,41 @@ def deep_check(
         typer.echo(f"\ndeep-health-check-status: {status} ({event['msg']})")
         typer.echo(f"results: {path}")
     raise typer.Exit(code)
+
+
+def _connectivity(
+    config: Path | None, nodes: str, kubeconfig: str | None, dry_run: bool, lines: bool
+) -> None:
+    from agent import logs
+    from agent.config import ConfigError, load_settings
+    from agent.controller.connectivity import Connectivity, ConnectivityError
+    from agent.controller.pairs import Verdict
+    from agent.events import dumps
+    from agent.kube.client import KubeClient, KubeError
+
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        typer.echo(f"node-health: configuration error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    logs.configure(settings.log_level)
+    names = [n.strip() for n in nodes.split(",") if n.strip()]
+
+    def say(event: dict) -> None:
+        typer.echo(dumps(event) if lines else f"{event['ts']} {event['level']:5} {event['msg']}")
+
+    try:
+        client = KubeClient(kubeconfig or settings.kubernetes.kubeconfig, operator=True)
+        check = Connectivity(client, settings.controller.connectivity, settings.node_keys, say)
+        verdicts = check.check(names, mark=not dry_run)
+    except (ConnectivityError, KubeError) as exc:
+        typer.echo(f"node-health: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except Exception as exc:  # no kubeconfig, a bad one
+        typer.echo(f"node-health: cannot reach the cluster: {exc}", err=True)
+        raise typer.Exit(2) from None
+    found = set(verdicts.values())
+    raise typer.Exit(1 if Verdict.FAILED in found else 2 if Verdict.UNKNOWN in found else 0)
 
 
 @app.command()

@@ -118,6 +118,52 @@ class MqttSettings(Strict):
     buffer: int = Field(10_000, ge=1, description="events kept while the broker is away")
 
 
+# As in aws-samples/awsome-distributed-training's nccl-tests MPIJob for EKS (EFA, GPUDirect).
+LAUNCHER = [
+    "mpirun",
+    "--allow-run-as-root",
+    "-np",
+    "{ranks}",
+    "-N",
+    "{gpus}",
+    "-x",
+    "FI_PROVIDER=efa",
+    "-x",
+    "FI_EFA_USE_DEVICE_RDMA=1",
+    "-x",
+    "NCCL_DEBUG=WARN",
+    "/opt/nccl-tests/build/all_reduce_perf",
+    "-b",
+    "8",
+    "-e",
+    "{size}",
+    "-f",
+    "2",
+    "-g",
+    "1",
+]
+
+
+class ConnectivitySettings(Strict):
+    """The multi-node deep check: NCCL all-reduce across pairs of nodes, as MPIJobs (the
+    Kubeflow MPI Operator's kubeflow.org/v2beta1, which must be installed)."""
+
+    image: str = Field(
+        "public.ecr.aws/hpc-cloud/nccl-tests:latest",
+        description="nccl-tests built with MPI, EFA's libfabric and aws-ofi-nccl",
+    )
+    command: list[str] = Field(
+        default_factory=lambda: list(LAUNCHER),
+        description="the launcher's command; {ranks}, {gpus} and {size} are filled in",
+    )
+    namespace: str = Field("node-health", description="where the MPIJobs run")
+    max_share: float = Field(
+        0.1, gt=0, le=1, description="at most this share of the fleet under test at once"
+    )
+    timeout: Duration = Field(1800.0, description="one pair's test, start to result")
+    poll: Duration = Field(5.0, description="between looks at a running test")
+
+
 class ControllerSettings(Strict):
     """`node-health controller`: acts on the health labels (drain, then reboot or replace)."""
 
@@ -153,3 +199,4 @@ class ControllerSettings(Strict):
     reboots_before_replace: int = Field(
         1, ge=0, description="a node that needs a reboot again after this many is replaced"
     )
+    connectivity: ConnectivitySettings = ConnectivitySettings()

@@ -46,6 +46,7 @@ class KubeClient:
         self.api = client.ApiClient(cfg)
         self.v1 = client.CoreV1Api(self.api)
         self.leases = client.CoordinationV1Api(self.api)
+        self.custom = client.CustomObjectsApi(self.api)
         self.timeout = timeout
         self._watching: Any = None
 
@@ -81,6 +82,47 @@ class KubeClient:
         if grace is not None:
             body["deleteOptions"] = {"gracePeriodSeconds": grace}
         self._call(self.v1.create_namespaced_pod_eviction, name, namespace, body)
+
+    def list_pods(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        answer = self._call(self.v1.list_namespaced_pod, namespace, label_selector=label_selector)
+        return list(answer.get("items") or [])
+
+    def pod_log(self, namespace: str, name: str, container: str | None = None) -> str:
+        """A pod's log (of `container`), as text."""
+        kw = {"container": container} if container else {}
+        try:
+            resp = self.v1.read_namespaced_pod_log(
+                name, namespace, _preload_content=False, _request_timeout=self.timeout, **kw
+            )
+            return resp.data.decode(errors="replace")
+        except Exception as exc:
+            raise _error(exc) from exc
+
+    def create_object(
+        self, group: str, version: str, namespace: str, plural: str, body: dict
+    ) -> dict:
+        return self._call(
+            self.custom.create_namespaced_custom_object, group, version, namespace, plural, body
+        )
+
+    def get_object(self, group: str, version: str, namespace: str, plural: str, name: str) -> dict:
+        return self._call(
+            self.custom.get_namespaced_custom_object, group, version, namespace, plural, name
+        )
+
+    def delete_object(
+        self, group: str, version: str, namespace: str, plural: str, name: str
+    ) -> None:
+        """Deleted with its pods (propagation Background)."""
+        self._call(
+            self.custom.delete_namespaced_custom_object,
+            group,
+            version,
+            namespace,
+            plural,
+            name,
+            propagation_policy="Background",
+        )
 
     def get_lease(self, namespace: str, name: str) -> dict[str, Any]:
         return self._call(self.leases.read_namespaced_lease, name, namespace)

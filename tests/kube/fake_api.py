@@ -72,6 +72,10 @@ class State:
     evictions: list[tuple[str, str, int | None]] = field(default_factory=list)
     leases: dict[tuple[str, str], dict] = field(default_factory=dict)
     lease_writes: list[dict] = field(default_factory=list)
+    mpijobs: dict[tuple[str, str], dict] = field(default_factory=dict)
+    deleted_mpijobs: list[str] = field(default_factory=list)
+    most_mpijobs: int = 0  # the most that existed at once
+    logs: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
 class FakeKubeAPI:
@@ -449,6 +453,9 @@ def _handler(api: FakeKubeAPI) -> type[BaseHTTPRequestHandler]:
         def do_PUT(self) -> None:
             self._serve("PUT")
 
+        def do_DELETE(self) -> None:
+            self._serve("DELETE")
+
         def _serve(self, method: str) -> None:
             url = urlparse(self.path)
             query = {k: v[-1] for k, v in parse_qs(url.query).items()}
@@ -501,6 +508,17 @@ def _handler(api: FakeKubeAPI) -> type[BaseHTTPRequestHandler]:
                 if ctype not in PATCH_TYPES:
                     raise ApiError(415, "UnsupportedMediaType", f"unknown format {ctype}")
                 return 200, api.patch_node(m.group(1), m.group(2) or "", ctype, body)
+            if (m := wl.MPIJOBS.match(path)) and m.group(2):
+                if method == "GET":
+                    return 200, wl.get_mpijob(api, m.group(1), m.group(2))
+                if method == "DELETE":
+                    return 200, wl.delete_mpijob(api, m.group(1), m.group(2))
+            if (m := wl.MPIJOBS.match(path)) and method == "POST":
+                return 201, wl.create_mpijob(api, m.group(1), body)
+            if (m := wl.NS_PODS.match(path)) and method == "GET":
+                return 200, wl.list_namespaced_pods(api, m.group(1), query)
+            if (m := wl.POD_LOG.match(path)) and method == "GET":
+                return 200, wl.pod_log(api, m.group(1), m.group(2))
             if wl.PODS.match(path) and method == "GET":
                 return 200, wl.list_pods(api, query)
             if (m := wl.EVICTION.match(path)) and method == "POST":
@@ -621,9 +639,10 @@ def _handler(api: FakeKubeAPI) -> type[BaseHTTPRequestHandler]:
 
         def _send(self, code: int, body: Any, headers: dict[str, str] | None = None) -> None:
             self.record.code = code
-            data = json.dumps(body).encode()
+            text = isinstance(body, wl.Text)
+            data = body.encode() if text else json.dumps(body).encode()
             self.send_response(code)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", "text/plain" if text else "application/json")
             self.send_header("Content-Length", str(len(data)))
             for k, v in (headers or {}).items():
                 self.send_header(k, v)

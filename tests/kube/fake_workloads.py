@@ -248,3 +248,107 @@ def _validate_lease(body: Any, namespace: str) -> None:
             problems.append(f"spec.{key}: not a MicroTime (RFC 3339 with microseconds)")
     if problems:
         raise ApiError(422, "Invalid", "; ".join(problems))
+
+
+# -- MPIJobs (kubeflow.org/v2beta1, the MPI Operator's) and pod logs ------------------------------
+
+MPIJOBS = re.compile(r"^/apis/kubeflow\.org/v2beta1/namespaces/([^/]+)/mpijobs(?:/([^/]+))?$")
+NS_PODS = re.compile(r"^/api/v1/namespaces/([^/]+)/pods$")
+POD_LOG = re.compile(r"^/api/v1/namespaces/([^/]+)/pods/([^/]+)/log$")
+
+
+class Text(str):
+    """An answer served as text/plain (a pod's log)."""
+
+
+def create_mpijob(api: FakeKubeAPI, namespace: str, body: Any) -> dict:
+    if not isinstance(body, dict) or body.get("kind") != "MPIJob":
+        raise ApiError(400, "BadRequest", "the body must be an MPIJob")
+    if body.get("apiVersion") != "kubeflow.org/v2beta1":
+        raise ApiError(400, "BadRequest", f"no kind MPIJob in {body.get('apiVersion')}")
+    name = (body.get("metadata") or {}).get("name") or ""
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name) or len(name) > 63:
+        raise ApiError(422, "Invalid", f"metadata.name: Invalid value: {name!r}")
+    specs = (body.get("spec") or {}).get("mpiReplicaSpecs") or {}
+    if set(specs) != {"Launcher", "Worker"}:
+        raise ApiError(422, "Invalid", "spec.mpiReplicaSpecs: Launcher and Worker required")
+    for role, spec in specs.items():
+        containers = (((spec.get("template") or {}).get("spec") or {}).get("containers")) or []
+        if not containers or not all(c.get("image") and c.get("name") for c in containers):
+            raise ApiError(422, "Invalid", f"spec.mpiReplicaSpecs[{role}]: containers invalid")
+    with api.lock:
+        if (namespace, name) in api.state.mpijobs:
+            raise ApiError(409, "AlreadyExists", f'mpijobs.kubeflow.org "{name}" already exists')
+        api.state.rv += 1
+        job = copy.deepcopy(body)
+        job["metadata"].update(namespace=namespace, resourceVersion=str(api.state.rv))
+        job["status"] = {}
+        api.state.mpijobs[(namespace, name)] = job
+        api.state.most_mpijobs = max(api.state.most_mpijobs, len(api.state.mpijobs))
+        api.lock.notify_all()
+        return copy.deepcopy(job)
+
+
+def get_mpijob(api: FakeKubeAPI, namespace: str, name: str) -> dict:
+    with api.lock:
+        job = api.state.mpijobs.get((namespace, name))
+        if job is None:
+            raise ApiError(404, "NotFound", f'mpijobs.kubeflow.org "{name}" not found')
+        return copy.deepcopy(job)
+
+
+def delete_mpijob(api: FakeKubeAPI, namespace: str, name: str) -> dict:
+    with api.lock:
+        if api.state.mpijobs.pop((namespace, name), None) is None:
+            raise ApiError(404, "NotFound", f'mpijobs.kubeflow.org "{name}" not found')
+        for key, p in list(api.state.pods.items()):
+            if (
+                key[0] == namespace
+                and p["metadata"]["labels"].get("training.kubeflow.org/job-name") == name
+            ):
+                del api.state.pods[key]
+        api.state.deleted_mpijobs.append(name)
+    return {"kind": "Status", "apiVersion": "v1", "status": "Success"}
+
+
+def list_namespaced_pods(api: FakeKubeAPI, namespace: str, query: dict[str, str]) -> dict:
+    out = list_pods(api, query)
+    out["items"] = [p for p in out["items"] if p["metadata"]["namespace"] == namespace]
+    return out
+
+
+def pod_log(api: FakeKubeAPI, namespace: str, name: str) -> Text:
+    with api.lock:
+        if (namespace, name) not in api.state.pods:
+            raise ApiError(404, "NotFound", f'pods "{name}" not found')
+        return Text(api.state.logs.get((namespace, name), ""))
+
+
+def finish_mpijob(api: FakeKubeAPI, namespace: str, name: str, succeeded: bool, log: str) -> None:
+    """What the MPI Operator and the launcher do: a launcher pod that printed `log`, and the
+    job's Succeeded or Failed condition."""
+    with api.lock:
+        job = api.state.mpijobs[(namespace, name)]
+        pod_name = f"{name}-launcher-x7k2p"
+        p = pod(
+            namespace,
+            pod_name,
+            "cpu-node",
+            labels={
+                "training.kubeflow.org/job-name": name,
+                "training.kubeflow.org/job-role": "launcher",
+            },
+            owner="Job",
+            phase="Succeeded" if succeeded else "Failed",
+        )
+        api.state.pods[(namespace, pod_name)] = p
+        api.state.logs[(namespace, pod_name)] = log
+        kind = "Succeeded" if succeeded else "Failed"
+        job["status"] = {
+            "conditions": [
+                {"type": "Created", "status": "True", "reason": "MPIJobCreated"},
+                {"type": "Running", "status": "False", "reason": "MPIJobRunning"},
+                {"type": kind, "status": "True", "reason": f"MPIJob{kind}"},
+            ]
+        }
+        api.state.rv += 1
