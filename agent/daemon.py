@@ -35,7 +35,7 @@ from agent.policy import (
     rule_table,
 )
 from agent.runner import CHECK_ERROR, Runner
-from agent.server import HealthServer
+from agent.server import serve_health
 from agent.sinks import Fanout, Sink
 from agent.sinks.spool import SpoolSink
 from agent.sinks.stdout import StdoutSink
@@ -341,15 +341,13 @@ class Agent:
                 await stack.enter_async_context(self.writer)  # the Kubernetes writer's loops
             for sink in self.sinks:
                 await stack.enter_async_context(sink)
-            if self.settings.http_listen:
-                await stack.enter_async_context(
-                    HealthServer(
-                        self.settings.http_listen,
-                        self.metrics,
-                        live=lambda: not self._stop.is_set(),
-                        ready=lambda: self._ready,
-                    )
-                )
+            await serve_health(
+                stack,
+                self.settings.http_listen,
+                self.metrics,
+                live=lambda: not self._stop.is_set(),
+                ready=lambda: self._ready,
+            )
             async with self._lock:
                 await self._publish(self.policy.observe([]))  # what loading found (a reboot)
                 await self._reconcile()  # level-triggered: make the node match on start

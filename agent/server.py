@@ -21,6 +21,18 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+async def serve_health(
+    stack: contextlib.AsyncExitStack,
+    listen: str,
+    metrics: Metrics,
+    live: Callable[[], bool],
+    ready: Callable[[], bool],
+) -> None:
+    """Start the health server on `stack` (closed with it), unless `listen` is empty."""
+    if listen:
+        await stack.enter_async_context(HealthServer(listen, metrics, live, ready))
+
+
 class HealthServer:
     def __init__(
         self, listen: str, metrics: Metrics, live: Callable[[], bool], ready: Callable[[], bool]

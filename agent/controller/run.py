@@ -28,7 +28,7 @@ from agent.events import rfc3339
 from agent.identity import Identity
 from agent.kube.client import KubeClient
 from agent.metrics import Metrics
-from agent.server import HealthServer
+from agent.server import serve_health
 from agent.sinks import Fanout, Sink
 from agent.sinks.spool import SpoolSink
 from agent.sinks.stdout import StdoutSink
@@ -123,15 +123,13 @@ class Controller:
         async with contextlib.AsyncExitStack() as stack:
             for sink in self.sinks:
                 await stack.enter_async_context(sink)
-            if self.settings.http_listen:
-                await stack.enter_async_context(
-                    HealthServer(
-                        self.settings.http_listen,
-                        self.metrics,
-                        live=lambda: not self._stop.is_set(),
-                        ready=lambda: True,  # a standby replica is ready too
-                    )
-                )
+            await serve_health(
+                stack,
+                self.settings.http_listen,
+                self.metrics,
+                live=lambda: not self._stop.is_set(),
+                ready=lambda: True,  # a standby replica is ready too
+            )
             log.info(
                 "controller_started",
                 identity=self.identity,

@@ -173,12 +173,17 @@ def _success() -> dict:
 # -- leases -----------------------------------------------------------------------------------
 
 
+def _get(store: dict, resource: str, namespace: str, name: str) -> dict:
+    """Call with the lock held."""
+    found = store.get((namespace, name))
+    if found is None:
+        raise ApiError(404, "NotFound", f'{resource} "{name}" not found')
+    return copy.deepcopy(found)
+
+
 def get_lease(api: FakeKubeAPI, namespace: str, name: str) -> dict:
     with api.lock:
-        lease = api.state.leases.get((namespace, name))
-        if lease is None:
-            raise ApiError(404, "NotFound", f'leases.coordination.k8s.io "{name}" not found')
-        return copy.deepcopy(lease)
+        return _get(api.state.leases, "leases.coordination.k8s.io", namespace, name)
 
 
 def create_lease(api: FakeKubeAPI, namespace: str, body: Any) -> dict:
@@ -291,10 +296,7 @@ def create_mpijob(api: FakeKubeAPI, namespace: str, body: Any) -> dict:
 
 def get_mpijob(api: FakeKubeAPI, namespace: str, name: str) -> dict:
     with api.lock:
-        job = api.state.mpijobs.get((namespace, name))
-        if job is None:
-            raise ApiError(404, "NotFound", f'mpijobs.kubeflow.org "{name}" not found')
-        return copy.deepcopy(job)
+        return _get(api.state.mpijobs, "mpijobs.kubeflow.org", namespace, name)
 
 
 def delete_mpijob(api: FakeKubeAPI, namespace: str, name: str) -> dict:
