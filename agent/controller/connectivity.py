@@ -286,7 +286,7 @@ class Connectivity:
             self.client.patch_node(node, patch, MERGE)
         except KubeError as exc:
             self._say("error", f"{node}: the result could not be written: {exc}", node=node)
-        level = {"Failed": "error", "Passed": "info"}.get(str(verdict), "warn")
+        level = {Verdict.FAILED: "error", Verdict.PASSED: "info", Verdict.UNKNOWN: "warn"}[verdict]
         msg = {
             Verdict.FAILED: "Encountered FaultyInstance. Replace the Instance. "
             "InstanceConnectivity failed against nodes known good",

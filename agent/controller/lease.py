@@ -85,7 +85,7 @@ class Elector:
                 "apiVersion": "coordination.k8s.io/v1",
                 "kind": "Lease",
                 "metadata": {"name": self.name, "namespace": self.namespace},
-                "spec": self._spec(wall, wall, 0),
+                "spec": self._spec_times(microtime(wall), wall, 0),
             }
             self._lease = self.client.create_lease(self.namespace, body)
             self._won(now)
@@ -107,7 +107,8 @@ class Elector:
             self._lease = self.client.replace_lease(self.namespace, self.name, lease)
         except KubeError as exc:
             if exc.status == 409:  # another wrote first: look again next time
-                self._renewed_at = None if not mine else self._renewed_at
+                if not mine:
+                    self._renewed_at = None
                 return self.leader
             raise
         if not mine:
@@ -119,9 +120,6 @@ class Elector:
         self._renewed_at = now
         spec = (self._lease or {}).get("spec") or {}
         self._observed, self._observed_at = (self.identity, str(spec.get("renewTime"))), now
-
-    def _spec(self, acquire: float, renew: float, transitions: int) -> dict:
-        return self._spec_times(microtime(acquire), renew, transitions)
 
     def _spec_times(self, acquire: str, renew: float, transitions: int) -> dict:
         return {

@@ -53,13 +53,14 @@ class Remediator:
         self.is_leader, self.record_start, self.starts = is_leader, record_start, starts
         self.wall = wall
         self.events: list[Event] = []
+        self._fleet: int | None = None  # the agents' nodes, counted once a pass when needed
         self._noted: dict[str, str] = {}  # node -> the last "not now" said about it
 
     # -- the pass -------------------------------------------------------------------------
 
     def run_pass(self) -> list[Event]:
         """Look at every node concerned once; the events of what was done."""
-        self.events = []
+        self.events, self._fleet = [], None
         keys = self.keys
         pending = ",".join(sorted(PENDING))
         needing = self.client.list_nodes(f"{keys.health_status_label} in ({pending})")
@@ -150,7 +151,9 @@ class Remediator:
     def _fleet_refuses(self, budget: Budget) -> str | None:
         if self.percent is None:
             return None
-        fleet = len(self.client.list_nodes(self.keys.health_status_label)) or 1
+        if self._fleet is None:
+            self._fleet = len(self.client.list_nodes(self.keys.health_status_label)) or 1
+        fleet = self._fleet
         after = len(budget.in_progress) + 1
         if after * 100 > self.percent * fleet:
             return (
