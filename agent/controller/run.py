@@ -4,7 +4,8 @@ Kubernetes Events.
 
 Two loops: one keeps the Lease (every `retry_period`), one runs passes in a thread while this
 replica leads. A pass checks leadership before each write, and a write that the Lease fences
-off is not done, so a replica that lost the Lease stops within `renew_deadline`.
+off is not done, so a replica that lost the Lease stops within `renew_deadline`. On a stop the
+pass under way finishes and its events go out before the Lease is given up.
 """
 
 from __future__ import annotations
@@ -74,7 +75,6 @@ class Controller:
         self.sinks = self._sinks(settings)
         self.fanout = Fanout(self.sinks)
         self._stop = asyncio.Event()
-        self._leading = asyncio.Event()
 
     def _sinks(self, settings: Settings) -> list[Sink]:
         state = Path(settings.state_dir) / "controller"
@@ -136,11 +136,12 @@ class Controller:
                 backend=self.settings.controller.backend,
                 lease=f"{self.settings.controller.namespace}/{self.settings.controller.lease_name}",
             )
-            tasks = [asyncio.create_task(self._lease_loop()), asyncio.create_task(self._passes())]
-            await self._stop.wait()
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            lease = asyncio.create_task(self._lease_loop())
+            # A pass under way when asked to stop finishes, and its events are sent: what it
+            # wrote to the nodes is said, and nothing is written after the Lease is given up.
+            await self._passes()
+            lease.cancel()
+            await asyncio.gather(lease, return_exceptions=True)
             await in_daemon_thread(self.elector.release)
             await self.fanout.flush()
         self.client.close()
@@ -156,25 +157,25 @@ class Controller:
                 self.metrics.leader.set(1 if leading else 0)
                 await self.fanout.emit(self._notice(leading))
                 was = leading
-            if leading:
-                self._leading.set()
-            else:
-                self._leading.clear()
             await asyncio.sleep(cfg.retry_period)
 
     async def _passes(self) -> None:
+        """A pass every `interval` while this replica leads, until asked to stop."""
         cfg = self.settings.controller
-        while True:
-            await self._leading.wait()
-            try:
-                events = await in_daemon_thread(self.remediator.run_pass)
-            except Exception as exc:  # the API server away, say: try again next time
-                log.warning("pass_failed", error=str(exc))
-                events = []
-            for event in events:
-                self.metrics.remediation_steps.labels(event.get("reason", "")).inc()
-                await self.fanout.emit(event)
-            await asyncio.sleep(cfg.interval)
+        while not self._stop.is_set():
+            leading = self.elector.leader
+            if leading:
+                try:
+                    events = await in_daemon_thread(self.remediator.run_pass)
+                except Exception as exc:  # the API server away, say: try again next time
+                    log.warning("pass_failed", error=str(exc))
+                    events = []
+                for event in events:
+                    self.metrics.remediation_steps.labels(event.get("reason", "")).inc()
+                    await self.fanout.emit(event)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(cfg.interval if leading else cfg.retry_period):
+                    await self._stop.wait()
 
     def _notice(self, leading: bool) -> dict:
         msg = "leads: remediation is on" if leading else "does not lead: remediation paused"
