@@ -59,10 +59,13 @@ def test_deep_check_results_go_to_their_own_stream(cli_env, tmp_path, moto_url):
         "deep_check: {on_first_start: true, level: 1}\n"
     )
     proc = start(env, "--config", identity(str(cfg)))
+
+    def shipped() -> bool:  # the result in its stream, not only the stream made
+        found = [s for s in streams(moto_url) if s.startswith("DeepHealthCheckResults/")]
+        return bool(found) and bool(all_events(moto_url, GROUP, found[0]))
+
     try:
-        wait_for(
-            lambda: any(s.startswith("DeepHealthCheckResults/") for s in streams(moto_url)), 30
-        )
+        wait_for(shipped, 30)
     finally:
         stop(proc)
     [deep] = [s for s in streams(moto_url) if s.startswith("DeepHealthCheckResults/")]
