@@ -121,17 +121,20 @@ class MqttSink:
                     tls_params=tls,
                     timeout=10,
                 ) as client:
-                    await client.publish(self.status_topic, self._online(True), qos=1, retain=True)
                     for topic in self.command_topics:
                         await client.subscribe(topic, qos=1)
-                    if self.buffer:  # what waited while the broker was away
-                        self._ready.set()
                     if not self.connected:
                         log.info("mqtt_connected", broker=f"{s.host}:{s.port}")
                     self.connected, delay = True, BACKOFF_MIN
+                    # The status goes first, and only once connected is set: a stop that
+                    # comes after a subscriber saw "online" is then always followed by
+                    # "offline" (a clean disconnect suppresses the will).
+                    self._status_due.set()
+                    if self.buffer:  # what waited while the broker was away
+                        self._ready.set()
                     async with asyncio.TaskGroup() as tg:
-                        tg.create_task(self._publish(client))
                         tg.create_task(self._statuses(client))
+                        tg.create_task(self._publish(client))
                         async for message in client.messages:
                             await self._command(message.payload)
             except* aiomqtt.MqttError as group:
