@@ -41,6 +41,9 @@ class NodeKeys(Strict):
     owned_annotation: str = "node-health-agent.io/owned"
     remediation_annotation: str = "node-health-agent.io/remediation"  # "off": report only
     deep_check_request_annotation: str = "node-health-agent.io/deep-check"  # "run" | "force"
+    # A multi-node connectivity check asked of the controller (any value); removed with the
+    # result.
+    connectivity_request_annotation: str = "node-health-agent.io/connectivity-request"
     # The controller's: where a node is in its remediation (a label, to select on) and the
     # record that lets a restarted controller carry on (an annotation, JSON).
     remediation_step_label: str = "node-health-agent.io/remediation-step"
@@ -162,6 +165,16 @@ class ConnectivitySettings(Strict):
     )
     timeout: Duration = Field(1800.0, description="one pair's test, start to result")
     poll: Duration = Field(5.0, description="between looks at a running test")
+    scan: Duration = Field(
+        60.0,
+        description="the controller: between looks for nodes to test (asked for, or new); 0: never",
+    )
+    new_nodes: bool = Field(
+        False, description="the controller tests nodes new to the cluster, as HyperPod can"
+    )
+    new_within: Duration = Field(
+        3600.0, description="a node this young with no connectivity result is new"
+    )
 
 
 class ControllerSettings(Strict):

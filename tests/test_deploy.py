@@ -230,7 +230,7 @@ def test_the_controllers_manifests_are_valid_and_its_settings_load() -> None:
     assert settings.controller.lease_name in yaml.safe_dump(controller_resources())
 
 
-def test_the_controllers_rbac_is_nodes_pods_evictions_events_and_its_lease() -> None:
+def test_the_controllers_rbac_is_nodes_pods_evictions_events_its_lease_and_mpijobs() -> None:
     granted = {
         (group, res, verb, tuple(rule.get("resourceNames", ())))
         for doc in controller_resources()
@@ -250,8 +250,13 @@ def test_the_controllers_rbac_is_nodes_pods_evictions_events_and_its_lease() -> 
         ("coordination.k8s.io", "leases", "create", ()),
         ("coordination.k8s.io", "leases", "get", ("node-health-controller",)),
         ("coordination.k8s.io", "leases", "update", ("node-health-controller",)),
+        ("kubeflow.org", "mpijobs", "create", ()),
+        ("kubeflow.org", "mpijobs", "get", ()),
+        ("kubeflow.org", "mpijobs", "delete", ()),
+        ("", "pods/log", "get", ()),
     }
     role = next(d for d in controller_resources() if d["kind"] == "Role")
+    assert {"mpijobs", "pods/log"} <= {r for rule in role["rules"] for r in rule["resources"]}
     assert "namespace" not in role["metadata"]  # kustomize puts it in node-health
 
 

@@ -5,7 +5,8 @@ same rules and per-instance-type threshold as the node's own NCCL test (checks/n
 Failed pairs are bisected against nodes known good (agent/controller/pairs.py); a faulty node is
 labelled with the deep-check result. At most `max_share` of the fleet is under test at once.
 
-Synchronous: `node-health deep-check --connectivity` runs it from an operator's machine.
+Synchronous: `node-health deep-check --connectivity` runs it from an operator's machine, and
+the controller from a thread (agent/controller/requests.py), which can interrupt it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,10 +33,16 @@ JOB_ROLE_LABEL = "training.kubeflow.org/job-role"
 RESULT_ANNOTATION = "node-health-agent.io/connectivity"
 TYPE_LABEL = "node.kubernetes.io/instance-type"
 DEFAULT_SIZE = 1 << 30  # the largest message when the type has no threshold
+NOT_SERVED = "the API server does not serve MPIJobs: is the Kubeflow MPI Operator installed?"
 
 
 class ConnectivityError(Exception):
     """The check cannot start (nodes missing, mixed types, no GPU count): said to the user."""
+
+
+class Interrupted(Exception):
+    """Stopped before the end (the controller stops, or no longer leads): its MPIJobs are
+    deleted and no node is labelled."""
 
 
 @dataclass
@@ -141,21 +148,26 @@ class Connectivity:
         keys: NodeKeys,
         say: Callable[[Event], None],
         clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], object] = time.sleep,
+        stopped: Callable[[], bool] = lambda: False,
     ) -> None:
         self.client, self.cfg, self.keys, self.say = client, cfg, keys, say
-        self.clock, self.sleep = clock, sleep
+        self.clock, self.sleep, self.stopped = clock, sleep, stopped
         self.run_id = time.strftime("%Y%m%d%H%M%S") + "-" + uuid.uuid4().hex[:4]
 
-    def check(self, names: list[str], mark: bool = True) -> dict[str, Verdict]:
-        """Test `names` (one instance type, at least two); label them unless not `mark`."""
+    def check(
+        self, names: list[str], mark: bool = True, partners: Sequence[str] = ()
+    ) -> dict[str, Verdict]:
+        """Test `names` (one instance type, at least two with `partners`); label them unless
+        not `mark`. `partners`: nodes known good to test against (they are not labelled)."""
         nodes = {n["metadata"]["name"]: n for n in self.client.list_nodes("")}
-        missing = sorted(set(names) - set(nodes))
+        missing = sorted((set(names) | set(partners)) - set(nodes))
         if missing:
             raise ConnectivityError(f"no such nodes: {', '.join(missing)}")
-        if len(set(names)) < 2:
+        if len(set(names) | set(partners)) < 2:
             raise ConnectivityError("the connectivity check needs at least two nodes")
-        types = {(nodes[n]["metadata"].get("labels") or {}).get(TYPE_LABEL) for n in names}
+        every = [*names, *partners]
+        types = {(nodes[n]["metadata"].get("labels") or {}).get(TYPE_LABEL) for n in every}
         if len(types) != 1 or None in types:
             raise ConnectivityError(
                 f"the nodes must share one instance type ({TYPE_LABEL}); found "
@@ -172,7 +184,7 @@ class Connectivity:
             if self.keys.health_status_label in (n["metadata"].get("labels") or {})
         )
         pairs_at_once = max(1, int(self.cfg.max_share * max(fleet, len(names))) // 2)
-        planner = Planner(sorted(set(names)))
+        planner = Planner(sorted(set(names)), good=set(partners) - set(names))
         results: list[PairResult] = []
         running: dict[str, tuple[Pair, float]] = {}
         self._say(
@@ -188,7 +200,10 @@ class Connectivity:
                 try:
                     self.client.create_object(GROUP, VERSION, self.cfg.namespace, PLURAL, body)
                 except KubeError as exc:
-                    result = PairResult(pair, None, f"cannot create the MPIJob: {exc}")
+                    why = str(exc)
+                    if exc.status == 404:
+                        why = NOT_SERVED
+                    result = PairResult(pair, None, f"cannot create the MPIJob: {why}")
                     planner.record(pair, None)
                     results.append(result)
                     self._pair_said(result)
@@ -197,6 +212,10 @@ class Connectivity:
             if not running:
                 break
             self.sleep(self.cfg.poll)
+            if self.stopped():
+                for name in running:
+                    self._delete(name)
+                raise Interrupted(f"connectivity check {self.run_id} interrupted")
             for name, (pair, started) in list(running.items()):
                 result = self._look(name, pair, started, threshold)
                 if result is not None:
@@ -207,6 +226,8 @@ class Connectivity:
         verdicts = planner.verdicts()
         if mark:
             for node, verdict in verdicts.items():
+                if self.stopped():
+                    raise Interrupted(f"connectivity check {self.run_id} interrupted")
                 self._mark(node, verdict, [r for r in results if node in r.pair])
         return verdicts
 
@@ -279,9 +300,9 @@ class Connectivity:
             labels[keys.health_status_label] = "UnschedulablePendingReplacement"
         elif verdict is Verdict.PASSED:
             labels[keys.deep_health_check_label] = "Passed"
-        patch = {
-            "metadata": {"labels": labels, "annotations": {RESULT_ANNOTATION: json.dumps(record)}}
-        }
+        # A request on the node is answered by this result, whoever ran it.
+        notes = {RESULT_ANNOTATION: json.dumps(record), keys.connectivity_request_annotation: None}
+        patch = {"metadata": {"labels": labels, "annotations": notes}}
         try:
             self.client.patch_node(node, patch, MERGE)
         except KubeError as exc:
@@ -294,7 +315,13 @@ class Connectivity:
             Verdict.UNKNOWN: "InstanceConnectivity could not decide (no node known good to "
             "compare with, or the test did not run)",
         }[verdict]
-        self._say(level, f"{node}: {msg}", node=node, verdict=str(verdict))
+        self._say(
+            level,
+            f"{node}: {msg}",
+            node=node,
+            verdict=str(verdict),
+            reason=f"InstanceConnectivity{verdict}",
+        )
 
     def _pair_said(self, r: PairResult) -> None:
         outcome = {True: "passed", False: "fell short", None: "could not decide"}[r.passed]

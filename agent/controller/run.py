@@ -2,10 +2,13 @@
 `interval`, and the events of each step to the spool, stdout, CloudWatch and the node's
 Kubernetes Events.
 
-Two loops: one keeps the Lease (every `retry_period`), one runs passes in a thread while this
-replica leads. A pass checks leadership before each write, and a write that the Lease fences
-off is not done, so a replica that lost the Lease stops within `renew_deadline`. On a stop the
-pass under way finishes and its events go out before the Lease is given up.
+Three loops: one keeps the Lease (every `retry_period`), one runs remediation passes in a
+thread while this replica leads, one looks for nodes to test for connectivity every
+`connectivity.scan` and runs the test in a thread. A pass checks leadership before each write,
+and a write that the Lease fences off is not done, so a replica that lost the Lease stops
+within `renew_deadline`; a connectivity test is interrupted (its MPIJobs deleted, nothing
+labelled). On a stop the pass under way finishes, the test is interrupted, and their events go
+out before the Lease is given up.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import contextlib
 import os
 import signal
 import socket
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -23,9 +27,11 @@ import structlog
 
 from agent.config import Settings
 from agent.controller.backends import backend
+from agent.controller.connectivity import Interrupted
 from agent.controller.lease import Elector
 from agent.controller.remediator import Remediator
-from agent.events import rfc3339
+from agent.controller.requests import Requests
+from agent.events import Event, rfc3339
 from agent.identity import Identity
 from agent.kube.client import KubeClient
 from agent.metrics import Metrics
@@ -72,9 +78,18 @@ class Controller:
             record_start=self.elector.record_start,
             starts=self.elector.starts,
         )
+        self._stop, self._halt = asyncio.Event(), threading.Event()  # the halt: for threads
+        self.requests = Requests(
+            client,
+            cfg.connectivity,
+            settings.node_keys,
+            self._say_from_thread,
+            stopped=lambda: self._halt.is_set() or not self.elector.leader,
+            sleep=self._halt.wait,
+        )
         self.sinks = self._sinks(settings)
         self.fanout = Fanout(self.sinks)
-        self._stop = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def _sinks(self, settings: Settings) -> list[Sink]:
         state = Path(settings.state_dir) / "controller"
@@ -118,8 +133,14 @@ class Controller:
 
     def stop(self) -> None:
         self._stop.set()
+        self._halt.set()
+
+    def _say_from_thread(self, event: Event) -> None:
+        assert self._loop is not None
+        asyncio.run_coroutine_threadsafe(self.fanout.emit(event), self._loop)
 
     async def serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
         async with contextlib.AsyncExitStack() as stack:
             for sink in self.sinks:
                 await stack.enter_async_context(sink)
@@ -137,9 +158,11 @@ class Controller:
                 lease=f"{self.settings.controller.namespace}/{self.settings.controller.lease_name}",
             )
             lease = asyncio.create_task(self._lease_loop())
+            tests = asyncio.create_task(self._connectivity())
             # A pass under way when asked to stop finishes, and its events are sent: what it
             # wrote to the nodes is said, and nothing is written after the Lease is given up.
             await self._passes()
+            await tests
             lease.cancel()
             await asyncio.gather(lease, return_exceptions=True)
             await in_daemon_thread(self.elector.release)
@@ -175,6 +198,23 @@ class Controller:
                     await self.fanout.emit(event)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(cfg.interval if leading else cfg.retry_period):
+                    await self._stop.wait()
+
+    async def _connectivity(self) -> None:
+        """Every `connectivity.scan` while this replica leads: test the nodes asked for, or
+        new; one run at a time."""
+        cfg = self.settings.controller
+        while cfg.connectivity.scan and not self._stop.is_set():
+            leading = self.elector.leader
+            if leading:
+                try:
+                    await in_daemon_thread(self.requests.scan)
+                except Interrupted as exc:
+                    log.info("connectivity_interrupted", reason=str(exc))
+                except Exception as exc:  # the API server away, say: try again next time
+                    log.warning("connectivity_scan_failed", error=str(exc))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(cfg.connectivity.scan if leading else cfg.retry_period):
                     await self._stop.wait()
 
     def _notice(self, leading: bool) -> dict:

@@ -134,6 +134,29 @@ def to_evict(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+ACCELERATORS = (
+    "nvidia.com/gpu",
+    "aws.amazon.com/neuron",
+    "aws.amazon.com/neurondevice",
+    "aws.amazon.com/neuroncore",
+)
+
+
+def uses_accelerators(pods: list[dict[str, Any]]) -> bool:
+    """A pod that has not finished asks for a GPU or a Neuron device (requests or limits, in
+    any container, init containers included: the scheduler counts them too)."""
+    for p in pods:
+        if (p.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+            continue
+        spec = p.get("spec") or {}
+        for c in [*(spec.get("containers") or []), *(spec.get("initContainers") or [])]:
+            res = c.get("resources") or {}
+            asked = {**(res.get("requests") or {}), **(res.get("limits") or {})}
+            if any(str(asked.get(name, "0")) not in ("0", "") for name in ACCELERATORS):
+                return True
+    return False
+
+
 def pod_name(p: dict[str, Any]) -> str:
     meta = p.get("metadata") or {}
     return f"{meta.get('namespace')}/{meta.get('name')}"

@@ -20,9 +20,12 @@ from tests.aws.conftest import aws_env
 from tests.aws.fake_sagemaker import FakeSageMaker
 from tests.conftest import REPO, wait_for
 from tests.kube.fake_api import FakeKubeAPI
+from tests.kube.rbac import denied
+from tests.test_deploy import controller_resources
 
 KEYS = NodeKeys()
 HEALTH, STEP = KEYS.health_status_label, KEYS.remediation_step_label
+ASK = KEYS.connectivity_request_annotation
 IID = "i-0123456789abcdef0"
 LEASE = ("node-health", "node-health-controller")
 
@@ -145,6 +148,7 @@ def test_two_replicas_one_leads_remediates_and_hands_over(
         for line in seg.read_text().splitlines()
     ]
     assert [e.get("reason") for e in spooled if e.get("reason")] == steps[:2]
+    assert denied(api.requests(), controller_resources(), "node-health") == []
 
 
 def reasons(api: FakeKubeAPI) -> set[str]:
@@ -167,3 +171,41 @@ def test_sagemaker_backend_without_a_cluster_name_is_a_configuration_error(
     )
     assert out.returncode == 2
     assert "controller.backend sagemaker needs cluster_name" in out.stderr
+
+
+def test_the_leader_tests_the_nodes_asked_for_and_says_so_on_them(
+    api: FakeKubeAPI, kcfg: Path, tmp_path: Path
+) -> None:
+    from tests.controller.test_connectivity import Operator, fleet
+
+    names = fleet(api, 2)
+    for name in names:
+        api.edit(name, lambda n: n["metadata"]["annotations"].update({ASK: "now"}))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"""state_dir: {tmp_path / "state"}
+http_listen: ""
+kubernetes: {{kubeconfig: '{kcfg}'}}
+controller:
+  retry_period: 0.2
+  connectivity: {{scan: 0.2, poll: 0.05, max_share: 1}}
+"""
+    )
+    with Operator(api, bad=set()) as op:
+        proc = start(cfg, "http://127.0.0.1:9", "ctl-a")
+        try:
+            wait_for(lambda: "InstanceConnectivityPassed" in reasons(api), 20)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert op.seen == [("gpu-0", "gpu-1")]  # once: the request was answered
+    for name in names:
+        meta = api.node(name)["metadata"]
+        assert meta["labels"][KEYS.deep_health_check_label] == "Passed"
+        assert ASK not in meta["annotations"]
+    event = next(e for e in api.events() if e["reason"] == "InstanceConnectivityPassed")
+    assert event["reportingComponent"] == "node-health-controller"
+    verdicts = [json.loads(line) for line in out.splitlines() if '"verdict"' in line]
+    assert {e["node"]: e["verdict"] for e in verdicts} == {"gpu-0": "Passed", "gpu-1": "Passed"}
+    assert denied(api.requests(), controller_resources(), "node-health") == []

@@ -37,8 +37,10 @@ def pod(
     owner: str | None = None,
     phase: str = "Running",
     mirror: bool = False,
+    gpus: int = 0,
 ) -> dict:
-    """A pod as the API server returns it; `owner` is the controller's kind (`DaemonSet`...)."""
+    """A pod as the API server returns it; `owner` is the controller's kind (`DaemonSet`...);
+    `gpus`: what its container asks for (a request and limit, as the device plugin needs)."""
     meta: dict[str, Any] = {
         "name": name,
         "namespace": namespace,
@@ -58,11 +60,15 @@ def pod(
         ]
     if mirror:
         meta["annotations"]["kubernetes.io/config.mirror"] = "mirror-hash"
+    container: dict[str, Any] = {"name": "main", "image": "busybox"}
+    if gpus:
+        asked = {"nvidia.com/gpu": str(gpus)}
+        container["resources"] = {"requests": asked, "limits": dict(asked)}
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": meta,
-        "spec": {"nodeName": node, "containers": [{"name": "main", "image": "busybox"}]},
+        "spec": {"nodeName": node, "containers": [container]},
         "status": {"phase": phase},
     }
 

@@ -8,8 +8,10 @@ from pathlib import Path
 
 from tests.conftest import spooled, wait_for
 from tests.kube.fake_api import FakeKubeAPI
+from tests.kube.rbac import denied
 from tests.test_cli import node_health
 from tests.test_daemon import FIX, faulty, start, stop, with_tools
+from tests.test_deploy import docs
 
 HEALTH = "sagemaker.amazonaws.com/node-health-status"
 DEEP = "sagemaker.amazonaws.com/deep-health-check-status"
@@ -52,6 +54,7 @@ def test_a_fault_takes_the_node_out_through_the_api(cli_env, tmp_path, api: Fake
     assert event["metadata"]["namespace"] == "default"
     assert not (tmp_path / "state" / "node-state.json").exists()  # no local stand-in
     assert any("verdict" in e for e in spooled(tmp_path / "state"))
+    assert denied(api.requests(), docs("rbac.yaml"), "node-health") == []  # deploy/ allows it
 
 
 def test_a_deep_check_asked_for_by_annotation_runs(cli_env, tmp_path, api: FakeKubeAPI, kcfg):
