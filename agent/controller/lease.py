@@ -137,15 +137,16 @@ class Elector:
         with self._lock:
             return _starts(self._lease, self.wall())
 
-    def record_start(self, at: float) -> bool:
-        """Write one more start to the Lease; False when this process is not the leader (the
-        write failed or was fenced off), and then it must not start one."""
+    def record_start(self, at: float, instead_of: float | None = None) -> bool:
+        """Write one more start to the Lease (in place of the start `instead_of`, one that
+        came to nothing); False when this process is not the leader (the write failed or was
+        fenced off), and then it must not start one."""
         with self._lock:
             if not self.leader or self._lease is None:
                 return False
             lease = json.loads(json.dumps(self._lease))
             meta = lease.setdefault("metadata", {})
-            starts = [*_starts(lease, at), at]
+            starts = [t for t in _starts(lease, at) if t != instead_of] + [at]
             meta.setdefault("annotations", {})[STARTS_ANNOTATION] = json.dumps(
                 [round(t, 3) for t in starts]
             )

@@ -44,7 +44,7 @@ class Remediator:
         backend: Backend,
         fleet_percent: float | None,
         is_leader: Callable[[], bool],
-        record_start: Callable[[float], bool],
+        record_start: Callable[[float, float | None], bool],
         starts: Callable[[], list[float]],
         wall: Callable[[], float] = time.time,
     ) -> None:
@@ -55,6 +55,9 @@ class Remediator:
         self.events: list[Event] = []
         self._fleet: int | None = None  # the agents' nodes, counted once a pass when needed
         self._noted: dict[str, str] = {}  # node -> the last "not now" said about it
+        # node -> a start recorded on the Lease for it whose node write failed (a conflict,
+        # say): its retry takes that slot again rather than a second one
+        self._unspent: dict[str, float] = {}
 
     # -- the pass -------------------------------------------------------------------------
 
@@ -67,11 +70,12 @@ class Remediator:
         ongoing = self.client.list_nodes(keys.remediation_step_label)
         nodes = {n["metadata"]["name"]: n for n in [*needing, *ongoing]}
         views = [NodeView.of(n, keys) for n in nodes.values()]
+        unspent = set(self._unspent.values())
         budget = Budget(
             self.cfg.concurrent,
             self.cfg.per_hour,
             in_progress={v.name for v in views if v.record is not None},
-            started_at=self.starts(),
+            started_at=[t for t in self.starts() if t not in unspent],
         )
         for view in sorted(views, key=lambda v: v.name):
             if not self.is_leader():
@@ -83,6 +87,7 @@ class Remediator:
             except Exception as exc:  # one node's surprise must not stop the others
                 log.error("remediation_step_crashed", node=view.name, error=repr(exc))
         self._noted = {k: v for k, v in self._noted.items() if k in nodes}
+        self._unspent = {k: v for k, v in self._unspent.items() if k in nodes}
         return self.events
 
     def _node(self, view: NodeView, budget: Budget) -> None:
@@ -133,10 +138,15 @@ class Remediator:
         if refusal is not None:
             self._once(view, "RemediationWaiting", f"{_WORD[action]} waits: {refusal}")
             return
-        if not self.record_start(now):  # fenced: not the leader any more
-            return
+        now = round(now, 3)  # as the Lease keeps it
+        if not self.record_start(now, self._unspent.pop(view.name, None)):
+            return  # fenced: not the leader any more
         rec = Record(Step.DRAINING, action, now, now, cordoned=not view.unschedulable)
-        self._write(view, rec, cordon=True)
+        try:
+            self._write(view, rec, cordon=True)
+        except KubeError:
+            self._unspent[view.name] = now
+            raise
         budget.start(view.name, now)
         self._noted.pop(view.name, None)
         self._say(

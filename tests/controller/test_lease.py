@@ -104,10 +104,12 @@ def test_remediation_starts_are_kept_on_the_lease_for_an_hour_and_fenced(
     assert a.record_start(now)
     assert a.starts() == [now]
     assert json.loads(api.lease(NS, NAME)["metadata"]["annotations"][STARTS_ANNOTATION]) == [now]
+    assert a.record_start(now + 1, instead_of=now)  # a start that came to nothing, taken again
+    assert a.starts() == [now + 1]
     # a successor reads them back
     a.release()
     b = elector(kcfg, "b", clock)
-    assert b.try_acquire_or_renew() and b.starts() == [now]
+    assert b.try_acquire_or_renew() and b.starts() == [now + 1]
     # a, no longer leader, cannot record one (and so must not start one)
     assert not a.record_start(now + 1)
     # nor can b once someone else wrote the Lease under it

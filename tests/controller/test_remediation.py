@@ -62,9 +62,9 @@ class World:
             wall=lambda: self.now,
         )
 
-    def _record(self, at: float) -> bool:
+    def _record(self, at: float, instead_of: float | None) -> bool:
         if self.leader:
-            self.starts.append(at)
+            self.starts = [t for t in self.starts if t != instead_of] + [at]
         return self.leader
 
     def run(self, advance: float = 5.0) -> list[dict]:
@@ -363,10 +363,14 @@ def test_a_node_without_an_instance_id_fails_with_a_reason(api, kcfg: Path) -> N
     assert "no EC2 instance id" in events[1]["msg"] and world.backend.calls == []
 
 
-def test_a_conflicting_write_is_retried_on_the_next_pass(world: World, api) -> None:
+def test_a_conflicting_write_is_retried_on_the_next_pass(api, kcfg: Path) -> None:
+    gpu_node(api, "gpu-1", "UnschedulablePendingReboot")
+    world = World(api, kcfg, per_hour=1)
     api.fail("PATCH", "/api/v1/nodes/gpu-1", 409)
     assert world.run() == []
+    # the retry takes the slot the conflict left, not a second one (per_hour 1 would refuse)
     assert reasons(world.run()) == ["RemediationStarted", "RemediationRebooting"]
+    assert len(world.starts) == 1
 
 
 def test_the_label_removed_mid_drain_ends_it_and_uncordons(world: World, api) -> None:
