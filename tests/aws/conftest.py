@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 
 REGION = "us-west-2"
 
 
-@pytest.fixture
-def moto_url():
+@contextlib.contextmanager
+def moto_server() -> Iterator[str]:
+    """moto in server mode on a free port; its URL."""
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -16,8 +20,16 @@ def moto_url():
     host, port = server.get_host_and_port()
     url = f"http://{host}:{port}"
     reset(url)  # moto keeps its state per process, not per server: start each test afresh
-    yield url
-    server.stop()
+    try:
+        yield url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def moto_url():
+    with moto_server() as url:
+        yield url
 
 
 def reset(url: str) -> None:

@@ -1,7 +1,9 @@
 """`node-health controller` as a real process against the fake API server, with SageMaker's
-batch calls served by a fake built from their documented shapes: leader election between two
-replicas, the drain, the reboot asked for once, events on the node, on stdout and in the spool,
-and a clean stop that hands the Lease over."""
+batch calls served by a fake built from their documented shapes and EC2 by moto in server mode:
+leader election between two replicas, the drain, the reboot asked for once, a replacement by
+termination, events on the node, on stdout and in the spool, a clean stop that hands the Lease
+over, and the connectivity check on the nodes asked for. Every request each made is one that
+deploy/controller's RBAC allows."""
 
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ HEALTH, STEP = KEYS.health_status_label, KEYS.remediation_step_label
 ASK = KEYS.connectivity_request_annotation
 IID = "i-0123456789abcdef0"
 LEASE = ("node-health", "node-health-controller")
+KEYS_FOR_MOTO = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
 
 
 @pytest.fixture
@@ -208,4 +211,37 @@ controller:
     assert event["reportingComponent"] == "node-health-controller"
     verdicts = [json.loads(line) for line in out.splitlines() if '"verdict"' in line]
     assert {e["node"]: e["verdict"] for e in verdicts} == {"gpu-0": "Passed", "gpu-1": "Passed"}
+    assert denied(api.requests(), controller_resources(), "node-health") == []
+
+
+def test_the_ec2_backend_terminates_the_instance_for_a_replacement(
+    api: FakeKubeAPI, kcfg: Path, tmp_path: Path
+) -> None:
+    import boto3
+
+    from tests.aws.conftest import REGION, moto_server
+
+    with moto_server() as url:
+        ec2 = boto3.client("ec2", endpoint_url=url, region_name=REGION, **KEYS_FOR_MOTO)
+        image = ec2.describe_images()["Images"][0]["ImageId"]
+        iid = ec2.run_instances(ImageId=image, MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
+        api.add_node(
+            "gpu-1",
+            {HEALTH: "UnschedulablePendingReplacement"},
+            providerID=f"aws:///{REGION}a/{iid}",
+        )
+        api.add_pod("team", "trainer-0", "gpu-1", owner="StatefulSet")
+        cfg = config(tmp_path, kcfg, "a")
+        cfg.write_text(cfg.read_text().replace("backend: sagemaker", "backend: ec2"))
+        proc = start(cfg, url, "ctl-a")
+        try:
+            wait_for(lambda: api.node("gpu-1")["metadata"]["labels"].get(STEP) == "Replacing", 20)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=10)
+        [found] = ec2.describe_instances(InstanceIds=[iid])["Reservations"][0]["Instances"]
+        assert found["State"]["Name"] in ("shutting-down", "terminated")
+    assert proc.returncode == 0, err
+    assert api.state.evictions == [("team", "trainer-0", None)]
+    assert {"RemediationStarted", "RemediationReplacing"} <= reasons(api)
     assert denied(api.requests(), controller_resources(), "node-health") == []
