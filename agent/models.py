@@ -165,15 +165,8 @@ class ConnectivitySettings(Strict):
     )
     timeout: Duration = Field(1800.0, description="one pair's test, start to result")
     poll: Duration = Field(5.0, description="between looks at a running test")
-    scan: Duration = Field(
-        60.0,
-        description="the controller: between looks for nodes to test (asked for, or new); 0: never",
-    )
     new_nodes: bool = Field(
         False, description="the controller tests nodes new to the cluster, as HyperPod can"
-    )
-    new_within: Duration = Field(
-        3600.0, description="a node this young with no connectivity result is new"
     )
 
 
@@ -211,5 +204,16 @@ class ControllerSettings(Strict):
     retry_interval: Duration = Field(600.0, description="before asking the backend again")
     reboots_before_replace: int = Field(
         1, ge=0, description="a node that needs a reboot again after this many is replaced"
+    )
+    scan: Duration = Field(
+        60.0,
+        description="between looks at every node (connectivity asked for, new nodes); 0: never",
+    )
+    deep_check_new_nodes: bool = Field(
+        True,
+        description="ask the agent of a new node (a replacement, say) for its deep check",
+    )
+    new_within: Duration = Field(
+        3600.0, description="a node this young is new (and never checked: no result on it)"
     )
     connectivity: ConnectivitySettings = ConnectivitySettings()

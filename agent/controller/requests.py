@@ -1,13 +1,18 @@
-"""When the controller runs the connectivity check itself: on the nodes an operator asked for
-(the annotation `node-health-agent.io/connectivity-request`, any value) and, when
-`connectivity.new_nodes` is set, on nodes new to the cluster (younger than `new_within`, with
-no connectivity result, reported Schedulable by their agent, not in their own deep check).
+"""What the controller asks of nodes on its look at every node (`scan`):
 
-One run at a time and one instance type a run, from the controller's thread; the next scan
-takes the next type. A node alone of its type is tested against a node known good (its last
-connectivity result passed) whose accelerators are free. A new node whose accelerators are in
-use waits for a later scan (a test on it would only wait for them); a node asked for is
-tested as asked. Nodes being remediated are left alone.
+- a new node (younger than `new_within`: a replacement, a scale-up) whose agent runs, of a
+  type with accelerators, and that has no deep-check result yet: its deep check, asked of its
+  agent with the annotation `node-health-agent.io/deep-check=run` (`deep_check_new_nodes`);
+- the connectivity check on the nodes an operator asked for (the annotation
+  `node-health-agent.io/connectivity-request`, any value) and, when `connectivity.new_nodes`
+  is set, on new nodes (no connectivity result, reported Schedulable by their agent, not in
+  their own deep check).
+
+One connectivity run at a time and one instance type a run, from the controller's thread; the
+next scan takes the next type. A node alone of its type is tested against a node known good
+(its last connectivity result passed) whose accelerators are free. A new node whose
+accelerators are in use waits for a later scan (a test on it would only wait for them); a node
+asked for is tested as asked. Nodes being remediated are left alone.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import structlog
+
 from agent.controller.connectivity import (
     RESULT_ANNOTATION,
     TYPE_LABEL,
@@ -29,9 +36,11 @@ from agent.controller.view import uses_accelerators
 from agent.events import Event, rfc3339
 from agent.kube.client import MERGE, KubeClient, KubeError
 from agent.kube.plan import PENDING
-from agent.models import ConnectivitySettings, NodeKeys
+from agent.models import ControllerSettings, NodeKeys
 from agent.policy import Verdict
 from checks.instance_types import expected
+
+log = structlog.get_logger("agent.controller")
 
 PARTNER_TRIES = 5  # known-good nodes looked at for free accelerators, a scan
 
@@ -53,17 +62,37 @@ def _created(node: dict[str, Any]) -> float | None:
         return None
 
 
+def _young(node: dict[str, Any], within: float, now: float) -> bool:
+    created = _created(node)
+    return created is not None and now - created <= within
+
+
 def is_new(node: dict[str, Any], keys: NodeKeys, within: float, now: float) -> bool:
+    """New, and ready for its connectivity test."""
     meta = node.get("metadata") or {}
     labels, notes = meta.get("labels") or {}, meta.get("annotations") or {}
-    created = _created(node)
     return (
         RESULT_ANNOTATION not in notes
-        and created is not None
-        and now - created <= within
+        and _young(node, within, now)
         and labels.get(keys.health_status_label) == str(Verdict.SCHEDULABLE)
         and labels.get(keys.deep_health_check_label) != "InProgress"
         and bool(expected(labels.get(TYPE_LABEL)).gpus)
+    )
+
+
+def wants_deep_check(node: dict[str, Any], keys: NodeKeys, within: float, now: float) -> bool:
+    """New, its agent running (the health label), accelerators to check, never checked and
+    not asked yet."""
+    meta = node.get("metadata") or {}
+    labels, notes = meta.get("labels") or {}, meta.get("annotations") or {}
+    want = expected(labels.get(TYPE_LABEL))
+    return (
+        _young(node, within, now)
+        and keys.health_status_label in labels
+        and not _remediating(labels, keys)
+        and bool(want.gpus or want.neuron_devices)
+        and keys.deep_health_check_label not in labels
+        and keys.deep_check_request_annotation not in notes
     )
 
 
@@ -72,7 +101,7 @@ def _remediating(labels: dict[str, str], keys: NodeKeys) -> bool:
 
 
 def plan(
-    nodes: list[dict[str, Any]], keys: NodeKeys, cfg: ConnectivitySettings, now: float
+    nodes: list[dict[str, Any]], keys: NodeKeys, cfg: ControllerSettings, now: float
 ) -> list[Group]:
     """The nodes to test, by instance type: types with a request first."""
     groups: dict[str, Group] = {}
@@ -82,7 +111,8 @@ def plan(
         if _remediating(labels, keys):
             continue
         asked = keys.connectivity_request_annotation in notes
-        if not asked and not (cfg.new_nodes and is_new(node, keys, cfg.new_within, now)):
+        new = cfg.connectivity.new_nodes and is_new(node, keys, cfg.new_within, now)
+        if not asked and not new:
             continue
         itype = str(labels.get(TYPE_LABEL) or "")
         group = groups.setdefault(itype, Group(itype))
@@ -117,7 +147,7 @@ class Requests:
     def __init__(
         self,
         client: KubeClient,
-        cfg: ConnectivitySettings,
+        cfg: ControllerSettings,
         keys: NodeKeys,
         say: Callable[[Event], None],
         stopped: Callable[[], bool],
@@ -128,10 +158,15 @@ class Requests:
         self._told: set[str] = set()  # nodes already said to be waiting for a partner
 
     def scan(self) -> None:
-        """Run the check on the first group that can run now; raises Interrupted when
-        stopped, KubeError when the nodes cannot be listed."""
-        nodes = self.client.list_nodes("")
-        for group in plan(nodes, self.keys, self.cfg, time.time()):
+        """Ask new nodes for their deep check, then run the connectivity check on the first
+        group that can run now; raises Interrupted when stopped, KubeError when the nodes
+        cannot be listed."""
+        nodes, now = self.client.list_nodes(""), time.time()
+        if self.cfg.deep_check_new_nodes:
+            for node in nodes:
+                if wants_deep_check(node, self.keys, self.cfg.new_within, now):
+                    self._ask_deep_check(node["metadata"]["name"])
+        for group in plan(nodes, self.keys, self.cfg, now):
             names = group.requested + [n for n in group.new if self._free(n)]
             partners: list[str] = []
             if len(names) == 1:
@@ -150,7 +185,12 @@ class Requests:
 
     def _run(self, group: Group, names: list[str], partners: list[str]) -> None:
         check = Connectivity(
-            self.client, self.cfg, self.keys, self.say, sleep=self.sleep, stopped=self.stopped
+            self.client,
+            self.cfg.connectivity,
+            self.keys,
+            self.say,
+            sleep=self.sleep,
+            stopped=self.stopped,
         )
         try:
             check.check(names, partners=partners)
@@ -165,6 +205,24 @@ class Requests:
                 except KubeError as err:
                     msg = f"{name}: the request could not be removed: {err}"
                     self._say(msg, name, "Refused", "error")
+
+    def _ask_deep_check(self, name: str) -> None:
+        if self.stopped():
+            return
+        ask = {self.keys.deep_check_request_annotation: "run"}
+        try:
+            self.client.patch_node(name, {"metadata": {"annotations": ask}}, MERGE)
+        except KubeError as exc:  # the next scan asks again
+            log.warning("deep_check_request_failed", node=name, error=str(exc))
+            return
+        event: Event = {
+            "level": "info",
+            "ts": rfc3339(time.time()),
+            "msg": f"{name}: new node: its deep check asked of its agent",
+            "node": name,
+            "reason": "DeepCheckRequested",
+        }
+        self.say(event)
 
     def _free(self, name: str) -> bool:
         """No pod on the node uses its accelerators (an unreadable list counts as in use)."""

@@ -3,12 +3,12 @@
 Kubernetes Events.
 
 Three loops: one keeps the Lease (every `retry_period`), one runs remediation passes in a
-thread while this replica leads, one looks for nodes to test for connectivity every
-`connectivity.scan` and runs the test in a thread. A pass checks leadership before each write,
-and a write that the Lease fences off is not done, so a replica that lost the Lease stops
-within `renew_deadline`; a connectivity test is interrupted (its MPIJobs deleted, nothing
-labelled). On a stop the pass under way finishes, the test is interrupted, and their events go
-out before the Lease is given up.
+thread while this replica leads, one looks at every node every `scan` in a thread (asks the
+agents of new nodes for their deep check, runs the connectivity test on the nodes asked for).
+A pass checks leadership before each write, and a write that the Lease fences off is not done,
+so a replica that lost the Lease stops within `renew_deadline`; a connectivity test is
+interrupted (its MPIJobs deleted, nothing labelled). On a stop the pass under way finishes,
+the test is interrupted, and their events go out before the Lease is given up.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class Controller:
         self._stop, self._halt = asyncio.Event(), threading.Event()  # the halt: for threads
         self.requests = Requests(
             client,
-            cfg.connectivity,
+            cfg,
             settings.node_keys,
             self._say_from_thread,
             stopped=lambda: self._halt.is_set() or not self.elector.leader,
@@ -158,11 +158,11 @@ class Controller:
                 lease=f"{self.settings.controller.namespace}/{self.settings.controller.lease_name}",
             )
             lease = asyncio.create_task(self._lease_loop())
-            tests = asyncio.create_task(self._connectivity())
+            scans = asyncio.create_task(self._scans())
             # A pass under way when asked to stop finishes, and its events are sent: what it
             # wrote to the nodes is said, and nothing is written after the Lease is given up.
             await self._passes()
-            await tests
+            await scans
             lease.cancel()
             await asyncio.gather(lease, return_exceptions=True)
             await in_daemon_thread(self.elector.release)
@@ -200,11 +200,11 @@ class Controller:
                 async with asyncio.timeout(cfg.interval if leading else cfg.retry_period):
                     await self._stop.wait()
 
-    async def _connectivity(self) -> None:
-        """Every `connectivity.scan` while this replica leads: test the nodes asked for, or
-        new; one run at a time."""
+    async def _scans(self) -> None:
+        """Every `scan` while this replica leads: deep checks for new nodes, connectivity for
+        the nodes asked for (or new); one connectivity run at a time."""
         cfg = self.settings.controller
-        while cfg.connectivity.scan and not self._stop.is_set():
+        while cfg.scan and not self._stop.is_set():
             leading = self.elector.leader
             if leading:
                 try:
@@ -212,9 +212,9 @@ class Controller:
                 except Interrupted as exc:
                     log.info("connectivity_interrupted", reason=str(exc))
                 except Exception as exc:  # the API server away, say: try again next time
-                    log.warning("connectivity_scan_failed", error=str(exc))
+                    log.warning("scan_failed", error=str(exc))
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(cfg.connectivity.scan if leading else cfg.retry_period):
+                async with asyncio.timeout(cfg.scan if leading else cfg.retry_period):
                     await self._stop.wait()
 
     def _notice(self, leading: bool) -> dict:

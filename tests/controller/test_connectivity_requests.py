@@ -1,7 +1,8 @@
-"""The controller's own connectivity runs: which nodes it picks (asked for by annotation, or new
-to the cluster), the partner known good for a node alone of its type, the request answered
-and removed, and a run interrupted when the controller stops or no longer leads. Against the
-fake API server, with the MPI Operator stand-in of test_connectivity."""
+"""The controller's look at every node: a new node's agent asked for its deep check; its own
+connectivity runs: which nodes it picks (asked for by annotation, or new to the cluster), the
+partner known good for a node alone of its type, the request answered and removed, and a run
+interrupted when the controller stops or no longer leads. Against the fake API server, with
+the MPI Operator stand-in of test_connectivity."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ import time
 from pathlib import Path
 
 from agent.controller.connectivity import RESULT_ANNOTATION, Interrupted
-from agent.controller.requests import Requests, known_good, plan
+from agent.controller.requests import Requests, known_good, plan, wants_deep_check
 from agent.controller.view import uses_accelerators
 from agent.kube.client import KubeClient
-from agent.models import ConnectivitySettings, NodeKeys
+from agent.models import ConnectivitySettings, ControllerSettings, NodeKeys
 from agent.policy import Verdict
 from tests.controller.test_connectivity import Operator, fleet
 from tests.kube.fake_api import FakeKubeAPI
@@ -61,9 +62,9 @@ def test_plan_takes_what_was_asked_first_and_new_nodes_only_when_set() -> None:
         asked(node("draining", **{KEYS.remediation_step_label: "Draining"})),
         asked(node("pending", **{HEALTH: "UnschedulablePendingReboot"})),
     ]
-    off = plan(nodes, KEYS, ConnectivitySettings(), NOW)
+    off = plan(nodes, KEYS, ControllerSettings(), NOW)
     assert [(g.itype, g.requested, g.new) for g in off] == [("p4d.24xlarge", ["p4-a"], [])]
-    on = plan(nodes, KEYS, ConnectivitySettings(new_nodes=True), NOW)
+    on = plan(nodes, KEYS, settings(new_nodes=True), NOW)
     assert [(g.itype, g.requested, g.new) for g in on] == [
         ("p4d.24xlarge", ["p4-a"], []),
         ("p5.48xlarge", [], ["young"]),
@@ -91,9 +92,13 @@ def test_accelerators_in_use_are_those_of_pods_not_finished() -> None:
     assert uses_accelerators([init])
 
 
+def settings(new_nodes: bool = False, **cfg: object) -> ControllerSettings:
+    conn = ConnectivitySettings(poll=0.01, max_share=1.0, new_nodes=new_nodes)
+    return ControllerSettings(connectivity=conn, **cfg)
+
+
 def requests(kcfg: Path, events: list, stopped=lambda: False, **cfg: object) -> Requests:
-    settings = ConnectivitySettings(poll=0.01, **({"max_share": 1.0} | cfg))
-    return Requests(KubeClient(str(kcfg)), settings, KEYS, events.append, stopped)
+    return Requests(KubeClient(str(kcfg)), settings(**cfg), KEYS, events.append, stopped)
 
 
 def annotate(api: FakeKubeAPI, name: str, key: str, value: str) -> None:
@@ -218,3 +223,52 @@ def test_a_stop_deletes_the_mpijobs_and_labels_nothing(api: FakeKubeAPI, kcfg: P
         meta = api.node(name)["metadata"]
         assert ASK in meta["annotations"] and DHC not in meta["labels"]
         assert meta["labels"][HEALTH] == str(Verdict.SCHEDULABLE)
+
+
+def test_a_new_node_with_accelerators_is_asked_for_its_deep_check_once() -> None:
+    young = 120.0
+    assert wants_deep_check(node("new", age=young), KEYS, 3600, NOW)
+    assert wants_deep_check(node("trn", "trn1.32xlarge", age=young), KEYS, 3600, NOW)
+    not_wanted = [
+        node("old"),
+        node("cpu", "m5.xlarge", age=young),
+        node("checked", age=young, **{DHC: "Passed"}),
+        node("pending", age=young, **{HEALTH: "UnschedulablePendingReplacement"}),
+    ]
+    asked_already = node("asked", age=young)
+    asked_already["metadata"]["annotations"][KEYS.deep_check_request_annotation] = "run"
+    no_agent = node("no-agent", age=young)
+    del no_agent["metadata"]["labels"][HEALTH]
+    for n in [*not_wanted, asked_already, no_agent]:
+        assert not wants_deep_check(n, KEYS, 3600, NOW), n["metadata"]["name"]
+
+
+def test_the_scan_asks_the_agent_of_a_replacement_node_for_its_deep_check(
+    api: FakeKubeAPI, kcfg: Path
+) -> None:
+    fleet(api, 2)  # created weeks ago
+    api.add_node(
+        "hyperpod-i-0fedcba9876543210",
+        {"node.kubernetes.io/instance-type": "p5.48xlarge", HEALTH: "Schedulable"},
+    )
+    young = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 60))
+    api.edit(
+        "hyperpod-i-0fedcba9876543210", lambda n: n["metadata"].update(creationTimestamp=young)
+    )
+    events: list[dict] = []
+    scanner = requests(kcfg, events)
+    scanner.scan()
+    scanner.scan()  # asked already: not again
+    meta = api.node("hyperpod-i-0fedcba9876543210")["metadata"]
+    assert meta["annotations"][KEYS.deep_check_request_annotation] == "run"
+    assert [(e["node"], e["reason"]) for e in events] == [
+        ("hyperpod-i-0fedcba9876543210", "DeepCheckRequested")
+    ]
+    assert KEYS.deep_check_request_annotation not in api.node("gpu-0")["metadata"]["annotations"]
+    api.add_node(
+        "gpu-9", {"node.kubernetes.io/instance-type": "p5.48xlarge", HEALTH: "Schedulable"}
+    )
+    api.edit("gpu-9", lambda n: n["metadata"].update(creationTimestamp=young))
+    requests(kcfg, events, deep_check_new_nodes=False).scan()  # switched off
+    assert len(events) == 1
+    assert KEYS.deep_check_request_annotation not in api.node("gpu-9")["metadata"]["annotations"]

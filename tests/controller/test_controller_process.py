@@ -191,7 +191,8 @@ http_listen: ""
 kubernetes: {{kubeconfig: '{kcfg}'}}
 controller:
   retry_period: 0.2
-  connectivity: {{scan: 0.2, poll: 0.05, max_share: 1}}
+  scan: 0.2
+  connectivity: {{poll: 0.05, max_share: 1}}
 """
     )
     with Operator(api, bad=set()) as op:
