@@ -44,6 +44,7 @@ class NodeKeys(Strict):
     # A multi-node connectivity check asked of the controller (any value); removed with the
     # result.
     connectivity_request_annotation: str = "node-health-agent.io/connectivity-request"
+    connectivity_result_annotation: str = "node-health-agent.io/connectivity"  # JSON
     # The controller's: where a node is in its remediation (a label, to select on) and the
     # record that lets a restarted controller carry on (an annotation, JSON).
     remediation_step_label: str = "node-health-agent.io/remediation-step"

@@ -30,7 +30,6 @@ from checks.nvidia import nccl
 GROUP, VERSION, PLURAL = "kubeflow.org", "v2beta1", "mpijobs"
 JOB_NAME_LABEL = "training.kubeflow.org/job-name"
 JOB_ROLE_LABEL = "training.kubeflow.org/job-role"
-RESULT_ANNOTATION = "node-health-agent.io/connectivity"
 TYPE_LABEL = "node.kubernetes.io/instance-type"
 DEFAULT_SIZE = 1 << 30  # the largest message when the type has no threshold
 NOT_SERVED = "the API server does not serve MPIJobs: is the Kubeflow MPI Operator installed?"
@@ -301,7 +300,10 @@ class Connectivity:
         elif verdict is Verdict.PASSED:
             labels[keys.deep_health_check_label] = "Passed"
         # A request on the node is answered by this result, whoever ran it.
-        notes = {RESULT_ANNOTATION: json.dumps(record), keys.connectivity_request_annotation: None}
+        notes = {
+            keys.connectivity_result_annotation: json.dumps(record),
+            keys.connectivity_request_annotation: None,
+        }
         patch = {"metadata": {"labels": labels, "annotations": notes}}
         try:
             self.client.patch_node(node, patch, MERGE)

@@ -17,7 +17,6 @@ asked for is tested as asked. Nodes being remediated are left alone.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,12 +26,11 @@ from typing import Any
 import structlog
 
 from agent.controller.connectivity import (
-    RESULT_ANNOTATION,
     TYPE_LABEL,
     Connectivity,
     ConnectivityError,
 )
-from agent.controller.view import uses_accelerators
+from agent.controller.view import connectivity_verdict, uses_accelerators
 from agent.events import Event, rfc3339
 from agent.kube.client import MERGE, KubeClient, KubeError
 from agent.kube.plan import PENDING
@@ -72,7 +70,7 @@ def is_new(node: dict[str, Any], keys: NodeKeys, within: float, now: float) -> b
     meta = node.get("metadata") or {}
     labels, notes = meta.get("labels") or {}, meta.get("annotations") or {}
     return (
-        RESULT_ANNOTATION not in notes
+        keys.connectivity_result_annotation not in notes
         and _young(node, within, now)
         and labels.get(keys.health_status_label) == str(Verdict.SCHEDULABLE)
         and labels.get(keys.deep_health_check_label) != "InProgress"
@@ -134,11 +132,7 @@ def known_good(
             continue
         if labels.get(keys.health_status_label) != str(Verdict.SCHEDULABLE):
             continue
-        try:
-            passed = json.loads(notes.get(RESULT_ANNOTATION) or "{}").get("verdict") == "Passed"
-        except (ValueError, AttributeError):
-            passed = False
-        if passed:
+        if connectivity_verdict(notes, keys) == "Passed":
             out.append(meta["name"])
     return sorted(out)
 

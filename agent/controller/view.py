@@ -157,6 +157,15 @@ def uses_accelerators(pods: list[dict[str, Any]]) -> bool:
     return False
 
 
+def connectivity_verdict(annotations: dict[str, str], keys: NodeKeys) -> str | None:
+    """The last connectivity check's verdict on a node (`Passed`, `Failed`, `Unknown`)."""
+    try:
+        verdict = json.loads(annotations.get(keys.connectivity_result_annotation) or "{}")
+        return str(verdict["verdict"])
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
 def pod_name(p: dict[str, Any]) -> str:
     meta = p.get("metadata") or {}
     return f"{meta.get('namespace')}/{meta.get('name')}"

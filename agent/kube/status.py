@@ -1,4 +1,5 @@
-"""`node-health status`: the cluster's nodes as the agent labelled them, with counts per state."""
+"""`node-health status`: the cluster's nodes as the agent and the controller labelled them, with
+counts per state."""
 
 from __future__ import annotations
 
@@ -6,13 +7,15 @@ import json
 from collections import Counter
 from typing import Any
 
+from agent.controller.view import connectivity_verdict
 from agent.models import NodeKeys
 
 INSTANCE_TYPE = "node.kubernetes.io/instance-type"
 
 
 def rows(nodes: list[dict[str, Any]], keys: NodeKeys) -> list[dict[str, str]]:
-    """One row per node: name, health status, deep-check status, instance type, last reason."""
+    """One row per node: name, health status, deep-check status, the controller's remediation
+    step and last connectivity verdict, instance type, last reason."""
     out = []
     for n in sorted(nodes, key=lambda n: n["metadata"]["name"]):
         meta = n["metadata"]
@@ -22,6 +25,8 @@ def rows(nodes: list[dict[str, Any]], keys: NodeKeys) -> list[dict[str, str]]:
                 "node": meta["name"],
                 "health": labels.get(keys.health_status_label, "-"),
                 "deep_check": labels.get(keys.deep_health_check_label, "-"),
+                "remediation": labels.get(keys.remediation_step_label, "-"),
+                "connectivity": connectivity_verdict(annotations, keys) or "-",
                 "instance_type": labels.get(INSTANCE_TYPE, "-"),
                 "reason": _last_reason(annotations.get(keys.fault_details_annotation))
                 or labels.get(keys.fault_reasons_label, "")
@@ -46,8 +51,24 @@ def counts(table: list[dict[str, str]]) -> dict[str, int]:
 
 
 def render(table: list[dict[str, str]]) -> str:
-    cols = ("node", "health", "deep_check", "instance_type", "reason")
-    heads = ("NODE", "HEALTH", "DEEP-CHECK", "INSTANCE-TYPE", "REASON")
+    cols = (
+        "node",
+        "health",
+        "deep_check",
+        "remediation",
+        "connectivity",
+        "instance_type",
+        "reason",
+    )
+    heads = (
+        "NODE",
+        "HEALTH",
+        "DEEP-CHECK",
+        "REMEDIATION",
+        "CONNECTIVITY",
+        "INSTANCE-TYPE",
+        "REASON",
+    )
     widths = [max([len(h)] + [len(r[c]) for r in table]) for c, h in zip(cols, heads, strict=True)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True)).rstrip()]
     for r in table:

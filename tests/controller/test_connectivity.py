@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from agent.controller.connectivity import (
-    RESULT_ANNOTATION,
     Connectivity,
     ConnectivityError,
     mpijob,
@@ -175,7 +174,7 @@ def test_a_run_finds_and_labels_the_faulty_node(api: FakeKubeAPI, kcfg: Path) ->
     bad = api.node("gpu-3")["metadata"]
     assert bad["labels"][KEYS.deep_health_check_label] == "Failed"
     assert bad["labels"][KEYS.health_status_label] == "UnschedulablePendingReplacement"
-    assert '"verdict": "Failed"' in bad["annotations"][RESULT_ANNOTATION]
+    assert '"verdict": "Failed"' in bad["annotations"][KEYS.connectivity_result_annotation]
     good = api.node("gpu-2")["metadata"]["labels"]
     assert good[KEYS.deep_health_check_label] == "Passed"
     assert good[KEYS.health_status_label] == "Schedulable"

@@ -11,7 +11,7 @@ import threading
 import time
 from pathlib import Path
 
-from agent.controller.connectivity import RESULT_ANNOTATION, Interrupted
+from agent.controller.connectivity import Interrupted
 from agent.controller.requests import Requests, known_good, plan, wants_deep_check
 from agent.controller.view import uses_accelerators
 from agent.kube.client import KubeClient
@@ -22,7 +22,7 @@ from tests.kube.fake_api import FakeKubeAPI
 from tests.kube.fake_workloads import pod
 
 KEYS = NodeKeys()
-ASK = KEYS.connectivity_request_annotation
+ASK, RESULT = KEYS.connectivity_request_annotation, KEYS.connectivity_result_annotation
 HEALTH, DHC = KEYS.health_status_label, KEYS.deep_health_check_label
 NOW = time.time()
 
@@ -46,7 +46,7 @@ def asked(n: dict) -> dict:
 
 
 def passed(n: dict) -> dict:
-    n["metadata"]["annotations"][RESULT_ANNOTATION] = json.dumps({"verdict": "Passed"})
+    n["metadata"]["annotations"][RESULT] = json.dumps({"verdict": "Passed"})
     return n
 
 
@@ -135,7 +135,7 @@ def test_a_node_alone_is_tested_against_a_free_node_known_good(
 ) -> None:
     fleet(api, 4)
     for name in ("gpu-0", "gpu-1", "gpu-2"):
-        annotate(api, name, RESULT_ANNOTATION, json.dumps({"verdict": "Passed"}))
+        annotate(api, name, RESULT, json.dumps({"verdict": "Passed"}))
     api.add_pod("team", "trainer", "gpu-0", gpus=8)  # gpu-0 is busy
     api.add_pod("kube-system", "exporter", "gpu-1", owner="DaemonSet")  # no GPU: free
     annotate(api, "gpu-3", ASK, "run")
@@ -150,7 +150,7 @@ def test_with_no_free_partner_the_request_waits_and_says_so_once(
     api: FakeKubeAPI, kcfg: Path
 ) -> None:
     fleet(api, 2)
-    annotate(api, "gpu-0", RESULT_ANNOTATION, json.dumps({"verdict": "Passed"}))
+    annotate(api, "gpu-0", RESULT, json.dumps({"verdict": "Passed"}))
     api.add_pod("team", "trainer", "gpu-0", gpus=8)
     annotate(api, "gpu-1", ASK, "run")
     events: list[dict] = []
@@ -175,7 +175,7 @@ def test_new_nodes_are_tested_when_free(api: FakeKubeAPI, kcfg: Path) -> None:
         requests(kcfg, [], new_nodes=True).scan()  # tested: no longer new
         assert op.seen == [("gpu-1", "gpu-2")]
     assert api.node("gpu-1")["metadata"]["labels"][DHC] == "Passed"
-    assert RESULT_ANNOTATION not in api.node("gpu-3")["metadata"]["annotations"]
+    assert RESULT not in api.node("gpu-3")["metadata"]["annotations"]
 
 
 def test_a_request_that_cannot_run_is_refused_once_and_removed(

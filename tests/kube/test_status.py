@@ -18,7 +18,13 @@ def seed(api) -> None:
         lambda n: n["metadata"]["labels"].update({HEALTH: "Schedulable", TYPE: "p5.48xlarge"}),
     )
     api.add_node(
-        "node-b", {HEALTH: "UnschedulablePendingReboot", DEEP: "Failed", TYPE: "p5.48xlarge"}
+        "node-b",
+        {
+            HEALTH: "UnschedulablePendingReboot",
+            DEEP: "Failed",
+            TYPE: "p5.48xlarge",
+            "node-health-agent.io/remediation-step": "Draining",
+        },
     )
     details = [
         {
@@ -37,7 +43,10 @@ def seed(api) -> None:
     api.edit(
         "node-b",
         lambda n: n["metadata"]["annotations"].update(
-            {"sagemaker.amazonaws.com/fault-details": json.dumps(details)}
+            {
+                "sagemaker.amazonaws.com/fault-details": json.dumps(details),
+                "node-health-agent.io/connectivity": json.dumps({"verdict": "Failed"}),
+            }
         ),
     )
     api.add_node("node-c")  # never seen by the agent
@@ -48,10 +57,14 @@ def test_status_table_and_counts(cli_env, api, kcfg):
     out = node_health(cli_env, "status", "--kubeconfig", str(kcfg))
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[0].split() == ["NODE", "HEALTH", "DEEP-CHECK", "INSTANCE-TYPE", "REASON"]
-    assert lines[2].split()[:4] == ["node-b", "UnschedulablePendingReboot", "Failed", "p5.48xlarge"]
+    assert lines[0].split() == [
+        "NODE", "HEALTH", "DEEP-CHECK", "REMEDIATION", "CONNECTIVITY", "INSTANCE-TYPE", "REASON"
+    ]  # fmt: skip
+    assert lines[2].split()[:6] == [
+        "node-b", "UnschedulablePendingReboot", "Failed", "Draining", "Failed", "p5.48xlarge"
+    ]  # fmt: skip
     assert lines[2].endswith("XidHardwareFailure: Xid 79")
-    assert lines[3].split() == ["node-c", "-", "-", "-", "-"]
+    assert lines[3].split() == ["node-c", "-", "-", "-", "-", "-", "-"]
     assert lines[-1] == "3 nodes (-: 1, Schedulable: 1, UnschedulablePendingReboot: 1)"
 
 
