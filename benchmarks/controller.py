@@ -2,7 +2,9 @@
 fake API server with N healthy nodes, nothing to remediate. Prints steady RSS, CPU and API
 requests a second, beside a bare `python -c` interpreter's RSS as the reference.
 
-    python benchmarks/controller.py [--nodes 200] [--interval 5] [--seconds 20]
+    python benchmarks/controller.py [--nodes 200] [--interval 5] [--scan 60] [--seconds 60]
+
+A pass is two label-selected LISTs; a scan (every `scan`) one LIST of every node.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--nodes", type=int, default=200)
     ap.add_argument("--interval", type=float, default=5.0)
-    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--scan", type=float, default=60.0)
+    ap.add_argument("--seconds", type=float, default=60.0)
     args = ap.parse_args()
     d = Path(tempfile.mkdtemp())
     with FakeKubeAPI() as api:
@@ -39,7 +42,7 @@ def main() -> None:
         k = kubeconfig(d / "kubeconfig", api.url)
         (d / "c.yaml").write_text(
             f"state_dir: {d}/state\nhttp_listen: ''\nkubernetes: {{kubeconfig: '{k}'}}\n"
-            f"controller: {{interval: {args.interval}}}\n"
+            f"controller: {{interval: {args.interval}, scan: {args.scan}}}\n"
         )
         env = {k2: v for k2, v in os.environ.items() if not k2.startswith("NODE_HEALTH_")}
         env["PYTHONPATH"] = str(REPO)
@@ -58,7 +61,10 @@ def main() -> None:
     probe = "import os, psutil; print(psutil.Process(os.getpid()).memory_info().rss)"
     bare = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     cpu = (after.user + after.system - before.user - before.system) / args.seconds * 1000
-    print(f"nodes {args.nodes}, pass every {args.interval:g}s, over {args.seconds:g}s")
+    print(
+        f"nodes {args.nodes}, pass every {args.interval:g}s, scan every {args.scan:g}s, "
+        f"over {args.seconds:g}s"
+    )
     print(f"RSS {rss / MIB:.1f} MiB (bare interpreter {int(bare.stdout) / MIB:.1f} MiB)")
     print(f"CPU {cpu:.1f} millicores; API requests {requests / args.seconds:.1f}/s")
 

@@ -150,6 +150,9 @@ class Requests:
         self.client, self.cfg, self.keys, self.say = client, cfg, keys, say
         self.stopped, self.sleep = stopped, sleep
         self._told: set[str] = set()  # nodes already said to be waiting for a partner
+        # nodes whose agent was asked for a deep check: once (a run that cannot judge leaves
+        # no result label, and the next scan would ask again)
+        self._asked: set[str] = set()
 
     def scan(self) -> None:
         """Ask new nodes for their deep check, then run the connectivity check on the first
@@ -158,8 +161,11 @@ class Requests:
         nodes, now = self.client.list_nodes(""), time.time()
         if self.cfg.deep_check_new_nodes:
             for node in nodes:
-                if wants_deep_check(node, self.keys, self.cfg.new_within, now):
-                    self._ask_deep_check(node["metadata"]["name"])
+                name = node["metadata"]["name"]
+                if name not in self._asked and wants_deep_check(
+                    node, self.keys, self.cfg.new_within, now
+                ):
+                    self._ask_deep_check(name)
         for group in plan(nodes, self.keys, self.cfg, now):
             names = group.requested + [n for n in group.new if self._free(n)]
             partners: list[str] = []
@@ -209,6 +215,7 @@ class Requests:
         except KubeError as exc:  # the next scan asks again
             log.warning("deep_check_request_failed", node=name, error=str(exc))
             return
+        self._asked.add(name)
         event: Event = {
             "level": "info",
             "ts": rfc3339(time.time()),

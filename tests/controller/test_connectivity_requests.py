@@ -259,8 +259,14 @@ def test_the_scan_asks_the_agent_of_a_replacement_node_for_its_deep_check(
     scanner = requests(kcfg, events)
     scanner.scan()
     scanner.scan()  # asked already: not again
-    meta = api.node("hyperpod-i-0fedcba9876543210")["metadata"]
-    assert meta["annotations"][KEYS.deep_check_request_annotation] == "run"
+    # its agent took the request and its run could not judge (no result label): still once
+    api.edit(
+        "hyperpod-i-0fedcba9876543210",
+        lambda n: n["metadata"]["annotations"].pop(KEYS.deep_check_request_annotation),
+    )
+    scanner.scan()
+    [patch] = api.requests("PATCH", "/api/v1/nodes/hyperpod-i-0fedcba9876543210")  # once
+    assert patch.body == {"metadata": {"annotations": {KEYS.deep_check_request_annotation: "run"}}}
     assert [(e["node"], e["reason"]) for e in events] == [
         ("hyperpod-i-0fedcba9876543210", "DeepCheckRequested")
     ]
