@@ -119,10 +119,11 @@ def mpijob(
             "mpiReplicaSpecs": {
                 "Launcher": {
                     "replicas": 1,
+                    # the operator's place for it (one in the pod template is overridden)
+                    "restartPolicy": "OnFailure",
                     "template": {
                         "metadata": {"labels": labels},
                         "spec": {
-                            "restartPolicy": "OnFailure",
                             "tolerations": tolerations,
                             "containers": [
                                 {"name": "launcher", "image": cfg.image, "command": command}
@@ -132,6 +133,7 @@ def mpijob(
                 },
                 "Worker": {
                     "replicas": 2,
+                    "restartPolicy": "Never",
                     "template": {"metadata": {"labels": labels}, "spec": worker_spec},
                 },
             },

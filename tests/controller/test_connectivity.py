@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -264,3 +265,58 @@ def test_the_cli_dry_run_labels_nothing_and_bad_nodes_exit_2(api, kcfg: Path, tm
     assert KEYS.deep_health_check_label not in api.node("gpu-0")["metadata"]["labels"]
     out = run_cli(kcfg, tmp_path, "--nodes", "gpu-0,gpu-9")
     assert out.returncode == 2 and "no such nodes: gpu-9" in out.stderr
+
+
+SCHEMA = json.loads((FIX.parent / "mpi-operator" / "mpijob-v2beta1.schema.json").read_text())
+DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+def pruned(doc: object, schema: dict, path: str = "") -> list[str]:
+    """The fields the API server would drop from `doc`: those a structural schema names not."""
+    if not isinstance(doc, dict) or schema.get("x-kubernetes-preserve-unknown-fields"):
+        return []
+    props, extra = schema.get("properties"), schema.get("additionalProperties")
+    out = []
+    for key, value in doc.items():
+        if props is not None and key in props:
+            out += pruned(value, props[key], f"{path}.{key}")
+        elif isinstance(extra, dict):
+            out += pruned(value, extra, f"{path}.{key}")
+        elif props is not None:
+            out.append(f"{path}.{key}")
+    return out
+
+
+def test_each_mpijob_is_one_the_api_server_keeps_whole_and_the_operator_accepts(
+    api: FakeKubeAPI, kcfg: Path
+) -> None:
+    import jsonschema
+    import kubernetes_validate
+
+    from tests.test_deploy import K8S_VERSION
+
+    names = fleet(api, 5)
+    with Operator(api, bad={"gpu-4"}):
+        connectivity(kcfg, [], max_share=1.0).check(names)
+    path = f"/apis/kubeflow.org/v2beta1/namespaces/{NS}/mpijobs"
+    jobs = [r.body for r in api.requests("POST", path)]
+    assert len(jobs) >= 3
+    for job in jobs:  # as sent
+        jsonschema.validate(job, SCHEMA)  # types, enums, required
+        assert pruned(job, SCHEMA) == []
+        spec = job["spec"]
+        assert spec["runPolicy"]["cleanPodPolicy"] in ("None", "Running", "All")
+        replicas = spec["mpiReplicaSpecs"]
+        assert replicas["Launcher"]["replicas"] == 1 and replicas["Worker"]["replicas"] >= 1
+        last = f"{job['metadata']['name']}-worker-{replicas['Worker']['replicas'] - 1}"
+        assert DNS_1035.match(last) and len(last) <= 63
+        for replica in replicas.values():
+            assert replica["restartPolicy"] in ("Never", "OnFailure")
+            template = replica["template"]
+            assert "restartPolicy" not in template["spec"]  # the operator would override it
+            kubernetes_validate.validate(
+                {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}}
+                | {"template": template},
+                K8S_VERSION,
+                strict=True,
+            )
