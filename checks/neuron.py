@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from checks.api import CheckContext, Finding, PollingCheck, Status, StreamingCheck
 from checks.instance_types import expected
-from checks.neuron_output import ReportJudge, count_finding, finding, parse_neuron_ls, reports
+from checks.neuron_output import ReportJudge, count_finding, parse_neuron_ls, reports
 from checks.proc import reap, run_command
 
 
@@ -48,7 +48,7 @@ class NeuronCheck(PollingCheck):
                 why = "printed no device table"
             message = f"neuron-ls {why}"
             return [
-                finding("neuron", "NeuronDeviceCount", Status.UNKNOWN, "NeuronLsFailed", message)
+                Finding("neuron", "NeuronDeviceCount", Status.UNKNOWN, "NeuronLsFailed", message)
             ]
         return [count_finding(len(devices), want)]
 

@@ -30,7 +30,7 @@ def count_finding(count: int, want: int | None, seen: str = "neuron-ls lists") -
     evidence = {"devices": count, "expected": want}
     if want is not None and count < want:
         message = f"{seen} {count} Neuron devices, {want} expected"
-        return finding(
+        return Finding(
             "neuron",
             "NeuronDeviceCount",
             Status.FAULT,
@@ -40,7 +40,7 @@ def count_finding(count: int, want: int | None, seen: str = "neuron-ls lists") -
             evidence,
         )
     message = f"{count} Neuron devices" + (f" of {want}" if want else "")
-    return finding(
+    return Finding(
         "neuron", "NeuronDeviceCount", Status.OK, "NeuronDevicesPresent", message, evidence=evidence
     )
 
@@ -84,7 +84,7 @@ class ReportJudge:
         if info.get("error") or not isinstance(count, int):
             why = info.get("error") or "no neuron_device_count"
             return [
-                finding("neuron", "NeuronDeviceCount", Status.UNKNOWN, "NeuronMonitorError", why)
+                Finding("neuron", "NeuronDeviceCount", Status.UNKNOWN, "NeuronMonitorError", why)
             ]
         if self.want is not None and count < self.want:
             return [count_finding(count, self.want, "neuron-monitor reports")]
@@ -93,7 +93,7 @@ class ReportJudge:
     def _counters(self, counters: dict[str, Any]) -> list[Finding]:
         if counters.get("error"):
             message = f"neuron_hw_counters: {counters['error']}"
-            return [finding("neuron", "NeuronEcc", Status.UNKNOWN, "NeuronMonitorError", message)]
+            return [Finding("neuron", "NeuronEcc", Status.UNKNOWN, "NeuronMonitorError", message)]
         now, found = self.clock(), []
         for dev in counters.get("neuron_devices") or []:
             if not isinstance(dev, dict) or not isinstance(dev.get("neuron_device_index"), int):
@@ -105,7 +105,7 @@ class ReportJudge:
             if bad:
                 what = ", ".join(f"{k}={v}" for k, v in bad.items())
                 found.append(
-                    finding(
+                    Finding(
                         component,
                         "NeuronEcc",
                         Status.FAULT,
@@ -118,7 +118,7 @@ class ReportJudge:
             else:
                 message = f"Neuron device {idx}: no uncorrected ECC errors"
                 found.append(
-                    finding(
+                    Finding(
                         component, "NeuronEcc", Status.OK, "NeuronEccOk", message, evidence=values
                     )
                 )
@@ -136,7 +136,7 @@ class ReportJudge:
             grew = values.get(key, 0) - before.get(key, 0)
             if grew > 0 and grew / minutes > self.rate:
                 out.append(
-                    finding(
+                    Finding(
                         f"neuron:{idx}",
                         "NeuronCorrectedEcc",
                         Status.FAULT,
@@ -147,19 +147,6 @@ class ReportJudge:
                     )
                 )
         return out
-
-
-def finding(
-    component: str,
-    condition: str,
-    status: Status,
-    reason: str,
-    message: str,
-    action: Action = Action.NONE,
-    evidence: dict[str, Any] | None = None,
-    temporary: bool = False,
-) -> Finding:
-    return Finding(component, condition, status, reason, message, action, evidence or {}, temporary)
 
 
 def reports(buffer: str) -> tuple[list[dict[str, Any]], str]:
@@ -206,7 +193,7 @@ def judge_nccom(text: str, returncode: int | None = None) -> Finding:
     failures = [ln.strip() for ln in text.splitlines() if "Failure running" in ln]
     if _NCCOM_FAILED.search(text):
         message = "nccom-test failed" + (f": {failures[0]}" if failures else "")
-        return finding(
+        return Finding(
             "neuron",
             "NeuronCollectives",
             Status.FAULT,
@@ -217,11 +204,11 @@ def judge_nccom(text: str, returncode: int | None = None) -> Finding:
         )
     if rows and avg and returncode in (None, 0):
         message = f"nccom-test passed: {avg.group(1)} GB/s average bus bandwidth"
-        return finding(
+        return Finding(
             "neuron", "NeuronCollectives", Status.OK, "NccomTestPassed", message, evidence=evidence
         )
     first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "no output")
     message = f"nccom-test could not run: {first[:200]}"
-    return finding(
+    return Finding(
         "neuron", "NeuronCollectives", Status.UNKNOWN, "NccomTestError", message, evidence=evidence
     )
