@@ -36,16 +36,21 @@ def test_every_manifest_is_valid_against_the_kubernetes_schemas() -> None:
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
 
-def test_the_kustomization_builds() -> None:
+def kustomize(directory: Path) -> list[dict[str, Any]]:
+    """What `kubectl kustomize` builds from `directory`; the test is skipped without kubectl."""
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl not installed (the manifests are validated one by one above)")
     out = subprocess.run(
-        [kubectl, "kustomize", str(DEPLOY)], capture_output=True, text=True, check=True
+        [kubectl, "kustomize", str(directory)], capture_output=True, text=True, check=True
     )
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def test_the_kustomization_builds() -> None:
     import kubernetes_validate
 
-    built = [d for d in yaml.safe_load_all(out.stdout) if d]
+    built = kustomize(DEPLOY)
     for doc in built:
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
     kinds = {d["kind"] for d in built}
@@ -261,13 +266,7 @@ def test_the_controllers_rbac_is_nodes_pods_evictions_events_its_lease_and_mpijo
 
 
 def test_the_controller_kustomization_builds() -> None:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl not installed (the manifests are validated one by one above)")
-    out = subprocess.run(
-        [kubectl, "kustomize", str(CONTROLLER)], capture_output=True, text=True, check=True
-    )
-    built = [d for d in yaml.safe_load_all(out.stdout) if d]
+    built = kustomize(CONTROLLER)
     assert {
         d["metadata"].get("namespace") for d in built if d["kind"] in ("Role", "Deployment")
     } == {"node-health"}
