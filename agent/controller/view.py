@@ -114,6 +114,10 @@ def instance_id(node: dict[str, Any]) -> str | None:
     return None
 
 
+def _finished(p: dict[str, Any]) -> bool:
+    return (p.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+
+
 def to_evict(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The pods a drain must see gone, as `kubectl drain` picks them: not DaemonSet pods (the
     DaemonSet would put them back, and they tolerate the taint), not mirror pods (kubelet's
@@ -128,7 +132,7 @@ def to_evict(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for o in meta.get("ownerReferences") or []
         ):
             continue
-        if (p.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+        if _finished(p):
             continue
         out.append(p)
     return out
@@ -146,7 +150,7 @@ def uses_accelerators(pods: list[dict[str, Any]]) -> bool:
     """A pod that has not finished asks for a GPU or a Neuron device (requests or limits, in
     any container, init containers included: the scheduler counts them too)."""
     for p in pods:
-        if (p.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+        if _finished(p):
             continue
         spec = p.get("spec") or {}
         for c in [*(spec.get("containers") or []), *(spec.get("initContainers") or [])]:
