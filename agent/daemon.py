@@ -18,7 +18,7 @@ from pathlib import Path
 
 import structlog
 
-from agent import deeprecord
+from agent import __version__, deeprecord
 from agent.config import Settings
 from agent.events import EventBuilder
 from agent.identity import Identity
@@ -31,6 +31,7 @@ from agent.policy import (
     Policy,
     StateCorruptError,
     Verdict,
+    check_results,
     read_boot_id,
     rule_table,
 )
@@ -41,7 +42,6 @@ from agent.sinks.spool import SpoolSink
 from agent.sinks.stdout import StdoutSink
 from checks.api import Action, Finding, Status
 
-_RESULT_RANK = {"ok": 0, "unknown": 1, "fault": 2}
 RECORD_POLL = 2.0  # seconds between looks at the deep-check record (one stat)
 
 log = structlog.get_logger("agent.daemon")
@@ -127,6 +127,13 @@ class Agent:
             if t.condition == CHECK_ERROR and t.status is Status.UNKNOWN
         }
         self.runner = Runner(checks, self.handle, self.metrics, failed=failed)
+        self.metrics.follow(lambda: self.policy.trackers.values(), self.spool.usage)
+        self.metrics.info.info(
+            {
+                "version": __version__,
+                "instance_type": identity.instance_type or "",
+            }
+        )
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
@@ -166,11 +173,7 @@ class Agent:
 
     def _status(self) -> dict[str, object]:
         """The node as the agent sees it now: verdict, labels, each check's last result."""
-        checks: dict[str, str] = {}
-        for t in self.policy.trackers.values():
-            now = "fault" if t.active else str(t.status)
-            if _RESULT_RANK[now] >= _RESULT_RANK.get(checks.get(t.check, "ok"), 0):
-                checks[t.check] = now
+        checks = check_results(self.policy.trackers.values())
         labels = self._node_state().labels
         return {"verdict": str(self.policy.verdict), "labels": labels, "checks": checks}
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from collections.abc import Callable, Iterable, Iterator
 
-from agent.policy import Verdict
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from agent.policy import Tracker, Verdict, check_results
 
 
 class Metrics:
@@ -73,6 +77,12 @@ class Metrics:
             registry=r,
         )
 
+        self.info = Info(
+            "node_health_agent",
+            "The agent's version and instance type (join on it for per-type views)",
+            registry=r,
+        )
+
         self.leader = Gauge(
             "node_health_controller_leader", "1 while this controller holds the Lease", registry=r
         )
@@ -83,6 +93,58 @@ class Metrics:
             registry=r,
         )
 
+    def follow(
+        self,
+        trackers: Callable[[], Iterable[Tracker]],
+        spool: Callable[[], tuple[int, int]],
+    ) -> None:
+        """Export the active faults, each check's result and the spool's fill, read at scrape
+        time from what the agent holds: nothing to keep in step."""
+        self.registry.register(_NodeCollector(trackers, spool))
+
     def set_verdict(self, current: Verdict) -> None:
         for v in Verdict:
             self.verdict.labels(str(v)).set(1 if v is current else 0)
+
+
+class _NodeCollector(Collector):
+    def __init__(
+        self,
+        trackers: Callable[[], Iterable[Tracker]],
+        spool: Callable[[], tuple[int, int]],
+    ) -> None:
+        self.trackers, self.spool = trackers, spool
+
+    def collect(self) -> Iterator[Metric]:
+        tracked = list(self.trackers())
+        faults = GaugeMetricFamily(
+            "node_health_faults_active",
+            "Components with an active fault, by check, condition, reason and action",
+            labels=["check", "condition", "reason", "action"],
+        )
+        counts: dict[tuple[str, str, str, str], int] = {}
+        for t in tracked:
+            if t.active:
+                key = (t.check, t.condition, t.reason, str(t.action))
+                counts[key] = counts.get(key, 0) + 1
+        for key, n in sorted(counts.items()):
+            faults.add_metric(list(key), n)
+        yield faults
+        results = GaugeMetricFamily(
+            "node_health_check_result",
+            "1 for each check's current result: ok, unknown or fault (the worst of its parts)",
+            labels=["check", "result"],
+        )
+        for check, result in sorted(check_results(tracked).items()):
+            for value in ("ok", "unknown", "fault"):
+                results.add_metric([check, value], 1 if value == result else 0)
+        yield results
+        used, limit = self.spool()
+        yield GaugeMetricFamily(
+            "node_health_spool_bytes", "Bytes in the local spool's segments", value=used
+        )
+        yield GaugeMetricFamily(
+            "node_health_spool_limit_bytes",
+            "The spool's bound (segment size times segments kept); past it the oldest goes",
+            value=limit,
+        )

@@ -517,3 +517,16 @@ def read_boot_id(path: Path) -> str | None:
         return path.read_text().strip() or None
     except OSError:
         return None
+
+
+_RESULT_RANK = {"ok": 0, "unknown": 1, "fault": 2}
+
+
+def check_results(trackers: Iterable[Tracker]) -> dict[str, str]:
+    """Each check's current result, the worst of its trackers': ok, unknown or fault."""
+    out: dict[str, str] = {}
+    for t in trackers:
+        now = "fault" if t.active else str(t.status)
+        if _RESULT_RANK[now] >= _RESULT_RANK.get(out.get(t.check, "ok"), 0):
+            out[t.check] = now
+    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -128,6 +129,16 @@ def test_health_readiness_and_metrics_endpoints(cli_env, tmp_path):
         assert code == 200
         assert 'node_health_verdict{verdict="UnschedulablePendingReboot"} 1.0' in body
         assert 'node_health_check_runs_total{check="fixed",result="fault"}' in body
+        # What the alerts and the dashboard (deploy/monitoring/) read.
+        assert (
+            'node_health_faults_active{action="reboot",check="fixed",'
+            'condition="NvidiaGPUUnhealthy",reason="XidHardwareFailure"} 1.0'
+        ) in body
+        assert 'node_health_check_result{check="fixed",result="fault"} 1.0' in body
+        assert 'node_health_check_result{check="fixed",result="ok"} 0.0' in body
+        assert "node_health_spool_limit_bytes 6.7108864e+07" in body
+        assert re.search(r"^node_health_spool_bytes [1-9]", body, re.M)
+        assert re.search(r'^node_health_agent_info\{instance_type="[^"]*",version="', body, re.M)
         assert get(f"http://127.0.0.1:{port}/nope")[0] == 404
     finally:
         stop(proc)

@@ -8,6 +8,7 @@ the bound is hit the oldest segment goes, its events counted and logged. Each ev
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Self
@@ -36,6 +37,14 @@ class SpoolSink:
         """Segment files, oldest first."""
         found = [p for p in self.directory.glob(f"*{SUFFIX}") if p.stem.isdigit()]
         return sorted(found, key=lambda p: int(p.stem))
+
+    def usage(self) -> tuple[int, int]:
+        """Bytes in the segments now, and the bound past which the oldest segment goes."""
+        used = 0
+        for path in self.segments():
+            with contextlib.suppress(OSError):  # rotated away between listing and stat
+                used += path.stat().st_size
+        return used, self.max_segment_bytes * self.max_segments
 
     async def __aenter__(self) -> Self:
         self.directory.mkdir(parents=True, exist_ok=True)
