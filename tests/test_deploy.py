@@ -300,3 +300,70 @@ def test_the_iam_policies_grant_what_each_backend_calls() -> None:
         "logs:CreateLogStream",
         "logs:PutLogEvents",
     }
+
+
+def test_cluster_scoped_objects_get_no_namespace() -> None:
+    cluster_scoped = {
+        "Namespace",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+    }
+    for doc in kustomize(DEPLOY):
+        if doc["kind"] in cluster_scoped:
+            assert "namespace" not in doc["metadata"], doc["kind"]
+        else:
+            assert doc["metadata"]["namespace"] == "node-health", doc["kind"]
+
+
+def cel(expr: str) -> Any:
+    import celpy
+
+    env = celpy.Environment()
+    return env.program(env.compile(expr)).evaluate({})
+
+
+def test_the_admission_policy_names_what_the_agent_is_and_writes() -> None:
+    """Renaming the service account, the namespace or a key in one place and not the other
+    would make the policy deny the agent (or, for keys, let it write what it should not)."""
+    from agent.config import load_settings
+
+    built = kustomize(DEPLOY)
+    [ds] = [d for d in built if d["kind"] == "DaemonSet"]
+    [binding] = [d for d in built if d["kind"] == "ClusterRoleBinding"]
+    [policy] = [d for d in built if d["kind"] == "ValidatingAdmissionPolicy"]
+    account = ds["spec"]["template"]["spec"]["serviceAccountName"]
+    namespace = ds["metadata"]["namespace"]
+    assert {"kind": "ServiceAccount", "name": account, "namespace": namespace} in binding[
+        "subjects"
+    ]
+    [only] = policy["spec"]["matchConditions"]
+    assert f"'system:serviceaccount:{namespace}:{account}'" in only["expression"]
+    keys = load_settings(DEPLOY / "config.yaml").node_keys
+    variables = {v["name"]: cel(v["expression"]) for v in policy["spec"]["variables"][:3]}
+    assert set(variables["ownLabels"]) == {
+        keys.health_status_label,
+        keys.deep_health_check_label,
+        keys.fault_types_label,
+        keys.fault_reasons_label,
+    }
+    assert set(variables["ownAnnotations"]) == {
+        keys.fault_details_annotation,
+        keys.owned_annotation,
+        keys.deep_check_request_annotation,
+    }
+    assert variables["taintKey"] == keys.taint_key
+
+
+def test_the_daemonset_runs_on_the_accelerator_types_the_agent_knows() -> None:
+    from checks.api import load_yaml
+
+    [ds] = docs("daemonset.yaml")
+    affinity = ds["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]
+    [term] = affinity["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    [match] = term["matchExpressions"]
+    assert (match["key"], match["operator"]) == ("node.kubernetes.io/instance-type", "In")
+    types = load_yaml((REPO / "checks" / "instance_types.yaml").read_text())["types"]
+    # EC2's names, and HyperPod's (its nodes' instance-type label reads ml.p5.48xlarge).
+    assert set(match["values"]) == set(types) | {f"ml.{t}" for t in types}
