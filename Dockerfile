@@ -1,18 +1,30 @@
 # syntax=docker/dockerfile:1
 # node-health-agent: a slim, non-root image. Build: docker build -t node-health-agent .
-ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
+# The base is pinned by digest (a tag can be pushed again; a digest cannot): the digest of
+# python:3.11.11-slim-bookworm's multi-arch index. Python packages install from
+# constraints.txt, every version pinned (README, Container image, says how to update both).
+ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm@sha256:081075da77b2b55c23c088251026fb69a7b2bf92471e491ff5fd75c192fd38e5
 
 FROM ${PYTHON_IMAGE} AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE constraints.txt ./
 COPY agent agent
 COPY checks checks
 RUN python -m venv /opt/node-health \
- && /opt/node-health/bin/pip install --no-cache-dir --no-compile . \
+ && /opt/node-health/bin/pip install --no-cache-dir --no-compile -c constraints.txt . \
  && /opt/node-health/bin/python -m compileall -q /opt/node-health/lib
 
 FROM ${PYTHON_IMAGE}
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+LABEL org.opencontainers.image.title="node-health-agent" \
+      org.opencontainers.image.description="Health agent for GPU (NVIDIA) and AWS Trainium nodes in Kubernetes training clusters" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.base.name="docker.io/library/python:3.11.11-slim-bookworm"
 COPY --from=build /opt/node-health /opt/node-health
+COPY LICENSE /usr/share/doc/node-health-agent/LICENSE
 # The host's /proc, /sys, /dev/kmsg and /var/log are mounted under /host (see deploy/).
 ENV PATH=/opt/node-health/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
