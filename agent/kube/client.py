@@ -35,18 +35,19 @@ class KubeClient:
     ) -> None:
         """`kubeconfig`, else in-cluster; for an `operator` (a person's command) without one,
         $KUBECONFIG or ~/.kube/config, as kubectl."""
-        from kubernetes import client, config
+        from agent.kube.lean import api
 
-        cfg = client.Configuration()
+        k = api()
+        cfg = k.Configuration()
         if kubeconfig or operator:
-            config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+            k.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
         else:
-            config.load_incluster_config(client_configuration=cfg)
+            k.load_incluster_config(client_configuration=cfg)
         cfg.retries = False  # ours back off and honour Retry-After; urllib3's would not
-        self.api = client.ApiClient(cfg)
-        self.v1 = client.CoreV1Api(self.api)
-        self.leases = client.CoordinationV1Api(self.api)
-        self.custom = client.CustomObjectsApi(self.api)
+        self.api = k.ApiClient(cfg)
+        self.v1 = k.CoreV1Api(self.api)
+        self.leases = k.CoordinationV1Api(self.api)
+        self.custom = k.CustomObjectsApi(self.api)
         self.timeout = timeout
         self._watching: Any = None
 
@@ -193,9 +194,9 @@ class KubeClient:
 
 
 def _error(exc: Exception) -> KubeError:
-    from kubernetes.client.exceptions import ApiException
+    from agent.kube.lean import api
 
-    if isinstance(exc, ApiException):
+    if isinstance(exc, api().ApiException):
         retry = (exc.headers or {}).get("Retry-After")
         try:
             message = json.loads(exc.body).get("message") or exc.reason
