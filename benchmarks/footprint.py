@@ -1,76 +1,138 @@
-"""The daemon's footprint: steady RSS and idle CPU with the default checks and every sink on,
-and the CLI's start-up time, each beside a reference measured in the same run.
+"""The daemon's footprint with each sink on, and each sink's share, beside a bare interpreter;
+and the CLI's start-up time, beside a bare `python -c pass`.
 
-    python benchmarks/footprint.py [--seconds 60] [--runs 10]
+    python benchmarks/footprint.py [--seconds 30] [--runs 10]
 
-Goals: <= 64 MiB RSS and <= 2 millicores idle; the reference for start-up is a bare
-`python -c pass` on the same interpreter.
+For each of five set-ups the daemon (`python -m agent run`, the default checks, the HTTP
+server on) runs on a host root whose /dev/kmsg is a FIFO; one XID line is written into it, so
+that every sink has done its work once (the Kubernetes writer has patched the Node, CloudWatch
+has shipped a batch, MQTT has published), then it idles for --seconds while its RSS is sampled
+each second (psutil) and its CPU time is counted:
+
+1. local: stdout, the spool and the local node-state file (the embedded default);
+2. + kubernetes: the node writer and Node events, against the tests' fake API server;
+3. + cloudwatch: the CloudWatch Logs sink, against moto in server mode;
+4. + mqtt: the MQTT sink, against mosquitto (amqtt where mosquitto is not installed);
+5. every sink: all of the above together, as in a cluster.
+
+The Kubernetes client is configured from a kubeconfig (the fake API server's); in a pod it
+loads the in-cluster config instead, without the kubeconfig loader's OAuth modules: their cost
+is printed apart. Goal: <= 64 MiB RSS with every sink on, <= 2 millicores idle.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.harness import daemon_env, fifo_host, start_daemon, wait
+
 MIB = 1024 * 1024
+XID = "NVRM: Xid (PCI:0000:10:00): 79, pid=1234, GPU has fallen off the bus."
+BASE = """
+http_listen: 127.0.0.1:0
+stdout_events: true
+imds: "off"
+cluster_name: bench
+cluster_id: c1
+node_group: g
+instance_id: i-bench
+cloudwatch: {{enabled: {cloudwatch}, flush_interval: 1s}}
+"""
 
 
-def daemon_footprint(seconds: float) -> dict[str, float]:
-    with tempfile.TemporaryDirectory() as state:
-        env = os.environ | {
-            "NODE_HEALTH_STATE_DIR": state,
-            "NODE_HEALTH_IMDS": "off",
-            "NODE_HEALTH_HTTP_LISTEN": "127.0.0.1:19870",
-        }
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            _wait_ready("http://127.0.0.1:19870/readyz")
-            p = psutil.Process(proc.pid)
-            time.sleep(2)  # let start-up work settle
-            cpu0, t0 = sum(p.cpu_times()[:2]), time.monotonic()
-            rss = []
-            while time.monotonic() - t0 < seconds:
-                rss.append(p.memory_info().rss)
-                time.sleep(1)
-            cpu = sum(p.cpu_times()[:2]) - cpu0
-            wall = time.monotonic() - t0
-            urllib.request.urlopen("http://127.0.0.1:19870/metrics", timeout=2).read()
-            return {
-                "rss_mib": rss[-1] / MIB,
-                "rss_max_mib": max(rss) / MIB,
-                "idle_millicores": 1000 * cpu / wall,
-                "seconds": wall,
+@contextlib.contextmanager
+def services(tmp: Path) -> Iterator[dict[str, str]]:
+    """The fake API server, moto and an MQTT broker, for the whole run."""
+    import logging
+
+    from tests.aws.conftest import aws_env, moto_server
+    from tests.kube.conftest import kubeconfig
+    from tests.kube.fake_api import FakeKubeAPI
+    from tests.mqtt.conftest import Broker
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto: no line per request
+    broker = Broker(tmp)
+    broker.start()
+    try:
+        with FakeKubeAPI() as api, moto_server() as moto:
+            api.add_node("bench-node")
+            yield {
+                "kubeconfig": str(kubeconfig(tmp / "kubeconfig", api.url)),
+                "mqtt_port": str(broker.port),
+                **aws_env(moto),
             }
-        finally:
-            proc.terminate()
-            proc.wait(10)
+    finally:
+        broker.stop()
 
 
-def _wait_ready(url: str) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit("the daemon never became ready")
+def config(kube: bool, cloudwatch: bool, mqtt: bool, svc: dict[str, str]) -> str:
+    text = BASE.format(cloudwatch=str(cloudwatch).lower())
+    if kube:
+        text += f"kubernetes: {{enabled: true, kubeconfig: '{svc['kubeconfig']}'}}\n"
+    if mqtt:
+        text += f"mqtt: {{host: 127.0.0.1, port: {svc['mqtt_port']}}}\n"
+    return text
+
+
+def measure(
+    tmp: Path, name: str, text: str, svc: dict[str, str], seconds: float
+) -> dict[str, float]:
+    run = tmp / name
+    run.mkdir()
+    root = fifo_host(run)
+    cfg = run / "config.yaml"
+    cfg.write_text(text)
+    env = daemon_env(run, root, "bench-node") | {
+        k: v for k, v in svc.items() if k.startswith("AWS_")
+    }
+    agent, kmsg = start_daemon(cfg, env, run / "agent.log")
+    try:
+        log = run / "agent.log"
+        wait(lambda: "first_round_done" in log.read_text(), 60, f"{name}: never started")
+        os.write(kmsg, f"3,1,1000000,-;{XID}\n".encode())
+        spool = run / "state" / "spool"
+        wait(lambda: any(XID[:20] in p.read_text() for p in spool.glob("*.jsonl")), 30, name)
+        time.sleep(3)  # each sink ships it (CloudWatch flushes every second)
+        p = psutil.Process(agent.pid)
+        cpu0, t0 = sum(p.cpu_times()[:2]), time.monotonic()
+        rss = []
+        while time.monotonic() - t0 < seconds:
+            rss.append(p.memory_info().rss)
+            time.sleep(1)
+        cpu = sum(p.cpu_times()[:2]) - cpu0
+        return {
+            "rss": rss[-1] / MIB,
+            "rss_max": max(rss) / MIB,
+            "millicores": 1000 * cpu / (time.monotonic() - t0),
+        }
+    finally:
+        agent.terminate()
+        agent.wait(30)
+        os.close(kmsg)
+
+
+def in_fresh_interpreter(code: str) -> float:
+    """What `code` prints, run in a fresh interpreter that has `rss()` (its RSS in MiB)."""
+    probe = (
+        "def rss():\n"
+        "    return next(int(l.split()[1]) for l in open('/proc/self/status')"
+        " if l.startswith('VmRSS')) / 1024\n" + code
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    return float(out.stdout.strip() or "nan")
 
 
 def startup(argv: list[str], runs: int) -> float:
@@ -84,23 +146,54 @@ def startup(argv: list[str], runs: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=float, default=60)
+    ap.add_argument("--seconds", type=float, default=30)
     ap.add_argument("--runs", type=int, default=10)
     args = ap.parse_args()
     os.chdir(Path(__file__).resolve().parent.parent)
+    setups = {
+        "local": (False, False, False),
+        "+ kubernetes": (True, False, False),
+        "+ cloudwatch": (False, True, False),
+        "+ mqtt": (False, False, True),
+        "every sink": (True, True, True),
+    }
+    with tempfile.TemporaryDirectory() as tmp, services(Path(tmp)) as svc:
+        results = {
+            name: measure(Path(tmp), name.strip("+ "), config(*on, svc), svc, args.seconds)
+            for name, on in setups.items()
+        }
+    interp = in_fresh_interpreter("print(rss())")
+    local = results["local"]["rss"]
+    print(f"daemon RSS after {args.seconds:.0f} s idle (a bare interpreter: {interp:.1f} MiB):")
+    for name, r in results.items():
+        share = "" if name == "local" else f"  ({r['rss'] - local:+5.1f} MiB)"
+        print(
+            f"  {name:<13} {r['rss']:6.1f} MiB (max {r['rss_max']:5.1f}){share:<16}"
+            f" {r['millicores']:5.2f} millicores"
+        )
+    oauth = in_fresh_interpreter(
+        "from agent.kube.lean import api\napi()\nbefore = rss()\n"
+        "import kubernetes.config.kube_config\nprint(rss() - before)"
+    )
+    print(f"  of + kubernetes, the kubeconfig loader (not loaded in a pod): {oauth:.1f} MiB")
+    whole = in_fresh_interpreter("before = rss()\nimport kubernetes\nprint(rss() - before)")
+    lean = in_fresh_interpreter(
+        "before = rss()\nfrom agent.kube.lean import api\napi()\nprint(rss() - before)"
+    )
+    print(
+        f"  the kubernetes package imported whole: {whole:.1f} MiB;"
+        f" what the agent loads of it (agent/kube/lean.py): {lean:.1f} MiB"
+    )
+    every = results["every sink"]
+    print(f"  goal <= 64 MiB with every sink: {'met' if every['rss'] <= 64 else 'NOT met'}")
 
-    fp = daemon_footprint(args.seconds)
-    print(f"daemon, default checks, sinks stdout+spool, http on, {fp['seconds']:.0f} s idle:")
-    print(f"  RSS            {fp['rss_mib']:6.1f} MiB (max {fp['rss_max_mib']:.1f})   goal <= 64")
-    print(f"  idle CPU       {fp['idle_millicores']:6.2f} millicores           goal <= 2")
-
-    bare = startup([sys.executable, "-c", "pass"], args.runs)
+    base = startup([sys.executable, "-c", "pass"], args.runs)
     version = startup([sys.executable, "-m", "agent", "version"], args.runs)
     listing = startup([sys.executable, "-m", "agent", "checks", "list"], args.runs)
     print(f"start-up, median of {args.runs}:")
-    print(f"  python -c pass          {1000 * bare:6.0f} ms (reference)")
-    print(f"  node-health version     {1000 * version:6.0f} ms  ({version / bare:.1f}x reference)")
-    print(f"  node-health checks list {1000 * listing:6.0f} ms  ({listing / bare:.1f}x reference)")
+    print(f"  python -c pass          {1000 * base:6.0f} ms (reference)")
+    print(f"  node-health version     {1000 * version:6.0f} ms  ({version / base:.1f}x reference)")
+    print(f"  node-health checks list {1000 * listing:6.0f} ms  ({listing / base:.1f}x reference)")
 
 
 if __name__ == "__main__":
