@@ -148,8 +148,8 @@ class Controller:
                 stack,
                 self.settings.http_listen,
                 self.metrics,
-                live=lambda: not self._stop.is_set(),
-                ready=lambda: True,  # a standby replica is ready too
+                live=lambda: "stopping" if self._stop.is_set() else None,
+                ready=self._readiness,
             )
             log.info(
                 "controller_started",
@@ -216,6 +216,12 @@ class Controller:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(cfg.scan if leading else cfg.retry_period):
                     await self._stop.wait()
+
+    def _readiness(self) -> str | None:
+        """A standby replica is ready too; one that cannot reach its Lease is not, and says
+        why."""
+        error = self.elector.error
+        return f"cannot take part in leader election: {error}" if error else None
 
     def _notice(self, leading: bool) -> dict:
         msg = "leads: remediation is on" if leading else "does not lead: remediation paused"
