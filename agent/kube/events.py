@@ -128,12 +128,13 @@ class KubeEventSink:
         delay = 0.5
         while True:
             await self._ready.wait()
-            heart.busy()
             while self._queue:
                 event, at, ns = self._queue[0]
+                heart.busy()
                 try:
                     await in_daemon_thread(self._post, event, at, ns)
                 except KubeError as exc:
+                    heart.done()  # waiting out an outage is not being stuck
                     if self.on_error is not None:
                         self.on_error("event")
                     if not exc.retryable:  # refused for good (403, 422): not worth holding
@@ -145,9 +146,9 @@ class KubeEventSink:
                     continue
                 self._queue.popleft()
                 delay = 0.5
+                heart.done()
             self._ready.clear()
             self._idle.set()
-            heart.done()
 
     def _post(self, event: Event, at: float, ns: int) -> None:
         node = str(self.node or event.get("node"))
