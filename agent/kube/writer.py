@@ -266,6 +266,8 @@ class KubeNodeWriter:
             log.warning("node_not_taken_out", node=self.name, why=refused)
         if META in due and META not in failed:
             self.refused = refused
+        if ANNOTATIONS not in due or ANNOTATIONS in failed:
+            request = None  # taken once its annotation is cleared, else run again and again
         return request, newly, failed
 
     def _write(self, part: str, patch: dict[str, Any]) -> dict[str, Any]:
