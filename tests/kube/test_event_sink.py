@@ -30,6 +30,6 @@ def test_a_timed_out_post_is_one_event_not_three(api: FakeKubeAPI, kcfg: Path) -
 
     sink = asyncio.run(main())
     posts = api.requests("POST", EVENTS)
-    assert len(posts) == 3 and len({p.body["metadata"]["name"] for p in posts}) == 1
+    assert len(posts) >= 3 and len({p.body["metadata"]["name"] for p in posts}) == 1
     assert [e["message"] for e in api.events()] == ["GPU has fallen off the bus"]
-    assert sink.posted == 1 and errors == ["event", "event"]
+    assert sink.posted == 1 and errors == ["event"] * (len(posts) - 1)  # the last: 409, done
