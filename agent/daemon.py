@@ -40,6 +40,7 @@ from agent.server import serve_health
 from agent.sinks import Fanout, Sink
 from agent.sinks.spool import SpoolSink
 from agent.sinks.stdout import StdoutSink
+from agent.supervise import Heart, Supervisor
 from checks.api import Action, Finding, Status
 
 RECORD_POLL = 2.0  # seconds between looks at the deep-check record (one stat)
@@ -70,6 +71,7 @@ class Agent:
         self.identity = identity
         state = settings.state_dir
         self.metrics = Metrics()
+        self.loops = Supervisor()  # every background loop, restarted on a crash; /healthz
         self.spool = SpoolSink(
             state / Paths.spool, settings.spool.max_segment_bytes, settings.spool.max_segments
         )
@@ -87,6 +89,7 @@ class Agent:
                     state / Paths.spool,
                     state / Paths.cloudwatch_cursor,
                     self.metrics,
+                    loops=self.loops,
                 )
             )
         if settings.mqtt.host:
@@ -106,11 +109,20 @@ class Agent:
                 cfg,
                 on_refused=self._refused,
                 on_request=self._deep_requested,
+                loops=self.loops,
+                on_error=self._kube_write_failed,
             )
             self.writer = writer
             uid = lambda: ((writer.node or {}).get("metadata") or {}).get("uid")  # noqa: E731
             self.sinks.append(
-                KubeEventSink(kube, identity.node_name, cfg.events_namespace, uid=uid)
+                KubeEventSink(
+                    kube,
+                    identity.node_name,
+                    cfg.events_namespace,
+                    uid=uid,
+                    loops=self.loops,
+                    on_error=self._kube_write_failed,
+                )
             )
         self.fanout = Fanout(self.sinks, on_error=self._sink_failed)
         self.builder = EventBuilder(identity, dry_run=settings.dry_run)
@@ -217,6 +229,37 @@ class Agent:
     def _sink_failed(self, sink: str) -> None:
         self.metrics.sink_errors.labels(sink).inc()
 
+    def _kube_write_failed(self, kind: str) -> None:
+        self.metrics.kube_write_errors.labels(kind).inc()
+
+    def _save(self) -> None:
+        """The policy's state to its file; a full or read-only state directory is logged and
+        counted, and never stops the node decision (the save is tried again at the next
+        change)."""
+        try:
+            self.policy.save()
+        except OSError as exc:
+            log.error("policy_state_save_failed", error=str(exc))
+            self.metrics.state_save_errors.labels("policy-state").inc()
+
+    def _live(self) -> str | None:
+        """Why the agent is not alive: stopping, or a loop dead or stuck (kubelet restarts it)."""
+        if self._stop.is_set():
+            return "stopping"
+        problems = self.loops.problems()
+        return "; ".join(problems) if problems else None
+
+    def _readiness(self) -> str | None:
+        """Why the agent is not ready: the first round not in, or the node decision failing
+        to land for longer than `kubernetes.write_alarm`."""
+        if not self._ready:
+            return "the first round of checks is not in"
+        failing = getattr(self.writer, "failing_for", None)
+        found = failing() if failing is not None else None
+        if found is not None and found[0] > self.settings.kubernetes.write_alarm:
+            return f"node writer failing for {found[0]:.0f}s: {found[1]}"
+        return None
+
     async def handle(self, findings: list[Finding]) -> None:
         async with self._lock:
             await self._publish(self.policy.observe(findings))
@@ -230,9 +273,9 @@ class Agent:
             await self.fanout.emit(event)
         self.metrics.spool_dropped.set(self.spool.dropped_events)
         self.metrics.set_verdict(self.policy.verdict)
-        self.policy.save()
         if changes:
-            await self._reconcile()
+            await self._reconcile()  # the node decision first: the state file must not hold it
+        self._save()
 
     async def _reconcile(self) -> None:
         if self.settings.dry_run:
@@ -241,8 +284,9 @@ class Agent:
             await self.writer.apply(self._node_state())
         except Exception as exc:  # the node write is retried at the next change
             log.error("node_write_failed", error=repr(exc))
+            self.metrics.state_save_errors.labels("node-state").inc()
 
-    async def _expiry_loop(self) -> None:
+    async def _expiry_loop(self, heart: Heart) -> None:
         """Wake at the policy's next deadline (a TTL) and let conditions clear themselves."""
         while True:
             deadline = self.policy.next_deadline()
@@ -253,8 +297,10 @@ class Agent:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
+            heart.busy()
             async with self._lock:
                 await self._publish(self.policy.expire())
+            heart.done()
 
     async def _after_first_round(self) -> None:
         await self.runner.first_round.wait()
@@ -305,13 +351,15 @@ class Agent:
             await self._reconcile()
         log.info("deep_check_done", status=status)
 
-    async def _deep_record_loop(self) -> None:
+    async def _deep_record_loop(self, heart: Heart) -> None:
         """A deep check run beside the daemon (`node-health deep-check` in its pod): keep its
         labels while it runs and after; a failed one goes to the policy like the daemon's own."""
         directory = self.settings.state_dir / Paths.deep_check
         seen = _newest(directory)
         while True:
+            heart.done()
             await asyncio.sleep(RECORD_POLL)
+            heart.busy()
             if (now := _newest(directory)) == seen:
                 continue
             seen = now
@@ -345,11 +393,7 @@ class Agent:
             for sink in self.sinks:
                 await stack.enter_async_context(sink)
             await serve_health(
-                stack,
-                self.settings.http_listen,
-                self.metrics,
-                live=lambda: not self._stop.is_set(),
-                ready=lambda: self._ready,
+                stack, self.settings.http_listen, self.metrics, self._live, self._readiness
             )
             async with self._lock:
                 await self._publish(self.policy.observe([]))  # what loading found (a reboot)
@@ -361,15 +405,14 @@ class Agent:
                 checks=[c.name for c in self.runner.checks],
                 dry_run=self.settings.dry_run,
             )
-            loops = [
-                self.runner.serve(),
-                self._expiry_loop(),
-                self._after_first_round(),
-                self._deep_record_loop(),
+            tasks = [
+                self.loops.task("checks", lambda heart: self.runner.serve(), stuck=None),
+                self.loops.task("expiry", self._expiry_loop),
+                self.loops.task("deep-check-record", self._deep_record_loop),
+                asyncio.create_task(self._after_first_round()),
             ]
             if self._deep_pending:
-                loops.append(self._run_deep_check())
-            tasks = [asyncio.create_task(coro) for coro in loops]
+                tasks.append(asyncio.create_task(self._run_deep_check()))
             await self._stop.wait()
             log.info("agent_stopping")
             if self._deep_task is not None:
@@ -379,7 +422,7 @@ class Agent:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self.fanout.flush()
-            self.policy.save()
+            self._save()  # a failed save is logged; the exit stays 0
         log.info("agent_stopped")
 
 

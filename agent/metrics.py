@@ -42,6 +42,20 @@ class Metrics:
         self.sink_errors = Counter(
             "node_health_sink_errors", "Events a sink failed to take", ["sink"], registry=r
         )
+        self.kube_write_errors = Counter(
+            "node_health_kube_write_errors",
+            "Writes to the API server that failed, by kind: label, taint, annotation, condition"
+            " (the node writer) or event (Node events)",
+            ["kind"],
+            registry=r,
+        )
+        self.state_save_errors = Counter(
+            "node_health_state_save_errors",
+            "Saves of a state file that failed (policy-state, node-state): a full or read-only"
+            " state directory",
+            ["file"],
+            registry=r,
+        )
         self.spool_dropped = Gauge(
             "node_health_spool_dropped_events",
             "Events dropped from a full spool since start",
@@ -73,7 +87,7 @@ class Metrics:
         )
         self.cw_lag = Gauge(
             "node_health_cloudwatch_lag_seconds",
-            "Age of the oldest event in the last batch shipped",
+            "Age of the oldest event not shipped yet (0 when caught up); it grows in an outage",
             registry=r,
         )
 

@@ -90,6 +90,9 @@ class KubernetesSettings(Strict):
     max_unschedulable_percent: float | None = Field(
         None, ge=0, le=100, description="breaker: nor beyond this share of the agent's nodes"
     )
+    write_alarm: Duration = Field(
+        300.0, description="/readyz fails while the health label and taint fail this long"
+    )
 
 
 class CloudWatchSettings(Strict):

@@ -1,4 +1,7 @@
-"""`/healthz`, `/readyz` and `/metrics` over plain asyncio: no thread, no web framework."""
+"""`/healthz`, `/readyz` and `/metrics` over plain asyncio: no thread, no web framework.
+
+A probe is a function that says why the agent is not alive (not ready), or None when it is;
+the reason is the 503's body, so `curl` and `kubectl describe pod` show it."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from agent.metrics import Metrics
 
 log = structlog.get_logger("agent.server")
+Probe = Callable[[], str | None]
 _STATUS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
 
 
@@ -25,8 +29,8 @@ async def serve_health(
     stack: contextlib.AsyncExitStack,
     listen: str,
     metrics: Metrics,
-    live: Callable[[], bool],
-    ready: Callable[[], bool],
+    live: Probe,
+    ready: Probe,
 ) -> None:
     """Start the health server on `stack` (closed with it), unless `listen` is empty."""
     if listen:
@@ -34,9 +38,7 @@ async def serve_health(
 
 
 class HealthServer:
-    def __init__(
-        self, listen: str, metrics: Metrics, live: Callable[[], bool], ready: Callable[[], bool]
-    ) -> None:
+    def __init__(self, listen: str, metrics: Metrics, live: Probe, ready: Probe) -> None:
         self.host, self.port = parse_listen(listen)
         self.metrics = metrics
         self.live = live
@@ -80,6 +82,6 @@ class HealthServer:
         if path == "/metrics":
             return 200, CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry)
         if path in ("/healthz", "/readyz"):
-            ok = self.live() if path == "/healthz" else self.ready()
-            return (200, text, b"ok\n") if ok else (503, text, b"not ready\n")
+            why = self.live() if path == "/healthz" else self.ready()
+            return (200, text, b"ok\n") if why is None else (503, text, f"{why}\n".encode())
         return 404, text, b"not found\n"

@@ -58,6 +58,7 @@ class Elector:
         self._observed_at = 0.0
         self._renewed_at: float | None = None  # when this one last wrote the Lease as holder
         self._lease: dict | None = None
+        self.error: str | None = None  # why the last try could not read or write the Lease
 
     @property
     def leader(self) -> bool:
@@ -68,11 +69,23 @@ class Elector:
         """One try; True when this process holds the Lease now."""
         with self._lock:
             try:
-                return self._try()
+                leading = self._try()
             except KubeError as exc:
-                if self._renewed_at is not None:
-                    log.warning("lease_renew_failed", error=str(exc))
+                # Said once per kind of failure: a replica that cannot reach its Lease (the API
+                # server away, a 403) must not look like a quiet standby.
+                if str(exc) != self.error:
+                    log.error(
+                        "lease_unavailable",
+                        lease=f"{self.namespace}/{self.name}",
+                        error=str(exc),
+                        leader=self.leader,
+                    )
+                self.error = str(exc)
                 return self.leader
+            if self.error is not None:
+                log.info("lease_available", lease=f"{self.namespace}/{self.name}")
+            self.error = None
+            return leading
 
     def _try(self) -> bool:
         now, wall = self.clock(), self.wall()

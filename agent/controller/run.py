@@ -39,6 +39,7 @@ from agent.server import serve_health
 from agent.sinks import Fanout, Sink
 from agent.sinks.spool import SpoolSink
 from agent.sinks.stdout import StdoutSink
+from agent.supervise import Heart, Supervisor
 from agent.threads import in_daemon_thread
 
 log = structlog.get_logger("agent.controller")
@@ -58,6 +59,7 @@ class Controller:
         self.settings, self.client = settings, client
         self.identity = identity or holder_identity()
         self.metrics = Metrics()
+        self.loops = Supervisor()  # the Lease loop and the sinks' loops: /healthz
         self.elector = Elector(
             client,
             cfg.namespace,
@@ -116,6 +118,7 @@ class Controller:
                     state / "cloudwatch.cursor",
                     self.metrics,
                     stream=f"NodeHealthController/{me.cluster_name or 'cluster'}",
+                    loops=self.loops,
                 )
             )
         from agent.kube.events import KubeEventSink
@@ -127,6 +130,7 @@ class Controller:
                 settings.kubernetes.events_namespace,
                 component=COMPONENT,
                 instance=me.node_name,
+                loops=self.loops,
             )
         )
         return sinks
@@ -148,8 +152,8 @@ class Controller:
                 stack,
                 self.settings.http_listen,
                 self.metrics,
-                live=lambda: not self._stop.is_set(),
-                ready=lambda: True,  # a standby replica is ready too
+                live=self._live,
+                ready=self._readiness,
             )
             log.info(
                 "controller_started",
@@ -157,7 +161,7 @@ class Controller:
                 backend=self.settings.controller.backend,
                 lease=f"{self.settings.controller.namespace}/{self.settings.controller.lease_name}",
             )
-            lease = asyncio.create_task(self._lease_loop())
+            lease = self.loops.task("lease", self._lease_loop)
             scans = asyncio.create_task(self._scans())
             # A pass under way when asked to stop finishes, and its events are sent: what it
             # wrote to the nodes is said, and nothing is written after the Lease is given up.
@@ -170,16 +174,18 @@ class Controller:
         self.client.close()
         log.info("controller_stopped")
 
-    async def _lease_loop(self) -> None:
+    async def _lease_loop(self, heart: Heart) -> None:
         cfg = self.settings.controller
-        was = False
+        was = self.elector.leader  # as it stands after a restart of this loop
         while True:
+            heart.busy()
             leading = await in_daemon_thread(self.elector.try_acquire_or_renew)
             if leading != was:
                 log.info("leadership", leader=leading, identity=self.identity)
                 self.metrics.leader.set(1 if leading else 0)
                 await self.fanout.emit(self._notice(leading))
                 was = leading
+            heart.done()
             await asyncio.sleep(cfg.retry_period)
 
     async def _passes(self) -> None:
@@ -216,6 +222,17 @@ class Controller:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(cfg.scan if leading else cfg.retry_period):
                     await self._stop.wait()
+
+    def _live(self) -> str | None:
+        if self._stop.is_set():
+            return "stopping"
+        return "; ".join(self.loops.problems()) or None
+
+    def _readiness(self) -> str | None:
+        """A standby replica is ready too; one that cannot reach its Lease is not, and says
+        why."""
+        error = self.elector.error
+        return f"cannot take part in leader election: {error}" if error else None
 
     def _notice(self, leading: bool) -> dict:
         msg = "leads: remediation is on" if leading else "does not lead: remediation paused"

@@ -55,11 +55,11 @@ class KubeClient:
         self.api.close()
 
     def get_node(self, name: str) -> dict[str, Any]:
-        return self._call(self.v1.read_node, name)
+        return _node(self._call(self.v1.read_node, name))
 
     def patch_node(self, name: str, body: Any, content_type: str, status: bool = False) -> dict:
         call = self.v1.patch_node_status if status else self.v1.patch_node
-        return self._call(call, name, body, _content_type=content_type)
+        return _node(self._call(call, name, body, _content_type=content_type))
 
     def list_nodes(self, label_selector: str) -> list[dict[str, Any]]:
         # resourceVersion=0: served from the API server's cache, not from etcd
@@ -191,6 +191,19 @@ class KubeClient:
             return json.loads(resp.data or b"{}")
         except Exception as exc:
             raise _error(exc) from exc
+
+
+def is_node(obj: Any) -> bool:
+    """A Node as the API serves it (a `{}` or a `Status` in its place is not one)."""
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    return isinstance(meta, dict) and bool(meta.get("name")) and obj.get("kind", "Node") == "Node"
+
+
+def _node(obj: Any) -> dict[str, Any]:
+    if not is_node(obj):
+        kind = obj.get("kind") if isinstance(obj, dict) else type(obj).__name__
+        raise KubeError(None, f"malformed answer: a Node was expected, got {kind or str(obj)[:80]}")
+    return obj
 
 
 def _error(exc: Exception) -> KubeError:

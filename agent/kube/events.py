@@ -4,6 +4,8 @@ in `kubectl describe node` and `kubectl get events`, as kubelet's and NPD's do.
 A sink like the others, but it never holds the daemon up: `emit` queues (bounded; the oldest
 goes first when full, counted), a task posts. The same reason and message again within
 `REPEAT_WINDOW` raises the first event's count (a patch), as the API's own event series do.
+Each event's name is fixed when it is queued (`<node>.<hex ns>`, as kubelet's), so a POST that
+timed out and is tried again cannot make a second Event: a 409 AlreadyExists means it landed.
 The events are also in the spool and CloudWatch: one that cannot be posted is not lost.
 """
 
@@ -20,6 +22,7 @@ import structlog
 
 from agent.events import Event, rfc3339
 from agent.kube.client import KubeClient, KubeError
+from agent.supervise import Heart, Supervisor
 from agent.threads import in_daemon_thread
 
 log = structlog.get_logger("agent.kube.events")
@@ -37,9 +40,11 @@ def k8s_event(
     now: float,
     component: str = COMPONENT,
     instance: str | None = None,
+    *,
+    name: str,
 ) -> dict:
     """The core/v1 Event for one of our events, on `node`, reported by `component` from
-    `instance` (the node itself for its agent)."""
+    `instance` (the node itself for its agent), named `name`."""
     details = event.get("details: ") or {}
     reason = event.get("reason") or details.get("reason") or event.get("verdict") or "NodeHealth"
     kind = "Warning" if event.get("level") in ("warn", "error") else "Normal"
@@ -49,7 +54,7 @@ def k8s_event(
     return {
         "apiVersion": "v1",
         "kind": "Event",
-        "metadata": {"name": f"{node}.{time.time_ns():x}", "namespace": namespace},
+        "metadata": {"name": name, "namespace": namespace},
         "involvedObject": involved,
         "reason": str(reason)[:128],
         "message": str(event.get("msg", ""))[:1024],
@@ -74,14 +79,19 @@ class KubeEventSink:
         uid: Callable[[], str | None] = lambda: None,
         component: str = COMPONENT,
         instance: str | None = None,
+        loops: Supervisor | None = None,
+        on_error: Callable[[str], None] | None = None,
     ) -> None:
         """Events go on `node`; with None (the controller, reporting as `instance`) on the
-        node an event names (`node`, `node_uid`), and one that names none is not posted."""
+        node an event names (`node`, `node_uid`), and one that names none is not posted.
+        `on_error("event")`: a post failed."""
         self.client, self.node, self.namespace, self.uid = client, node, namespace, uid
         self.component, self.instance = component, instance
+        self.loops, self.on_error = loops or Supervisor(), on_error
         self.dropped = 0
         self.posted = 0
-        self._queue: collections.deque[tuple[Event, float]] = collections.deque()
+        self._last_ns = 0
+        self._queue: collections.deque[tuple[Event, float, int]] = collections.deque()
         self._ready = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -89,7 +99,7 @@ class KubeEventSink:
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Self:
-        self._task = asyncio.create_task(self._post_loop())
+        self._task = self.loops.task(f"{self.name}-poster", self._post_loop)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -106,22 +116,27 @@ class KubeEventSink:
         if len(self._queue) >= QUEUE:
             self._queue.popleft()
             self.dropped += 1
-        self._queue.append((event, time.time()))
+        self._last_ns = max(time.time_ns(), self._last_ns + 1)  # unique: it names the Event
+        self._queue.append((event, self._last_ns / 1e9, self._last_ns))
         self._idle.clear()
         self._ready.set()
 
     async def flush(self) -> None:
         await self._idle.wait()
 
-    async def _post_loop(self) -> None:
+    async def _post_loop(self, heart: Heart) -> None:
         delay = 0.5
         while True:
             await self._ready.wait()
             while self._queue:
-                event, at = self._queue[0]
+                event, at, ns = self._queue[0]
+                heart.busy()
                 try:
-                    await in_daemon_thread(self._post, event, at)
+                    await in_daemon_thread(self._post, event, at, ns)
                 except KubeError as exc:
+                    heart.done()  # waiting out an outage is not being stuck
+                    if self.on_error is not None:
+                        self.on_error("event")
                     if not exc.retryable:  # refused for good (403, 422): not worth holding
                         log.warning("node_event_refused", error=str(exc))
                         self._queue.popleft()
@@ -131,13 +146,17 @@ class KubeEventSink:
                     continue
                 self._queue.popleft()
                 delay = 0.5
+                heart.done()
             self._ready.clear()
             self._idle.set()
 
-    def _post(self, event: Event, at: float) -> None:
+    def _post(self, event: Event, at: float, ns: int) -> None:
         node = str(self.node or event.get("node"))
         uid = self.uid() if self.node else event.get("node_uid")
-        body = k8s_event(event, node, uid, self.namespace, at, self.component, self.instance)
+        name = f"{node}.{ns:x}"
+        body = k8s_event(
+            event, node, uid, self.namespace, at, self.component, self.instance, name=name
+        )
         key = (node, body["reason"], body["message"])
         seen = self._series.get(key)
         if seen is not None and at - seen[2] <= REPEAT_WINDOW:
@@ -151,7 +170,11 @@ class KubeEventSink:
             except KubeError as exc:
                 if exc.status != 404:  # gone (expired): post a new one below
                     raise
-        self.client.create_event(self.namespace, body)
+        try:
+            self.client.create_event(self.namespace, body)
+        except KubeError as exc:
+            if exc.status != 409:  # AlreadyExists: an earlier try that timed out landed
+                raise
         self._series[key] = (body["metadata"]["name"], 1, at)
         self._series = {k: v for k, v in self._series.items() if at - v[2] <= REPEAT_WINDOW}
         self.posted += 1

@@ -9,7 +9,12 @@ nothing else: a pure function, so every rule here is tested without a server.
   the agent owned but no longer reports are deleted (`$patch: delete`).
 - Operators stay in charge: a Pending* health label the agent did not write (a human's, or
   HyperPod's) is never changed, nor its taint; with the remediation annotation `off` the agent
-  writes no health label or taint at all, only what it found.
+  writes no health label or taint at all, only what it found. A node labelled Pending* by hand
+  on which the agent finds its own fault gets the NoSchedule taint when it has none: the label
+  alone keeps no pod off it.
+- Three patches, written in this order and each on its own (one refused must not hold the
+  others): `meta` (labels, taint and the owned record: the node decision), `annotations` (the
+  fault details, the deep-check request cleared) and `status` (conditions).
 """
 
 from __future__ import annotations
@@ -64,7 +69,8 @@ class Owned:
 
 @dataclass
 class Plan:
-    meta: dict[str, Any] | None = None  # merge patch of the Node
+    meta: dict[str, Any] | None = None  # merge patch of the Node: labels, taint, owned record
+    annotations: dict[str, Any] | None = None  # merge patch of the Node: the other annotations
     status: dict[str, Any] | None = None  # strategic merge patch of nodes/status
     hands_off: str | None = None  # why the health label and taint were left alone
     takes_out: bool = False  # the health label goes from Schedulable (or none) to not
@@ -85,10 +91,11 @@ def plan(
     current = labels.get(keys.health_status_label)
     wanted = want.labels.get(keys.health_status_label)
     out = Plan()
+    by_hand = False
     if annotations.get(keys.remediation_annotation, "").lower() == "off":
         out.hands_off = "remediation is off for this node"
     elif current in PENDING and current != owned.health and wanted != current:
-        out.hands_off = f"{current} was set by hand"
+        out.hands_off, by_hand = f"{current} was set by hand", True
     out.takes_out = (
         out.hands_off is None
         and wanted not in (None, str(Verdict.SCHEDULABLE))
@@ -105,32 +112,44 @@ def plan(
     label_patch = _diff(labels, want_labels, set(owned.labels) - keep)
 
     want_ann = dict(want.annotations)
+    have = {c.get("type"): c for c in (node.get("status") or {}).get("conditions") or []}
+    # What the agent wrote and has not removed yet stays in its record: the annotations and
+    # conditions are written after the record, and one of them may fail.
     new_owned = Owned(
         labels=tuple(want_labels),
-        annotations=tuple(want_ann),
-        conditions=tuple(c["type"] for c in want.conditions),
+        annotations=tuple(sorted(set(want_ann) | (set(owned.annotations) & set(annotations)))),
+        conditions=tuple(
+            sorted({c["type"] for c in want.conditions} | (set(owned.conditions) & set(have)))
+        ),
         health=want_labels.get(keys.health_status_label, owned.health),
     )
-    want_ann[keys.owned_annotation] = new_owned.dump()
-    ann_patch = _diff(annotations, want_ann, set(owned.annotations) | {keys.owned_annotation})
+    ann_patch = _diff(annotations, want_ann, set(owned.annotations))
     if clear_request and keys.deep_check_request_annotation in annotations:
         ann_patch[keys.deep_check_request_annotation] = None
+    out.annotations = {"metadata": {"annotations": ann_patch}} if ann_patch else None
 
     patch: dict[str, Any] = {}
     if label_patch:
         patch.setdefault("metadata", {})["labels"] = label_patch
-    if ann_patch:
-        patch.setdefault("metadata", {})["annotations"] = ann_patch
+    record = new_owned.dump()
+    if annotations.get(keys.owned_annotation) != record:
+        patch.setdefault("metadata", {})["annotations"] = {keys.owned_annotation: record}
+    taints = (node.get("spec") or {}).get("taints") or []
+    new = taints
     if manage_health:
-        taints = (node.get("spec") or {}).get("taints") or []
         ours = [t for t in want.taints if t.get("key") == keys.taint_key]
         new = [t for t in taints if t.get("key") != keys.taint_key] + ours
-        if _taint_set(new) != _taint_set(taints):
-            patch.setdefault("spec", {})["taints"] = new
-            patch.setdefault("metadata", {})["resourceVersion"] = meta.get("resourceVersion")
+    elif (
+        by_hand
+        and wanted not in (None, str(Verdict.SCHEDULABLE))
+        and not any(t.get("key") == keys.taint_key for t in taints)
+    ):
+        new = [*taints, {"key": keys.taint_key, "value": current, "effect": "NoSchedule"}]
+    if _taint_set(new) != _taint_set(taints):
+        patch.setdefault("spec", {})["taints"] = new
+        patch.setdefault("metadata", {})["resourceVersion"] = meta.get("resourceVersion")
     out.meta = patch or None
 
-    have = {c.get("type"): c for c in (node.get("status") or {}).get("conditions") or []}
     changes: list[dict[str, Any]] = []
     for c in want.conditions:
         old = have.get(c["type"])

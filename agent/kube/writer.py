@@ -2,8 +2,11 @@
 
 Level-triggered: it reconciles when the wanted state changes, on start, after the API server
 comes back, and when the Node changes (a watch on this one node). It writes only what differs
-(agent/kube/plan.py). A write that fails is retried with jittered exponential backoff, honouring
-Retry-After; meanwhile the agent keeps detecting, and the last wanted state is what lands. A
+(agent/kube/plan.py), in three parts, each on its own: the node decision (health label, taint,
+owned record) first, then the other annotations, then the conditions (`nodes/status`). A part
+that fails is retried with jittered exponential backoff, honouring Retry-After, without holding
+up the others: conditions refused for good (403, 422) never keep a node with a dead GPU
+schedulable. Meanwhile the agent keeps detecting, and the last wanted state is what lands. A
 409 (another writer changed the node) re-reads and plans again.
 
 Before taking the node out it asks the breaker: one LIST of the agent's nodes, from the API
@@ -18,23 +21,25 @@ import random
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
 from agent.events import rfc3339
-from agent.kube.client import MERGE, STRATEGIC, KubeClient, KubeError
+from agent.kube.client import MERGE, STRATEGIC, KubeClient, KubeError, is_node
 from agent.kube.plan import plan
 from agent.models import KubernetesSettings, NodeKeys
 from agent.nodestate import NodeState
 from agent.policy import Verdict
+from agent.supervise import Heart, Supervisor
 from agent.threads import in_daemon_thread
 
 log = structlog.get_logger("agent.kube")
 
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
 WATCH_SECONDS = 300
-CONFLICT_TRIES = 6  # the conditions, the breaker's look, and conflicts
+CONFLICT_TRIES = 5  # 409s in one pass before it is left to the next
 
 
 class Breaker:
@@ -85,15 +90,20 @@ class KubeNodeWriter:
         cfg: KubernetesSettings,
         on_refused: Callable[[str], Awaitable[None]] | None = None,
         on_request: Callable[[str], Awaitable[None]] | None = None,
+        loops: Supervisor | None = None,
+        on_error: Callable[[str], None] | None = None,
     ) -> None:
+        """`on_error(kind)`: a write failed (label, taint, annotation, condition)."""
         self.client, self.name, self.keys = client, node_name, keys
         self.breaker = Breaker(client, keys, cfg)
-        self.on_refused, self.on_request = on_refused, on_request
+        self.on_refused, self.on_request, self.on_error = on_refused, on_request, on_error
+        self.loops = loops or Supervisor()
         self.want: NodeState | None = None
         self.node: dict[str, Any] | None = None  # the freshest copy we have seen
         self.connected = False
         self.refused: str | None = None
         self.writes = 0
+        self.failing: dict[str, Failing] = {}  # part -> since when, and why
         self._wake = asyncio.Event()
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -101,10 +111,12 @@ class KubeNodeWriter:
 
     async def __aenter__(self) -> KubeNodeWriter:
         loop = asyncio.get_running_loop()
-        self._tasks = [asyncio.create_task(self._reconcile_loop())]
+        self._tasks = [self.loops.task("node-writer", self._reconcile_loop)]
         # Its own thread, not the loop's executor: a watch blocks on its connection.
-        self._watcher = threading.Thread(target=self._watch, args=(loop,), daemon=True)
-        self._watcher.start()
+        stuck = WATCH_SECONDS + 2 * self.client.timeout + 60
+        self._watcher = self.loops.thread(
+            "node-watch", lambda heart: self._watch(loop, heart), self._stop, stuck
+        )
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -124,8 +136,15 @@ class KubeNodeWriter:
             self._wake.set()
         return changed
 
-    async def _reconcile_loop(self) -> None:
-        recheck: float | None = None  # while the breaker refuses: look again after this
+    def failing_for(self, now: float | None = None) -> tuple[float, str] | None:
+        """How long the node decision (health label, taint) has failed to land, and why."""
+        f = self.failing.get(META)
+        if f is None:
+            return None
+        return (now if now is not None else time.monotonic()) - f.since, f.error
+
+    async def _reconcile_loop(self, heart: Heart) -> None:
+        recheck: float | None = 0.0  # a pass at once (on start, and after a restart)
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(recheck):
@@ -133,71 +152,128 @@ class KubeNodeWriter:
             self._wake.clear()
             if self.want is None:
                 continue
-            delay = 0.0
-            while True:  # until this state (or a newer one) is written
-                try:
-                    request, refused = await in_daemon_thread(self._reconcile, self.want)
-                    break
-                except KubeError as exc:
-                    delay = self._backoff(exc, delay)
-                except Exception as exc:  # a bug must not stop the node from being written
-                    log.error("node_write_error", error=repr(exc))
-                    delay = BACKOFF_MAX
-                await asyncio.sleep(delay)  # a newer state waits too: Retry-After is honoured
-            if not self.connected:
-                log.info("api_server_reachable", node=self.name)
-                self.connected = True
+            heart.busy()
+            now = time.monotonic()
+            due = {p for p in PARTS if p not in self.failing or self.failing[p].at <= now}
+            if not due:
+                recheck = self._next_try(now)
+                heart.done()
+                continue
+            request, refused, failed = await in_daemon_thread(self._reconcile, self.want, due)
+            self._settle(due, failed)
             if refused and self.on_refused is not None:
                 await self.on_refused(refused)
             if request is not None and self.on_request is not None:
                 await self.on_request(request)
-            recheck = BACKOFF_MAX if self.refused else None  # nodes may have come back
+            recheck = self._next_try(time.monotonic())
+            if recheck is None and self.refused:
+                recheck = BACKOFF_MAX  # nodes may have come back
+            heart.done()
 
-    def _backoff(self, exc: KubeError, delay: float) -> float:
-        if self.connected or delay == 0.0:
-            log.warning("node_write_failed", node=self.name, error=str(exc), status=exc.status)
-        self.connected = False
+    def _next_try(self, now: float) -> float | None:
+        if not self.failing:
+            return None
+        return max(0.0, min(f.at for f in self.failing.values()) - now)
+
+    def _settle(self, due: set[str], failed: dict[str, KubeError]) -> None:
+        """Each part's outcome: a failure backs off (its own delay), a success clears it."""
+        now = time.monotonic()
+        for part in due:
+            exc = failed.get(part)
+            if exc is None:
+                if self.failing.pop(part, None) is not None:
+                    log.info("node_write_recovered", node=self.name, part=part)
+                continue
+            was = self.failing.get(part)
+            delay = self._backoff(exc, was.delay if was else 0.0)
+            if was is None:
+                log.warning(
+                    "node_write_failed",
+                    node=self.name,
+                    part=part,
+                    error=str(exc),
+                    status=exc.status,
+                )
+            self.failing[part] = Failing(was.since if was else now, str(exc), delay, now + delay)
+        if not failed and not self.connected:
+            log.info("api_server_reachable", node=self.name)
+        self.connected = not failed
+
+    @staticmethod
+    def _backoff(exc: KubeError, delay: float) -> float:
         if exc.retry_after is not None:
             return min(max(exc.retry_after, BACKOFF_MIN), 5 * BACKOFF_MAX)
         step = min(BACKOFF_MAX, max(BACKOFF_MIN, delay * 2))
         return step * random.uniform(0.8, 1.2)
 
-    def _reconcile(self, want: NodeState) -> tuple[str | None, str | None]:
-        """One pass (in a thread): plan against the freshest node, patch what differs.
-        Returns the deep-check request found on the node (cleared by this pass) and the
-        breaker's refusal when it is new."""
-        node = self._fresh() or self._seen(self.client.get_node(self.name))
+    def _reconcile(
+        self, want: NodeState, due: set[str]
+    ) -> tuple[str | None, str | None, dict[str, KubeError]]:
+        """One pass (in a thread): plan against the freshest node and write each `due` part
+        that differs, the node decision first; a part that fails does not stop the others.
+        Returns the deep-check request found on the node (cleared by this pass), the breaker's
+        refusal when it is new, and the parts that failed."""
+        failed: dict[str, KubeError] = {}
+        try:
+            node = self._fresh() or self._seen(self.client.get_node(self.name))
+        except KubeError as exc:
+            return None, None, dict.fromkeys(due, exc)
         refused: str | None = None
         request: str | None = None
-        for _ in range(CONFLICT_TRIES):
+        looked, conflicts = False, 0
+        written: set[str] = set()
+        while True:
             annotations = (node.get("metadata") or {}).get("annotations") or {}
             request = annotations.get(self.keys.deep_check_request_annotation) or request
             p = plan(node, want, self.keys, rfc3339(time.time()), refused, request is not None)
-            if p.takes_out and refused is None and self.breaker.enabled:
-                refused = self.breaker.refuses(self.name)
+            if p.takes_out and refused is None and self.breaker.enabled and not looked:
+                looked = True
+                try:
+                    refused = self.breaker.refuses(self.name)
+                except KubeError as exc:  # cannot tell: the node stays in, tried again soon
+                    failed[META] = exc
+                    refused = f"circuit breaker: cannot list the nodes ({exc})"
                 if refused is not None:
                     continue  # plan again, leaving the health label and taint alone
-            if p.status is not None:  # conditions first: the owned record follows them
-                node = self._seen(
-                    self.client.patch_node(self.name, p.status, STRATEGIC, status=True)
-                )
+            part = next(
+                (k for k in PARTS if k in due and k not in written and getattr(p, k) is not None),
+                None,
+            )
+            if part is None:
+                break
+            written.add(part)
+            try:
+                node = self._seen(self._write(part, getattr(p, part)))
                 self.writes += 1
-                continue  # plan the rest against the node as it is now
-            if p.meta is not None:
-                try:
-                    node = self._seen(self.client.patch_node(self.name, p.meta, MERGE))
-                except KubeError as exc:
-                    if exc.status != 409:
-                        raise
-                    node = self._seen(self.client.get_node(self.name))  # re-read, plan again
+            except KubeError as exc:
+                if part == META and exc.status == 409 and conflicts < CONFLICT_TRIES:
+                    conflicts += 1
+                    written.discard(part)
+                    try:
+                        node = self._seen(self.client.get_node(self.name))  # plan again
+                    except KubeError as again:
+                        failed[part] = again
+                        written.add(part)
                     continue
-                self.writes += 1
-            newly = refused if refused is not None and self.refused is None else None
-            if newly:
-                log.warning("node_not_taken_out", node=self.name, why=refused)
+                failed[part] = exc
+                for kind in _kinds(part, getattr(p, part)):
+                    if self.on_error is not None:
+                        self.on_error(kind)
+        if META in failed and refused is not None and refused.startswith("circuit breaker: cannot"):
+            refused = None  # not a refusal: the breaker could not look
+        newly = refused if refused is not None and self.refused is None else None
+        if newly:
+            log.warning("node_not_taken_out", node=self.name, why=refused)
+        if META in due and META not in failed:
             self.refused = refused
-            return request, newly
-        raise KubeError(409, "the node kept changing under us; trying again later")
+        if ANNOTATIONS not in due or ANNOTATIONS in failed:
+            request = None  # taken once its annotation is cleared, else run again and again
+        return request, newly, failed
+
+    def _write(self, part: str, patch: dict[str, Any]) -> dict[str, Any]:
+        if part == STATUS:
+            return self.client.patch_node(self.name, patch, STRATEGIC, status=True)
+        return self.client.patch_node(self.name, patch, MERGE)
 
     def _fresh(self) -> dict[str, Any] | None:
         with self._lock:
@@ -210,11 +286,13 @@ class KubeNodeWriter:
                 self.node = node
             return self.node
 
-    def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _watch(self, loop: asyncio.AbstractEventLoop, heart: Heart) -> None:
         """This node's changes (in a thread): each one wakes a reconcile, so a label or taint
-        someone else removed comes back, and a deep check asked for is seen."""
+        someone else removed comes back, and a deep check asked for is seen. An answer that
+        is not a Node is skipped; the supervisor restarts this after anything unforeseen."""
         delay = 0.0
         while not self._stop.is_set():
+            heart.busy()
             try:
                 node = self._seen(self.client.get_node(self.name))
                 loop.call_soon_threadsafe(self._wake.set)
@@ -223,17 +301,50 @@ class KubeNodeWriter:
                 for event in self.client.watch_node(self.name, rv, WATCH_SECONDS):
                     if self._stop.is_set():
                         return
-                    if event.get("type") in ("ADDED", "MODIFIED"):
-                        self._seen(event["object"])
+                    obj = event.get("object")
+                    if event.get("type") in ("ADDED", "MODIFIED") and is_node(obj):
+                        self._seen(obj)
                         loop.call_soon_threadsafe(self._wake.set)
+                    heart.done()
+                    heart.busy()
+                heart.done()
             except KubeError as exc:
+                heart.done()
                 if self._stop.is_set():
                     return
                 delay = min(BACKOFF_MAX, max(BACKOFF_MIN, delay * 2))
                 log.debug("node_watch_failed", error=str(exc))
                 self._stop.wait(delay * random.uniform(0.8, 1.2))
             except RuntimeError:  # the loop closed under us: the agent is stopping
-                return
+                if self._stop.is_set() or loop.is_closed():
+                    return
+                raise
+
+
+@dataclass
+class Failing:
+    """A part of the node's state that does not land: since when, why, when to try again."""
+
+    since: float
+    error: str
+    delay: float
+    at: float
+
+
+META, ANNOTATIONS, STATUS = "meta", "annotations", "status"
+PARTS = (META, ANNOTATIONS, STATUS)  # the order of the writes: the node decision first
+
+
+def _kinds(part: str, patch: dict[str, Any]) -> list[str]:
+    """The metric's kinds a failed patch counts as."""
+    if part == STATUS:
+        return ["condition"]
+    if part == ANNOTATIONS:
+        return ["annotation"]
+    kinds = ["label"] if (patch.get("metadata") or {}).get("labels") else []
+    if "taints" in (patch.get("spec") or {}):
+        kinds.append("taint")
+    return kinds or ["annotation"]  # the owned record alone
 
 
 def _rv(node: dict[str, Any]) -> int:

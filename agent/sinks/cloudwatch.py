@@ -30,6 +30,7 @@ from agent.metrics import Metrics
 from agent.models import CloudWatchSettings
 from agent.ship.batch import Batch, LogEvent, cap, parse_line, timestamp_ms
 from agent.ship.spoolreader import SpoolReader
+from agent.supervise import Heart, Supervisor
 from agent.threads import in_daemon_thread
 
 log = structlog.get_logger("agent.cloudwatch")
@@ -79,9 +80,11 @@ class CloudWatchSink:
         cursor: Path,
         metrics: Metrics,
         stream: str | None = None,
+        loops: Supervisor | None = None,
     ) -> None:
         """`stream`: where events go (deep-check results aside); default the agent's own."""
         self.settings, self.identity, self.metrics = settings, identity, metrics
+        self.loops = loops or Supervisor()
         self.group = log_group(settings.log_group, identity.cluster_name, identity.cluster_id)
         node_group = identity.node_group or "default"
         instance = identity.instance_id or identity.node_name
@@ -96,7 +99,7 @@ class CloudWatchSink:
         self._unreadable: set[tuple[int, int]] = set()  # spool lines counted as unreadable
 
     async def __aenter__(self) -> Self:
-        self._task = asyncio.create_task(self._loop())
+        self._task = self.loops.task("cloudwatch-shipper", self._loop)
         self._wake.set()  # whatever the spool holds from before a restart
         return self
 
@@ -118,17 +121,19 @@ class CloudWatchSink:
 
     # -- the shipper ----------------------------------------------------------------------
 
-    async def _loop(self) -> None:
+    async def _loop(self, heart: Heart) -> None:
         while True:
             await self._wake.wait()
             await asyncio.sleep(self.settings.flush_interval)  # let a burst fill the batch
             self._wake.clear()
             while batches := await asyncio.to_thread(self._batches):
                 for batch in batches:
-                    await self._ship(batch)
+                    await self._ship(batch, heart)
             self.metrics.cw_spool_depth.set(await asyncio.to_thread(self.reader.depth))
+            self.metrics.cw_lag.set(0)
             if not self._wake.is_set():
                 self._caught_up.set()
+            heart.done()
 
     def _batches(self, limit: int = 64) -> list[Batch]:
         """The next batches after the cursor, each one stream's, in spool order."""
@@ -160,9 +165,15 @@ class CloudWatchSink:
             self._unreadable.clear()
         return out
 
-    async def _ship(self, batch: Batch) -> None:
+    async def _ship(self, batch: Batch, heart: Heart) -> None:
+        """Until CloudWatch took `batch` (or refused it for good). While it has not, the backlog
+        metrics say so: the spool's depth and the age of its oldest unshipped event grow."""
         delay = 0.0
+        oldest = min(e.timestamp for e in batch.events) / 1000
         while True:
+            heart.busy()
+            self.metrics.cw_spool_depth.set(await asyncio.to_thread(self.reader.depth))
+            self.metrics.cw_lag.set(max(0.0, time.time() - oldest))
             try:
                 rejected = await in_daemon_thread(self._put, batch)
                 break
@@ -173,7 +184,7 @@ class CloudWatchSink:
                         sub = Batch(batch.stream)
                         for ev in part:
                             sub.add(ev)
-                        await self._ship(sub)
+                        await self._ship(sub, heart)
                     return
                 if not exc.retry:
                     log.error("cloudwatch_event_rejected", error=str(exc))
@@ -182,6 +193,8 @@ class CloudWatchSink:
                     break
                 self._say(exc)
                 self.metrics.cw_retries.inc()
+                self.metrics.sink_errors.labels(self.name).inc()
+                heart.done()  # waiting out an outage is not being stuck
                 delay = min(BACKOFF_MAX, max(BACKOFF_MIN, delay * 2))
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
         await asyncio.to_thread(self.reader.commit, batch.end)
@@ -189,8 +202,6 @@ class CloudWatchSink:
         self.metrics.cw_shipped.inc(shipped)
         self.metrics.cw_rejected.inc(rejected)
         self.metrics.cw_batches.inc()
-        oldest = min(e.timestamp for e in batch.events) / 1000
-        self.metrics.cw_lag.set(max(0.0, time.time() - oldest))
 
     def _say(self, exc: ShipError) -> None:
         """A clear error, once a minute per kind: an outage must not flood the log."""
@@ -244,6 +255,8 @@ class CloudWatchSink:
         bad = set()
         if (i := info.get("tooNewLogEventStartIndex")) is not None:
             bad |= set(range(i, n))
+        # The API reference: tooNewLogEventStartIndex is inclusive, tooOldLogEventEndIndex
+        # exclusive (the events before it); expiredLogEventEndIndex is read the same way.
         for key in ("tooOldLogEventEndIndex", "expiredLogEventEndIndex"):
             if (i := info.get(key)) is not None:
                 bad |= set(range(0, i))

@@ -143,3 +143,73 @@ def test_access_denied_is_said_once_and_retried(cli_env, tmp_path, proxy):
     errors = [line for line in proc.stderr.read().splitlines() if "cloudwatch_ship_failed" in line]
     assert len(errors) == 1 and "AccessDeniedException" in errors[0]
     assert "logs:PutLogEvents permission" in errors[0]
+
+
+def test_an_outage_shows_in_the_backlog_metrics(cli_env, tmp_path, proxy):
+    """Every PutLogEvents refused (503): the spool depth and the lag grow from the start,
+    as alerts on them need; once CloudWatch is back, both come down to 0."""
+    from tests.test_daemon import _answers, free_port, get
+
+    state = tmp_path / "state"
+    spool = state / "spool"
+    spool.mkdir(parents=True)
+    ten_minutes_ago = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 600))
+    event = {"level": "info", "ts": ten_minutes_ago, "msg": "from before the outage", "seq": 0}
+    (spool / "0000000001.jsonl").write_text(json.dumps(event) + "\n")
+    proxy.faults.extend(["503"] * 4)
+    cfg = tmp_path / "quiet.yaml"
+    cfg.write_text(QUIET)
+    port = free_port()
+    env = cli_env | aws_env(proxy.url) | {"NODE_HEALTH_HTTP_LISTEN": f"127.0.0.1:{port}"}
+
+    def metric(name: str) -> float:
+        body = get(f"http://127.0.0.1:{port}/metrics")[1]
+        return next(float(x.split()[-1]) for x in body.splitlines() if x.startswith(name + " "))
+
+    proc = start(env, "--config", str(cfg))
+    try:
+        wait_for(lambda: _answers(port))
+        wait_for(lambda: metric("node_health_cloudwatch_retries_total") >= 1, 30)
+        during = (
+            metric("node_health_cloudwatch_spool_depth_bytes"),
+            metric("node_health_cloudwatch_lag_seconds"),
+            metric('node_health_sink_errors_total{sink="cloudwatch"}'),
+        )
+        wait_for(lambda: 0 in seqs(proxy), 60)
+        wait_for(lambda: metric("node_health_cloudwatch_spool_depth_bytes") == 0)
+        after = metric("node_health_cloudwatch_lag_seconds")
+    finally:
+        stop(proc)
+    depth, lag, errors = during
+    assert depth > 0 and lag >= 600 and errors >= 1
+    assert after == 0
+
+
+def test_too_old_events_are_counted_one_each(cli_env, tmp_path, proxy):
+    """CloudWatch's tooOldLogEventEndIndex is exclusive (the API reference): two events too
+    old in a batch are two rejected, not one or three."""
+    from tests.test_daemon import _answers, free_port, get
+
+    state = tmp_path / "state"
+    spool_events(state, 5)
+    old = [
+        {"level": "info", "ts": f"2020-01-01T00:00:0{i}Z", "msg": "old", "seq": 10 + i}
+        for i in range(2)
+    ]
+    with (state / "spool" / "0000000001.jsonl").open("r+") as f:
+        lines = f.readlines()
+        f.seek(0)
+        f.writelines([json.dumps(e) + "\n" for e in old] + lines)
+    port = free_port()
+    cfg = tmp_path / "quiet.yaml"
+    cfg.write_text(QUIET)
+    env = cli_env | aws_env(proxy.url) | {"NODE_HEALTH_HTTP_LISTEN": f"127.0.0.1:{port}"}
+    proc = start(env, "--config", str(cfg))
+    try:
+        wait_for(lambda: len(seqs(proxy)) == 5, 60)
+        wait_for(lambda: _answers(port))
+        body = get(f"http://127.0.0.1:{port}/metrics")[1]
+    finally:
+        stop(proc)
+    line = next(x for x in body.splitlines() if x.startswith("node_health_cloudwatch_rejected"))
+    assert float(line.split()[-1]) == 2

@@ -246,3 +246,30 @@ def test_the_ec2_backend_terminates_the_instance_for_a_replacement(
     assert api.state.evictions == [("team", "trainer-0", None)]
     assert {"RemediationStarted", "RemediationReplacing"} <= reasons(api)
     assert denied(api.requests(), controller_resources(), "node-health") == []
+
+
+@pytest.mark.parametrize("fault", ["forbidden", "unreachable"])
+def test_a_replica_that_cannot_reach_its_lease_says_why(tmp_path, api, kcfg, sagemaker, fault):
+    """A 403 on the Lease, or no API server at all: an error in the log and on /readyz, not
+    a quiet standby."""
+    from tests.kube.conftest import kubeconfig
+    from tests.test_daemon import _answers, free_port, get
+
+    if fault == "forbidden":
+        api.fail("GET", r"/apis/coordination\.k8s\.io/.*", 403, times=10_000)
+    else:
+        kcfg = kubeconfig(tmp_path / "dead", "http://127.0.0.1:9")  # nothing listens there
+    port = free_port()
+    cfg = config(tmp_path, kcfg, "a")
+    cfg.write_text(cfg.read_text().replace('http_listen: ""', f'http_listen: "127.0.0.1:{port}"'))
+    proc = start(cfg, sagemaker.url, "ctl-a")
+    try:
+        wait_for(lambda: _answers(port) and get(f"http://127.0.0.1:{port}/readyz")[0] == 503, 20)
+        body = get(f"http://127.0.0.1:{port}/readyz")[1]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+    assert "cannot take part in leader election" in body
+    assert ("403" if fault == "forbidden" else "API server unreachable") in body
+    errors = [line for line in proc.stderr.read().splitlines() if "lease_unavailable" in line]
+    assert len(errors) == 1 and "error" in errors[0]

@@ -8,8 +8,9 @@ merge key, `$patch: delete`; JSON patch: RFC 6902 with `test`), the main resourc
 status and the status subresource ignoring everything else; `metadata.resourceVersion` in a
 patch as a precondition (409 on mismatch); core/v1 events create and patch, validated as the
 API server validates them; pods, evictions against PodDisruptionBudgets and leases
-(tests/kube/fake_workloads.py); and, on demand, 403/404/429 (with Retry-After)/500 answers and slow
-responses. Every request is recorded (method, path, content type, body) for tests to assert on.
+(tests/kube/fake_workloads.py); and, on demand per verb and path, 403/404/422/429 (with
+Retry-After)/500 answers, slow responses (timeouts) and malformed bodies (`{}`, a `Status`).
+Every request is recorded (method, path, content type, body) for tests to assert on.
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ class Request:
 
 @dataclass
 class Fault:
-    """Answer `status` to requests matching `method` and `path` (a regex), `times` times."""
+    """Answer `status` to requests matching `method` and `path` (a regex), `times` times;
+    with `body`, answer that body instead of an error (`status` 0: 200), as a broken proxy or
+    API server might; `status` 0 and no body: the real answer, after `delay`."""
 
     method: str
     path: str
@@ -56,6 +59,7 @@ class Fault:
     times: int = 1
     retry_after: int | None = None
     delay: float = 0.0
+    body: Any = None
 
 
 @dataclass
@@ -482,6 +486,8 @@ def _handler(api: FakeKubeAPI) -> type[BaseHTTPRequestHandler]:
                 delay = api.state.delay + (fault.delay if fault else 0.0)
             if delay:
                 time.sleep(delay)
+            if fault is not None and fault.body is not None:
+                return self._send(fault.status or 200, fault.body)
             if fault is not None and fault.status:
                 headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after else {}
                 err = ApiError(fault.status, _REASONS.get(fault.status, "InternalError"), "fault")
@@ -658,6 +664,7 @@ _REASONS = {
     403: "Forbidden",
     404: "NotFound",
     409: "Conflict",
+    422: "Invalid",
     429: "TooManyRequests",
     500: "InternalError",
     503: "ServiceUnavailable",

@@ -148,3 +148,56 @@ def test_the_breaker_keeps_the_node_in_and_says_so_everywhere(cli_env, tmp_path,
         "Node not taken out: circuit breaker: 1 nodes are unschedulable already (at most 1)"
     )
     assert refusal["level"] == "warn"
+
+
+def metric(body: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines() if line.startswith(name))
+
+
+def test_conditions_refused_for_good_still_take_the_node_out(cli_env, tmp_path, api, kcfg):
+    """nodes/status answers 403 to every write: the label and taint land, the failures are
+    counted by kind, and nothing else stops."""
+    from tests.test_daemon import _answers, free_port, get
+
+    api.fail("PATCH", r"/api/v1/nodes/node-a/status", 403, times=10_000)
+    port = free_port()
+    env = cli_env | {"NODE_HEALTH_HTTP_LISTEN": f"127.0.0.1:{port}"}
+    proc = start(env, "--config", in_cluster(faulty(tmp_path, action="replace"), kcfg))
+    try:
+        wait_for(lambda: bool(api.node("node-a")["spec"].get("taints")))
+        wait_for(lambda: _answers(port))
+        wait_for(
+            lambda: (
+                metric(
+                    get(f"http://127.0.0.1:{port}/metrics")[1],
+                    'node_health_kube_write_errors_total{kind="condition"}',
+                )
+                >= 1
+            )
+        )
+    finally:
+        assert stop(proc) < 10
+    assert proc.returncode == 0
+    node = api.node("node-a")
+    assert node["metadata"]["labels"][HEALTH] == "UnschedulablePendingReplacement"
+    assert node["spec"]["taints"][0]["value"] == "UnschedulablePendingReplacement"
+
+
+def test_readyz_says_when_the_node_decision_keeps_failing(cli_env, tmp_path, api, kcfg):
+    from tests.test_daemon import _answers, free_port, get
+
+    api.fail("PATCH", r"/api/v1/nodes/node-a", 422, times=10_000)
+    port = free_port()
+    env = cli_env | {"NODE_HEALTH_HTTP_LISTEN": f"127.0.0.1:{port}"}
+    proc = start(env, "--config", in_cluster(faulty(tmp_path), kcfg, ", write_alarm: 0.5s"))
+    try:
+        wait_for(lambda: _answers(port))
+        wait_for(lambda: "node writer failing" in get(f"http://127.0.0.1:{port}/readyz")[1])
+        code, body = get(f"http://127.0.0.1:{port}/readyz")
+        metrics = get(f"http://127.0.0.1:{port}/metrics")[1]
+        assert get(f"http://127.0.0.1:{port}/healthz") == (200, "ok\n")  # alive: no restart
+    finally:
+        stop(proc)
+    assert code == 503 and "422" in body
+    assert metric(metrics, 'node_health_kube_write_errors_total{kind="label"}') >= 1
+    assert metric(metrics, 'node_health_kube_write_errors_total{kind="taint"}') >= 1

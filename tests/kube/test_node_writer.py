@@ -338,3 +338,96 @@ def test_a_slow_api_server_times_out_and_the_write_is_retried(api, kcfg):
 
     run(kcfg, steps, timeout=0.5)
     assert len(api.requests("PATCH", NODE)) >= 2
+
+
+@pytest.mark.parametrize("status", [403, 422])
+def test_conditions_refused_for_good_never_hold_the_node_decision(api, kcfg, status):
+    """nodes/status refuses every write: the health label and taint land all the same, the
+    failure is counted as a condition's, and the conditions are tried again on their own."""
+    api.fail("PATCH", NODE + "/status", status, times=10_000)
+    errors: list[str] = []
+
+    async def steps(w: KubeNodeWriter) -> None:
+        await w.apply(state("UnschedulablePendingReplacement", GPU_DOWN))
+        await until(lambda: labels(api).get(HEALTH) == "UnschedulablePendingReplacement")
+        await until(lambda: len(api.requests("PATCH", NODE + "/status")) >= 2)
+
+    run(kcfg, steps, on_error=errors.append)
+    node = api.node("node-a")
+    assert node["spec"]["taints"] == [
+        {"key": HEALTH, "value": "UnschedulablePendingReplacement", "effect": "NoSchedule"}
+    ]
+    assert condition(api, "NvidiaGPUUnhealthy") is None
+    assert set(errors) == {"condition"}
+
+
+def test_failing_conditions_do_not_delay_the_label(api, kcfg):
+    """500s on nodes/status: the label is written before the conditions get through."""
+    api.fail("PATCH", NODE + "/status", 500, times=3)
+
+    async def steps(w: KubeNodeWriter) -> None:
+        await w.apply(state("UnschedulablePendingReboot", GPU_DOWN))
+        await until(lambda: labels(api).get(HEALTH) == "UnschedulablePendingReboot")
+        await until(lambda: condition(api, "NvidiaGPUUnhealthy") is not None, 20)
+
+    run(kcfg, steps)
+    [meta] = [r for r in api.requests("PATCH", NODE) if "labels" in r.body.get("metadata", {})]
+    statuses = api.requests("PATCH", NODE + "/status")
+    first_ok = next(r for r in statuses if r.code == 200)
+    assert meta.code == 200 and meta.done < first_ok.at
+    assert [r.code for r in statuses].count(500) == 3
+
+
+def test_a_failing_label_write_does_not_hold_the_conditions(api, kcfg):
+    api.fail("PATCH", NODE, 422, times=10_000)
+    errors: list[str] = []
+
+    async def steps(w: KubeNodeWriter) -> None:
+        await w.apply(state("UnschedulablePendingReboot", GPU_DOWN))
+        await until(lambda: condition(api, "NvidiaGPUUnhealthy") is not None)
+        await until(lambda: w.failing_for() is not None)
+
+    w = run(kcfg, steps, on_error=errors.append)
+    assert HEALTH not in labels(api)
+    assert {"label", "taint"} <= set(errors)
+    since, why = w.failing_for()
+    assert since >= 0 and "422" in why
+
+
+def test_the_agents_own_fault_taints_a_node_labelled_pending_by_hand(api, kcfg):
+    """The operator set Pending* by hand (no taint); then the agent finds its own fault: the
+    label stays the operator's, and the NoSchedule taint keeps pods off."""
+    by_hand = "UnschedulablePendingReboot"
+    api.edit("node-a", lambda n: n["metadata"]["labels"].update({HEALTH: by_hand}))
+
+    async def steps(w: KubeNodeWriter) -> None:
+        await w.apply(state("UnschedulablePendingReplacement", GPU_DOWN))
+        await until(lambda: bool(api.node("node-a")["spec"].get("taints")))
+
+    run(kcfg, steps)
+    node = api.node("node-a")
+    assert node["metadata"]["labels"][HEALTH] == by_hand
+    assert node["spec"]["taints"] == [{"key": HEALTH, "value": by_hand, "effect": "NoSchedule"}]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{}, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}],
+    ids=["empty", "status"],
+)
+def test_a_malformed_node_answer_never_stops_the_watch(api, kcfg, body):
+    """A `{}` or a `Status` where the Node should be: the watch carries on, so a label
+    removed by hand afterwards still comes back."""
+
+    async def steps(w: KubeNodeWriter) -> None:
+        await w.apply(state("UnschedulablePendingReboot"))
+        await until(lambda: labels(api).get(HEALTH) == "UnschedulablePendingReboot")
+        api.fail("GET", NODE, 0, times=1, body=body)
+        w.client.stop_watch()  # the watch reconnects: its next GET gets the malformed answer
+        await until(lambda: not any(r.code is None for r in api.requests("GET", NODE)))
+        await until(lambda: len(api.requests("GET", NODE)) >= 3)
+        api.edit("node-a", lambda n: n["metadata"]["labels"].pop(HEALTH))
+        await until(lambda: labels(api).get(HEALTH) == "UnschedulablePendingReboot")
+        assert w.loops.problems() == []
+
+    run(kcfg, steps)
