@@ -22,6 +22,7 @@ from pydantic import BaseModel
 
 from checks.api import Finding, Status, StreamingCheck
 from checks.kernel_log.classifier import Classifier
+from checks.kernel_log.formats import from_kernel
 from checks.kernel_log.options import KernelLogOptions, ruleset
 from checks.kernel_log.sources import (
     Chunk,
@@ -116,7 +117,11 @@ class KernelLogCheck(StreamingCheck):
                 )
                 continue
             found = (
-                list(classifier.bulk(item.data))
+                [  # a log file: what other programs wrote in it is not the kernel's
+                    f
+                    for text in classifier.candidate_records(item.data)
+                    if from_kernel(text) and (f := classifier.record(text))
+                ]
                 if isinstance(item, Chunk)
                 else [f]
                 if (f := classifier.record(item.text, item.when))
