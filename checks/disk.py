@@ -161,11 +161,14 @@ class DiskCheck(PollingCheck):
 
     def _visible(self, path: str, m: Mount) -> bool:
         """Whether `path` under the host root is the host's own filesystem `m`, not a directory
-        of the agent's container standing where the host's is not mounted."""
+        of the agent's container standing where the host's is not mounted. With the host
+        root at `/` the path is the host's own (and a btrfs subvolume's device is not its
+        mount table's)."""
         try:
-            return os.stat(self.ctx.path(path)).st_dev == m.dev
+            st = os.stat(self.ctx.path(path))
         except OSError:
             return False
+        return self.ctx.host_root == Path("/") or st.st_dev == m.dev
 
     def _usage(self, point: str, opts: DiskOptions) -> list[Finding]:
         component = f"fs:{point}"
