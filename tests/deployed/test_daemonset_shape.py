@@ -196,16 +196,17 @@ def q(path: Path | str) -> str:
 def _image(root: Path) -> list[str]:
     """Mounts that make `root` look like the image: /usr, the interpreter and the repository
     (where the venv is), read-only; /bin, /lib... as this machine has them; a few of /etc."""
-    cmd = []
+    cmd: list[str] = []
     for top in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
         real = Path("/") / top
         if real.is_symlink():
             cmd.append(f"ln -s {q(os.readlink(real))} {q(root / top)}")
         elif real.is_dir():
             cmd += _ro_bind(real, root)
-    usr = Path("/usr")
-    for source in dict.fromkeys((usr, Path(sys.base_prefix), Path(sys.prefix), REPO)):
-        if source == usr or not source.is_relative_to(usr):
+    chosen: list[Path] = []
+    for source in (Path("/usr"), Path(sys.base_prefix), REPO, Path(sys.prefix)):
+        if not any(source.is_relative_to(c) for c in chosen):
+            chosen.append(source)
             cmd += _ro_bind(source, root)
     cmd.append(f"mkdir -p {q(root / 'etc')} {q(root / 'dev')} {q(root / 'proc')}")
     for name in ("passwd", "group", "nsswitch.conf", "hosts", "ld.so.cache"):
@@ -282,8 +283,11 @@ class Pod:
         """SIGTERM to the agent (PID 1 of the pod's namespace), as the kubelet sends it."""
         if self.proc.poll() is None:
             children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
-            for pid in children.read_text().split():
-                os.kill(int(pid), signal.SIGTERM)
+            try:
+                for pid in children.read_text().split():
+                    os.kill(int(pid), signal.SIGTERM)
+            except OSError:
+                self.proc.kill()  # and --kill-child takes the agent with it
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
