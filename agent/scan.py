@@ -28,7 +28,14 @@ from agent.policy import Policy, PolicySettings, Reported, Verdict, rule_table
 from checks.api import Finding, Status
 from checks.kernel_log import rules as rules_module
 from checks.kernel_log.classifier import Classifier
-from checks.kernel_log.formats import KMSG, journal_entry, stamp, unescape_kmsg
+from checks.kernel_log.formats import (
+    KMSG,
+    from_kernel,
+    journal_entry,
+    kmsg_from_kernel,
+    stamp,
+    unescape_kmsg,
+)
 from checks.kernel_log.rules import RuleSet
 
 CHUNK = 8 * 1024 * 1024
@@ -139,11 +146,15 @@ def _findings(classifier: Classifier, chunk: bytes, layout: str) -> Iterator[Fin
     elif layout == "kmsg":
         for line in classifier.candidate_records(chunk):
             m = KMSG.match(line)
+            if m and not kmsg_from_kernel(m.group(1)):
+                continue  # written to /dev/kmsg by user space
             text = unescape_kmsg(line[m.end() :]) if m else line
             if f := classifier.record(text, stamp(line)):
                 yield f
-    else:
-        yield from classifier.bulk(chunk)
+    else:  # a syslog line another program wrote is not judged by kernel rules
+        for text in classifier.candidate_records(chunk):
+            if from_kernel(text) and (f := classifier.record(text)):
+                yield f
 
 
 def main(argv: list[str] | None = None) -> int:

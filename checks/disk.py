@@ -1,10 +1,17 @@
 """Disks: space and inodes per mount, and filesystems that went read-only under us.
 
 Mounts checked: the configured ones (root, kubelet and container runtime state) that exist on
-the host, plus, found in /proc/mounts, local NVMe filesystems and shared filesystems (Lustre,
-NFS, ...). A filesystem that should be writable is caught two ways: its mount flags say `ro`,
-or a small write probe in a configured directory fails with EROFS. Device I/O errors come from
-the kernel-log check.
+the host, plus local NVMe filesystems and shared filesystems (Lustre, NFS, ...) found in the
+host's mount table. A filesystem that should be writable is caught two ways: its mount flags
+say `ro`, or a small write probe in a configured directory fails with EROFS. Device I/O errors
+come from the kernel-log check.
+
+The host's mount table is PID 1's (`<host_root>/proc/1/mountinfo`, as node_exporter reads it
+under its procfs root), never `<host_root>/proc/mounts`: that resolves through `self/` to the
+agent's own mount namespace, where a container's `/` is read-only by design. Its mount points
+are host paths: a filesystem is measured or probed under the host root only where that path
+shows the host's very filesystem (the same device); a host directory not mounted into the
+agent is not measured at all, rather than measuring the container's own root in its place.
 
 A full disk is reported, not acted on by default: kubelet's eviction frees space and taints
 the node; `fail_action` changes that. A read-only filesystem asks for a reboot (fsck).
@@ -45,23 +52,47 @@ class DiskOptions(BaseModel):
     readonly_action: Action = Action.REBOOT
 
 
+HOST_MOUNTS = "/proc/1/mountinfo"  # read under the host root
+OWN_MOUNTS = Path("/proc/self/mountinfo")  # the agent's own mount namespace, not the host's
+
+
 @dataclass(frozen=True)
 class Mount:
     device: str
     point: str
     fstype: str
-    options: frozenset[str]
+    options: frozenset[str]  # the mount's and its superblock's: `ro` in either is read-only
+    dev: int | None = None  # st_dev of the filesystem (major:minor)
+    mount_ro: bool = False  # read-only by this mount's own flags (a read-only bind mount)
 
 
-def parse_mounts(text: str) -> list[Mount]:
-    """/proc/mounts (proc(5), fstab(5) fields); octal escapes such as \\040 undone."""
+def parse_mountinfo(text: str) -> list[Mount]:
+    """/proc/<pid>/mountinfo (proc(5)): "36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3
+    /dev/root rw,errors=continue"; octal escapes such as \\040 undone."""
     out = []
     for line in text.splitlines():
         parts = line.split()
-        if len(parts) < 4:
+        if "-" not in parts[6:]:
             continue
-        device, point, fstype, opts = (_unescape(p) for p in parts[:4])
-        out.append(Mount(device, point, fstype, frozenset(opts.split(","))))
+        sep = parts.index("-", 6)
+        if len(parts) < sep + 4 or ":" not in parts[2]:
+            continue
+        major, _, minor = parts[2].partition(":")
+        mount_opts = set(parts[5].split(","))
+        try:
+            dev = os.makedev(int(major), int(minor))
+        except ValueError:
+            continue
+        out.append(
+            Mount(
+                _unescape(parts[sep + 2]),
+                _unescape(parts[4]),
+                parts[sep + 1],
+                frozenset(mount_opts | set(parts[sep + 3].split(","))),
+                dev,
+                "ro" in mount_opts,
+            )
+        )
     return out
 
 
@@ -84,33 +115,60 @@ class DiskCheck(PollingCheck):
     description = "space and inodes per mount; read-only filesystems (mount flags, write probe)"
     interval = 60.0
     timeout = 20.0
-    needs_paths = ("/proc/mounts",)
+    needs_paths = (HOST_MOUNTS,)
     Options: ClassVar[type[BaseModel]] = DiskOptions
 
     def collect(self) -> list[Finding]:
         opts: DiskOptions = self.options  # type: ignore[assignment]
-        mounts = parse_mounts(self.ctx.path("/proc/mounts").read_text())
+        try:
+            mounts = parse_mountinfo(self.ctx.path(HOST_MOUNTS).read_text())
+        except OSError as exc:
+            return [
+                Finding(
+                    "fs",
+                    "ReadonlyFilesystem",
+                    Status.UNKNOWN,
+                    "MountTableUnreadable",
+                    f"cannot read the host's mount table {HOST_MOUNTS}: {exc.strerror}",
+                )
+            ]
         findings: list[Finding] = []
         for point in self._points(opts, mounts):
             findings += self._usage(point, opts)
         for path in opts.writable:
             m = mount_of(path, mounts)
-            if m is not None and self.ctx.path(path).exists():
+            if m is not None and (m.point == path or self.ctx.path(path).exists()):
                 findings.append(self._flags(path, m, opts))
         for path in opts.write_probe_dirs:
-            if self.ctx.path(path).is_dir():
+            m = mount_of(path, mounts)
+            if m is not None and self._visible(path, m) and self.ctx.path(path).is_dir():
                 findings.append(self._probe(path, opts))
         return findings
 
     def _points(self, opts: DiskOptions, mounts: list[Mount]) -> list[str]:
-        points = [p for p in opts.mounts if self.ctx.path(p).exists()]
+        points = list(opts.mounts)
         if opts.discover:
             points += [
                 m.point
                 for m in mounts
                 if m.fstype in opts.shared_types or m.device.startswith("/dev/nvme")
             ]
-        return list(dict.fromkeys(points))
+        return [
+            p
+            for p in dict.fromkeys(points)
+            if (m := mount_of(p, mounts)) is not None and self._visible(p, m)
+        ]
+
+    def _visible(self, path: str, m: Mount) -> bool:
+        """Whether `path` under the host root is the host's own filesystem `m`, not a directory
+        of the agent's container standing where the host's is not mounted. With the host
+        root at `/` the path is the host's own (and a btrfs subvolume's device is not its
+        mount table's)."""
+        try:
+            st = os.stat(self.ctx.path(path))
+        except OSError:
+            return False
+        return self.ctx.host_root == Path("/") or st.st_dev == m.dev
 
     def _usage(self, point: str, opts: DiskOptions) -> list[Finding]:
         component = f"fs:{point}"
@@ -193,6 +251,15 @@ class DiskCheck(PollingCheck):
                 os.close(fd)
                 Path(probe).unlink(missing_ok=True)
         except OSError as exc:
+            if exc.errno == errno.EROFS and self._mounted_read_only_here(probe.parent):
+                return Finding(
+                    component,
+                    "ReadonlyFilesystem",
+                    Status.UNKNOWN,
+                    "WriteProbeNotPossible",
+                    f"cannot probe {path}: it is mounted read-only into the agent",
+                    evidence={"errno": "EROFS"},
+                )
             if exc.errno == errno.EROFS:
                 return Finding(
                     component,
@@ -214,3 +281,14 @@ class DiskCheck(PollingCheck):
         return Finding(
             component, "ReadonlyFilesystem", Status.OK, "WriteProbeSucceeded", f"{path} is writable"
         )
+
+    @staticmethod
+    def _mounted_read_only_here(directory: Path) -> bool:
+        """A read-only bind mount of the agent's own (`readOnly: true` in the pod spec) says
+        nothing of the host's filesystem; only its mount flags, not its superblock's, tell."""
+        try:
+            own = parse_mountinfo(OWN_MOUNTS.read_text())
+        except OSError:
+            return False
+        m = mount_of(os.path.realpath(directory), own)
+        return m is not None and m.mount_ro

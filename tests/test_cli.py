@@ -121,9 +121,9 @@ def test_a_check_that_cannot_run_says_so_once_and_the_rest_runs(cli_env, tmp_pat
         ("check_skipped", "nvml_xid"),
     ]
     assert logs[1]["missing"][0].startswith("DCGM Python bindings not found")
-    assert logs[2]["missing"] == ["/proc/mounts not found"]
+    assert logs[2]["missing"] == ["/proc/1/mountinfo not found"]
     assert logs[3]["missing"][0].startswith("no EFA here")
-    assert logs[4]["missing"][0].startswith("no kernel log source (/dev/kmsg not readable")
+    assert "dev/kmsg: No such file or directory" in logs[4]["missing"][0]
     assert logs[5]["missing"] == [
         "dcgmi-not-on-this-machine not found",
         "/dev/nvidia-not-here not found",

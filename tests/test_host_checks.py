@@ -16,7 +16,7 @@ import pytest
 
 from checks import disk as disk_module
 from checks.api import Action, CheckContext, Status
-from checks.disk import DiskCheck, DiskOptions, mount_of, parse_mounts
+from checks.disk import DiskCheck, DiskOptions, mount_of, parse_mountinfo
 from checks.memory import MemoryCheck, MemoryOptions
 from checks.runtime import RuntimeCheck, RuntimeOptions
 
@@ -25,9 +25,21 @@ BIN = Path(__file__).parent / "bin"
 
 
 def mounts_file(root: Path, lines: list[str]) -> None:
-    """/proc/mounts in its documented format (proc(5), fstab(5)); entries name test dirs."""
-    (root / "proc").mkdir(parents=True, exist_ok=True)
-    (root / "proc/mounts").write_text("".join(line + "\n" for line in lines))
+    """The host's mount table, PID 1's /proc/1/mountinfo in its documented format (proc(5)),
+    from "source point fstype options" entries that name test dirs: each carries the device
+    of the test dir it names, as the kernel's would (0:0 for a point not in the tree)."""
+    out = []
+    for n, line in enumerate(lines):
+        source, point, fstype, opts = line.split()[:4]
+        here = root / point.lstrip("/").replace("\\040", " ")
+        dev = os.stat(here).st_dev if here.exists() else 0
+        mount_opts = "ro" if "ro" in opts.split(",") else "rw"
+        out.append(
+            f"{n + 20} 1 {os.major(dev)}:{os.minor(dev)} / {point} {mount_opts},relatime"
+            f" shared:{n + 1} - {fstype} {source} {opts}\n"
+        )
+    (root / "proc/1").mkdir(parents=True, exist_ok=True)
+    (root / "proc/1/mountinfo").write_text("".join(out))
 
 
 @pytest.fixture
@@ -55,12 +67,23 @@ def by(findings, condition: str, component: str):
 
 
 def test_mount_table_parsing_and_lookup() -> None:
-    mounts = parse_mounts(
-        "/dev/sda1 / ext4 rw 0 0\n/dev/sdb1 /mnt/with\\040space ext4 ro 0 0\ngarbage\n"
+    # proc(5)'s example line, a mount with a space in its point, and garbage
+    mounts = parse_mountinfo(
+        "36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw,errors=continue\n"
+        "40 36 8:17 / /mnt/with\\040space rw,relatime shared:2 - ext4 /dev/sdb1 ro\n"
+        "garbage\n"
     )
-    assert [m.point for m in mounts] == ["/", "/mnt/with space"]
+    assert [m.point for m in mounts] == ["/mnt2", "/mnt/with space"]
+    assert (mounts[0].fstype, mounts[0].device, mounts[0].dev) == (
+        "ext3",
+        "/dev/root",
+        os.makedev(98, 0),
+    )
+    assert "ro" not in mounts[0].options
+    # read-only in its superblock only (ext4 errors=remount-ro): still read-only
+    assert "ro" in mounts[1].options and not mounts[1].mount_ro
     assert mount_of("/mnt/with space/x", mounts).device == "/dev/sdb1"
-    assert mount_of("/mnt/without", mounts).point == "/"
+    assert mount_of("/mnt/without", mounts) is None
 
 
 def test_disk_usage_per_mount_with_discovered_lustre(root) -> None:
@@ -115,6 +138,66 @@ def test_probe_that_cannot_decide_is_unknown(root, monkeypatch) -> None:
         "probe:/var/lib/kubelet",
     )
     assert f.status is Status.UNKNOWN
+
+
+def test_the_hosts_mount_table_is_pid_1s_not_the_agents_own(root) -> None:
+    """In the DaemonSet the host's /proc is under the host root, and its `mounts` resolves
+    through `self/` to the agent's own mount namespace, whose `/` is read-only by design."""
+    (root / "proc/self").mkdir()
+    (root / "proc/self/mounts").write_text("overlay / overlay ro,relatime 0 0\n")
+    (root / "proc/mounts").symlink_to("self/mounts")
+    found = DiskCheck(CheckContext(host_root=root)).collect()
+    flags = [f for f in found if f.condition == "ReadonlyFilesystem"]
+    assert flags and all(f.status is Status.OK for f in flags)
+
+
+def test_a_host_filesystem_not_mounted_into_the_agent_is_not_measured(root) -> None:
+    """The host's `/` and a shared filesystem that are not the directories under the host
+    root (their devices differ): measuring those would measure the container's own root."""
+    table = (root / "proc/1/mountinfo").read_text().splitlines()
+    elsewhere = [
+        " ".join(["253:7" if i == 2 else w for i, w in enumerate(ln.split())])
+        for ln in table
+        if ln.split()[4] in ("/", "/fsx")
+    ]
+    kept = [ln for ln in table if ln.split()[4] not in ("/", "/fsx")]
+    (root / "proc/1/mountinfo").write_text("\n".join(kept + elsewhere) + "\n")
+    found = DiskCheck(CheckContext(host_root=root)).collect()
+    measured = {f.component for f in found if f.condition == "DiskSpaceExhaustion"}
+    assert measured == {"fs:/var/lib/kubelet"}
+    # the mount flags come from the host's table and still say read-write
+    assert by(found, "ReadonlyFilesystem", "fs:/").status is Status.OK
+
+
+def test_the_host_table_is_unreadable_is_unknown(root) -> None:
+    (root / "proc/1/mountinfo").unlink()
+    (root / "proc/1/mountinfo").mkdir()  # exists, cannot be read as a file
+    [f] = DiskCheck(CheckContext(host_root=root)).collect()
+    assert (f.status, f.reason) == (Status.UNKNOWN, "MountTableUnreadable")
+
+
+def test_erofs_from_a_read_only_bind_of_the_agents_own_is_unknown(
+    root, monkeypatch, tmp_path
+) -> None:
+    """`readOnly: true` on the volume in the pod spec: the probe cannot write, the host can."""
+    kubelet = os.path.realpath(root / "var/lib/kubelet")
+    own = tmp_path / "own-mountinfo"
+    own.write_text(
+        "22 1 0:21 / / ro,relatime - overlay overlay rw,lowerdir=/l,upperdir=/u,workdir=/w\n"
+        f"30 22 259:1 /var/lib/kubelet {kubelet} ro,relatime - xfs /dev/nvme0n1p1 rw\n"
+    )
+    monkeypatch.setattr(disk_module, "OWN_MOUNTS", own)
+
+    def read_only(*_a, **_k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(disk_module.os, "open", read_only)
+    f = by(
+        DiskCheck(CheckContext(host_root=root)).collect(),
+        "ReadonlyFilesystem",
+        "probe:/var/lib/kubelet",
+    )
+    assert (f.status, f.reason) == (Status.UNKNOWN, "WriteProbeNotPossible")
 
 
 # ---- memory pressure ---------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import structlog
 
 from agent.metrics import Metrics
 from agent.runner import Runner
@@ -245,8 +246,8 @@ def test_auto_picks_what_can_be_read_and_says_when_nothing_can(tmp_path, monkeyp
     root = host(tmp_path)
     c = check(root, tmp_path)
     assert c.missing() == [
-        "no kernel log source (/dev/kmsg not readable, journalctl not "
-        "found, none of /var/log/kern.log, /var/log/messages)"
+        f"no kernel log source ({root}/dev/kmsg: No such file or directory; journalctl not "
+        "found; none of /var/log/kern.log, /var/log/messages)"
     ]
     (root / "var/log").mkdir(parents=True)
     (root / "var/log/messages").write_text("")
@@ -268,3 +269,36 @@ async def test_unreadable_kmsg_becomes_one_unknown_finding(tmp_path) -> None:
     await asyncio.gather(task, return_exceptions=True)
     assert len(got) >= 3 and all(f.status is Status.UNKNOWN for f in got)
     assert "cannot read" in got[0].message and "dev/kmsg: No such file" in got[0].message
+
+
+async def test_kmsg_the_kernel_refuses_falls_back_to_the_log_file(tmp_path, monkeypatch) -> None:
+    """Non-root, or kernel.dmesg_restrict=1 without CAP_SYSLOG: the mode says readable, the
+    open says EPERM. Neither that nor a journalctl with no journal files to read may keep the
+    check on them: the fault in kern.log is found."""
+    root = host(tmp_path)
+    kmsg = root / "dev/kmsg"
+    kmsg.write_text("")  # stands in for the character device (crw-r--r--)
+    (root / "var/log").mkdir(parents=True)
+    (root / "var/log/kern.log").write_text("Jun 11 09:44:44 gpu-7 kernel: " + XID79 + "\n")
+    (root / "run/log/journal").mkdir(parents=True)  # the DaemonSet's DirectoryOrCreate: empty
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")  # a journalctl
+    real_open = os.open
+
+    def kernel_refuses(path, flags, *args, **kwargs):
+        if Path(path) == kmsg:
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", kernel_refuses)
+    with structlog.testing.capture_logs() as lines:
+        c = check(root, tmp_path)
+        found = await collect(c, follow=True, limit=1)
+        with pytest.raises(TimeoutError):  # a restart of the stream: said once, not again
+            await collect(c, follow=True, limit=1, timeout=1)
+    assert [f.reason for f in found] == ["Xid79"]
+    [said] = [ln for ln in lines if ln["event"] == "kernel_log_source"]
+    assert said["source"] == "file"
+    assert said["passed_over"] == {
+        "kmsg": f"{kmsg}: Operation not permitted",
+        "journal": "no journal files under the host root",
+    }

@@ -1,7 +1,9 @@
 """The kernel-log check: follow the kernel log and report what the rules find, live.
 
-Source `auto` takes /dev/kmsg where it can be read, else the journal, else the first log file
-that exists, and says which once. At start it reads what the source holds since boot, so a
+Source `auto` takes /dev/kmsg where it can be opened (not as a non-root user, nor without
+CAP_SYSLOG under `kernel.dmesg_restrict=1`), else the journal where journalctl and the host's
+journal files are there, else the first log file that exists, and says once which, and why
+the ones before it were passed over. At start it reads what the source holds since boot, so a
 fault from before the agent started is seen; the position of the last reported record is kept
 under the state directory, so an agent restart does not report it twice.
 """
@@ -20,6 +22,7 @@ from pydantic import BaseModel
 
 from checks.api import Finding, Status, StreamingCheck
 from checks.kernel_log.classifier import Classifier
+from checks.kernel_log.formats import from_kernel
 from checks.kernel_log.options import KernelLogOptions, ruleset
 from checks.kernel_log.sources import (
     Chunk,
@@ -45,28 +48,38 @@ class KernelLogCheck(StreamingCheck):
         opts: KernelLogOptions = self.options  # type: ignore[assignment]
         self.rules = ruleset(opts)  # a bad rule is a configuration error, found at start
         self._said_source = False
+        self._passed_over: dict[str, str] = {}  # source: why `auto` did not take it
 
     def missing(self) -> list[str]:
         opts: KernelLogOptions = self.options  # type: ignore[assignment]
         if opts.source == "auto" and self._pick(opts) is None:
-            return [
-                f"no kernel log source ({opts.kmsg_path} not readable, {opts.journalctl} "
-                f"not found, none of {', '.join(opts.files)})"
-            ]
+            why = [*self._passed_over.values(), f"none of {', '.join(opts.files)}"]
+            return [f"no kernel log source ({'; '.join(why)})"]
         return []
 
     def _pick(self, opts: KernelLogOptions) -> str | None:
         if opts.source != "auto":
             return opts.source  # whatever is wrong with it, opening it will say
+        self._passed_over = {}
         kmsg = self.ctx.path(opts.kmsg_path)
-        for kind in ("kmsg", "journal", "file"):
-            if kind == "kmsg" and os.access(kmsg, os.R_OK):
-                return kind
-            if kind == "journal" and shutil.which(opts.journalctl):
-                return kind
-            if kind == "file" and self._first_file(opts) is not None:
-                return kind
-        return None
+        try:  # permission is the kernel's to say at open (dmesg_restrict), not the mode's
+            os.close(os.open(kmsg, os.O_RDONLY | os.O_NONBLOCK))
+            return "kmsg"
+        except OSError as exc:
+            self._passed_over["kmsg"] = f"{kmsg}: {exc.strerror}"
+        if shutil.which(opts.journalctl) is None:
+            self._passed_over["journal"] = f"{opts.journalctl} not found"
+        elif not self._journal_files():
+            self._passed_over["journal"] = "no journal files under the host root"
+        else:
+            return "journal"
+        return "file" if self._first_file(opts) is not None else None
+
+    def _journal_files(self) -> bool:
+        """Whether the host's journal (persistent or volatile, one directory per machine id)
+        holds a file: journalctl -b fails on an empty or absent one, again at every retry."""
+        dirs = (self.ctx.path("/var/log/journal"), self.ctx.path("/run/log/journal"))
+        return any(next(d.glob("*/*.journal"), None) is not None for d in dirs)
 
     def _first_file(self, opts: KernelLogOptions) -> Path | None:
         return next((p for f in opts.files if (p := self.ctx.path(f)).is_file()), None)
@@ -83,7 +96,12 @@ class KernelLogCheck(StreamingCheck):
             state = {"boot_id": boot_id}
         source = self._source(kind, opts, state)
         if not self._said_source:
-            log.info("kernel_log_source", source=kind, engine=self._classifier().engine_name)
+            log.info(
+                "kernel_log_source",
+                source=kind,
+                passed_over=self._passed_over or None,
+                engine=self._classifier().engine_name,
+            )
             self._said_source = True
         classifier = self._classifier()
         async for item in source.items(follow):
@@ -99,7 +117,11 @@ class KernelLogCheck(StreamingCheck):
                 )
                 continue
             found = (
-                list(classifier.bulk(item.data))
+                [  # a log file: what other programs wrote in it is not the kernel's
+                    f
+                    for text in classifier.candidate_records(item.data)
+                    if from_kernel(text) and (f := classifier.record(text))
+                ]
                 if isinstance(item, Chunk)
                 else [f]
                 if (f := classifier.record(item.text, item.when))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from checks.kernel_log.formats import KMSG, Stamp, journal_entry, unescape_kmsg
+from checks.kernel_log.formats import KMSG, Stamp, journal_entry, kmsg_from_kernel, unescape_kmsg
 from checks.proc import reap
 
 POLL_SECONDS = 0.05  # for what cannot be waited on (a regular file, a FIFO with no writer)
@@ -118,6 +118,8 @@ class KmsgSource:
                     last_seq = seq
                     if self.after_seq is not None and seq <= self.after_seq:
                         continue
+                    if not kmsg_from_kernel(m.group(1)):
+                        continue  # written to /dev/kmsg by user space (systemd, echo)
                     usec = int(m.group(3)) / 1e6
                     wall = self.boot_time + usec if self.boot_time is not None else None
                     yield Record(unescape_kmsg(line[m.end() :]), Stamp(usec, wall), {"seq": seq})
@@ -126,7 +128,7 @@ class KmsgSource:
 
 
 class JournalSource:
-    """`journalctl -k -b -o json [-f]`, resumed after a cursor."""
+    """`journalctl -k -b -o json [-f]`, resumed after a cursor: `-k` is `_TRANSPORT=kernel`."""
 
     name = "journal"
 
