@@ -35,6 +35,14 @@ XID71 = Finding(
 )
 
 
+def huge_detection(text: str) -> dict:
+    """A kernel-log detection event whose message (and so `msg`, `details: ` and the
+    evidence's line) is `text`."""
+    from dataclasses import replace
+
+    return render_all([replace(XID71, message=text, evidence={"line": text})])[0]
+
+
 def test_every_event_starts_with_level_ts_msg() -> None:
     for event in render_all([XID71]):
         assert list(event)[:3] == ["level", "ts", "msg"]
