@@ -70,6 +70,14 @@ def test_detection_event_keeps_hyperpods_shape() -> None:
     assert event["evidence"] == {"xid": 71} and event["level"] == "error"
 
 
+def test_ts_is_when_it_was_seen_and_details_timestamp_when_it_happened() -> None:
+    ps = PolicySettings()
+    [change, *_] = Policy(rule_table(ps), ps).observe([XID71])
+    event = EventBuilder(IDENT).render(change, now=XID71.ts + 3 * 3600)  # read from a backlog
+    assert event["ts"] == "2024-08-22T02:05:29Z"
+    assert event["details: "]["timestamp"] == "2024-08-21T23:05:29Z"
+
+
 def test_verdict_event_reads_like_hyperpods_deep_check_result() -> None:
     replace = Finding(
         "gpu:3",
