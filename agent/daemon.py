@@ -216,7 +216,7 @@ class Agent:
         )
         await self.fanout.emit(event)
 
-    async def _run_check_now(self, pc: PlannedCheck, ident: object = None) -> None:
+    async def _run_check_now(self, pc: PlannedCheck, ident: object) -> None:
         """One run of a check, asked for; answered with one event of what it found.
 
         A polling check's findings go to the policy like any round's, which reports only what

@@ -159,7 +159,9 @@ class MqttSink:
             tg.create_task(self._statuses(client))
             tg.create_task(self._publish(client))
             async for message in client.messages:
-                if message.topic.value not in self.command_topics:  # amqtt sent our own status
+                # Only the command topics carry commands: amqtt was seen delivering our own
+                # retained status here after a reconnect.
+                if message.topic.value not in self.command_topics:
                     continue
                 try:
                     await self._command(message.payload)
