@@ -20,13 +20,14 @@ import structlog
 
 from agent import __version__, deeprecord
 from agent.config import Settings
-from agent.events import EventBuilder
+from agent.events import EventBuilder, dumps, rfc3339
 from agent.identity import Identity
 from agent.kube.client import KubeClient
 from agent.metrics import Metrics
 from agent.nodestate import LocalStateFile, NodeState, NodeWriter, desired, relabel
 from agent.plan import PlannedCheck
 from agent.policy import (
+    RESULT_RANK,
     Change,
     Policy,
     StateCorruptError,
@@ -41,9 +42,11 @@ from agent.sinks import Fanout, Sink
 from agent.sinks.spool import SpoolSink
 from agent.sinks.stdout import StdoutSink
 from agent.supervise import Heart, Supervisor
-from checks.api import Action, Finding, Status
+from checks.api import Action, Finding, Status, StreamingCheck
 
 RECORD_POLL = 2.0  # seconds between looks at the deep-check record (one stat)
+ECHO_CHARS = 1024  # of a command, in the event that answers it
+RUN_CHECK_LISTED = 50  # findings listed in a run-check's answer; the total is given too
 
 log = structlog.get_logger("agent.daemon")
 
@@ -196,35 +199,67 @@ class Agent:
 
     async def _command(self, cmd: dict[str, object]) -> None:
         """A command from MQTT: `deep-check` (`force`), `run-check` (`check`). Each is
-        answered with an event; an unknown or malformed one too."""
+        answered with one event that echoes it once, cut to ECHO_CHARS; an unknown or malformed
+        one too."""
         name, ident = cmd.get("command"), cmd.get("id")
         planned = {c.name: c for c in self.runner.checks}
         refused: str | None = None
         if name is None:
             refused = f"malformed: {cmd.get('error')}"
         elif name == "deep-check":
-            await self._deep_requested("force" if cmd.get("force") else "run")
-        elif name == "run-check":
-            pc = planned.get(str(cmd.get("check")))
-            if pc is None:
-                refused = f"no check {cmd.get('check')!r} runs here (known: {sorted(planned)})"
+            force = cmd.get("force", False)
+            if not isinstance(force, bool):  # "yes-please" is no yes
+                refused = f'"force" is true or false, not {_short(force)}'
             else:
-                task = asyncio.create_task(self._run_check_now(pc))
+                await self._deep_requested("force" if force else "run")
+        elif name == "run-check":
+            check = cmd.get("check")
+            pc = planned.get(check) if isinstance(check, str) else None
+            if pc is None:
+                refused = f"no check {_short(check)} runs here (known: {sorted(planned)})"
+            else:
+                task = asyncio.create_task(self._run_check_now(pc, ident))
                 self._extra_tasks.add(task)
                 task.add_done_callback(self._extra_tasks.discard)
         else:
-            refused = f"unknown command {name!r} (deep-check, run-check)"
-        what = f"MQTT command {name or ''}".rstrip()
+            refused = f"unknown command {_short(name)} (deep-check, run-check)"
+        what = f"MQTT command {_short(name, quote=False) if name else ''}".rstrip()
         event = self.builder.notice(
             "warn" if refused else "info",
             f"{what} refused: {refused}" if refused else f"{what} accepted",
-            command=cmd.get("payload", cmd) if name is None else cmd,
-            command_id=ident,
+            command=_echo(cmd.get("payload") if name is None else cmd),
+            command_id=_echo(ident),
         )
         await self.fanout.emit(event)
 
-    async def _run_check_now(self, pc: PlannedCheck) -> None:
-        await self.handle(await self.runner.run_one(pc))
+    async def _run_check_now(self, pc: PlannedCheck, ident: object) -> None:
+        """One run of a check, asked for; answered with one event of what it found.
+
+        A polling check's findings go to the policy like any round's, which reports only what
+        is new or changed. A streaming check's do not: its one-off run re-reads what its source
+        holds, records the follower has already reported once each, and counting them again
+        would report old faults as new and bring a count rule closer to a reboot."""
+        found = await self.runner.run_one(pc)
+        streaming = isinstance(pc.check, StreamingCheck)
+        if not streaming:
+            await self.handle(found)
+        worst = max((f.status for f in found), key=RESULT_RANK.__getitem__, default=Status.OK)
+        summary = [
+            {"condition": f.condition, "component": f.component, "status": str(f.status)}
+            | {"reason": f.reason, "time": rfc3339(f.ts)}
+            for f in found[:RUN_CHECK_LISTED]
+        ]
+        said = "each reported when it was read" if streaming else "what changed reported"
+        event = self.builder.notice(
+            "info",
+            f"MQTT command run-check {pc.name} done: {worst}, {len(found)} findings ({said})",
+            check=pc.name,
+            result=str(worst),
+            findings=summary,
+            findings_total=len(found),
+            command_id=_echo(ident),
+        )
+        await self.fanout.emit(event)
 
     def _sink_failed(self, sink: str) -> None:
         self.metrics.sink_errors.labels(sink).inc()
@@ -475,6 +510,23 @@ def _newest(directory: Path) -> tuple[str, int, int] | None:
     except (OSError, ValueError):
         return None
     return name, st.st_size, st.st_mtime_ns
+
+
+def _short(value: object, quote: bool = True) -> str:
+    """A value from a command, as a message names it: its first 64 characters."""
+    text = repr(value) if quote else str(value)
+    return text if len(text) <= 64 else text[:64] + "..."
+
+
+def _echo(value: object) -> object:
+    """A command's value as its answer carries it: as it came, unless it is longer than
+    ECHO_CHARS written out; then that much of it, as text, with a marker."""
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    text = value if isinstance(value, str) else dumps(value)
+    if len(text) <= ECHO_CHARS:
+        return value
+    return text[:ECHO_CHARS] + f"...[{len(text) - ECHO_CHARS} more characters]"
 
 
 def with_deep_check(state: NodeState, deep: str | None, settings: Settings) -> NodeState:

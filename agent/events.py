@@ -4,6 +4,10 @@ One JSON object per line, `level`, `ts` (RFC 3339 UTC, seconds) and `msg` first.
 events keep HyperPod's `"details: "` object and `"HealthMonitoringAgentDetectionEvent":
 "HealthEvent"` marker so existing Logs Insights queries keep working; our own structured
 fields follow. An event is built once, as a dict; each sink renders and ships it.
+
+`ts` is when the agent saw the problem, `details.timestamp` when the problem happened (as in
+HyperPod's own sample, where the two differ): CloudWatch files an event by its time, and one
+dated from a backlog's past would land behind what `logs tail --follow` already printed.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ class EventBuilder:
         now = time.time() if now is None else now
         match change:
             case Reported(finding=f, tracker=t, needed=needed):
-                return self._reported(f, t, needed)
+                return self._reported(f, t, needed, now)
             case Cleared(tracker=t, why=why):
                 return self._cleared(t, why, now)
             case VerdictChanged():
@@ -72,18 +76,21 @@ class EventBuilder:
             event["dry_run"] = True
         return event
 
-    def _detection(self, level: str, severity: str, ts: float, reason: str, text: str) -> Event:
-        event = self._base(level, ts, f"NPD caught event: {text}")
+    def _detection(
+        self, level: str, severity: str, now: float, when: float, reason: str, text: str
+    ) -> Event:
+        """`now`: when it was seen (`ts`); `when`: when it happened (`details.timestamp`)."""
+        event = self._base(level, now, f"NPD caught event: {text}")
         event["details: "] = {
             "severity": severity,
-            "timestamp": rfc3339(ts),
+            "timestamp": rfc3339(when),
             "reason": reason,
             "message": text,
         }
         event["HealthMonitoringAgentDetectionEvent"] = "HealthEvent"
         return event
 
-    def _reported(self, f: Finding, t: Tracker, needed: int) -> Event:
+    def _reported(self, f: Finding, t: Tracker, needed: int, now: float) -> Event:
         status = "True" if t.active else _CONDITION_STATUS[f.status]
         if f.temporary:
             text = (
@@ -98,7 +105,7 @@ class EventBuilder:
         if f.severity is not None:  # the rule's word, where it gave one
             severity = f.severity
             level = "error" if level == "error" else f.severity
-        event = self._detection(level, severity, f.ts, f.reason, text)
+        event = self._detection(level, severity, now, f.ts, f.reason, text)
         event.update(
             check=f.check,
             component=f.component,
@@ -124,7 +131,7 @@ class EventBuilder:
             f"Node condition {t.condition} is now: False, reason: {t.reason}, "
             f'message: "cleared after {why}"'
         )
-        event = self._detection("info", "info", now, t.reason, text)
+        event = self._detection("info", "info", now, now, t.reason, text)
         event.update(
             check=t.check,
             component=t.component,

@@ -519,7 +519,7 @@ def read_boot_id(path: Path) -> str | None:
         return None
 
 
-_RESULT_RANK = {"ok": 0, "unknown": 1, "fault": 2}
+RESULT_RANK = {"ok": 0, "unknown": 1, "fault": 2}  # a check's results, worst last
 
 
 def check_results(trackers: Iterable[Tracker]) -> dict[str, str]:
@@ -527,6 +527,6 @@ def check_results(trackers: Iterable[Tracker]) -> dict[str, str]:
     out: dict[str, str] = {}
     for t in trackers:
         now = "fault" if t.active else str(t.status)
-        if _RESULT_RANK[now] >= _RESULT_RANK.get(out.get(t.check, "ok"), 0):
+        if RESULT_RANK[now] >= RESULT_RANK.get(out.get(t.check, "ok"), 0):
             out[t.check] = now
     return out

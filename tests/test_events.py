@@ -35,6 +35,14 @@ XID71 = Finding(
 )
 
 
+def huge_detection(text: str) -> dict:
+    """A kernel-log detection event whose message (and so `msg`, `details: ` and the
+    evidence's line) is `text`."""
+    from dataclasses import replace
+
+    return render_all([replace(XID71, message=text, evidence={"line": text})])[0]
+
+
 def test_every_event_starts_with_level_ts_msg() -> None:
     for event in render_all([XID71]):
         assert list(event)[:3] == ["level", "ts", "msg"]
@@ -60,6 +68,14 @@ def test_detection_event_keeps_hyperpods_shape() -> None:
         "reboot",
     )
     assert event["evidence"] == {"xid": 71} and event["level"] == "error"
+
+
+def test_ts_is_when_it_was_seen_and_details_timestamp_when_it_happened() -> None:
+    ps = PolicySettings()
+    [change, *_] = Policy(rule_table(ps), ps).observe([XID71])
+    event = EventBuilder(IDENT).render(change, now=XID71.ts + 3 * 3600)  # read from a backlog
+    assert event["ts"] == "2024-08-22T02:05:29Z"
+    assert event["details: "]["timestamp"] == "2024-08-21T23:05:29Z"
 
 
 def test_verdict_event_reads_like_hyperpods_deep_check_result() -> None:

@@ -302,3 +302,110 @@ async def test_kmsg_the_kernel_refuses_falls_back_to_the_log_file(tmp_path, monk
         "kmsg": f"{kmsg}: Operation not permitted",
         "journal": "no journal files under the host root",
     }
+
+
+def syslog(message: str) -> str:
+    return f"Jun 11 09:44:44 gpu-7 kernel: {message}\n"
+
+
+def xid79(bus: int) -> str:
+    return syslog(XID79.replace("b9:00", f"{bus:02x}:00"))
+
+
+async def follower(c: KernelLogCheck, got: list[Finding]) -> asyncio.Task[None]:
+    async def follow() -> None:
+        async for f in c.stream(follow=True):
+            got.append(f)
+
+    return asyncio.create_task(follow())
+
+
+async def test_a_line_longer_than_the_cap_is_cut_and_reading_goes_on(tmp_path) -> None:
+    """One 4.5 MiB line, then an XID 79: the XID is reported (the follower once re-read the
+    same 4 MiB forever). A long line keeps its start: an XID in it is still seen."""
+    root = host(tmp_path)
+    (root / "var/log").mkdir(parents=True)
+    kern = root / "var/log/kern.log"
+    kern.write_bytes(b"x" * 4_500_000 + b"\n" + xid79(0x20).encode())
+    found = await collect(check(root, tmp_path, source="file"), follow=True, limit=1, timeout=10)
+    assert [f.component for f in found] == ["gpu:0000:20:00"]
+    # and a long line still being written (no end yet), then one that starts with an XID
+    append(kern, "y" * 300_000)
+    got: list[Finding] = []
+    task = await follower(check(root, tmp_path, source="file"), got)
+    try:
+        await asyncio.sleep(0.6)
+        append(kern, "y" * 100_000 + "\n" + xid79(0x21).rstrip("\n") + " " + "z" * 200_000 + "\n")
+        await _until(lambda: len(got) == 1)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert got[0].component == "gpu:0000:21:00"
+    assert got[0].evidence["line"].endswith("...[truncated by node-health-agent]")
+
+
+def test_long_lines_are_counted_and_each_line_kept_within_the_cap(tmp_path) -> None:
+    path = tmp_path / "kern.log"
+    path.write_bytes(b"a" * 5000 + b"\nshort\n" + b"b" * 3000 + b"\n" + b"c" * 10)
+    source = sources.FileSource(path, max_line=1000)
+
+    async def read() -> list[bytes]:
+        return [item.data async for item in source.items(follow=False)]
+
+    data = b"".join(asyncio.run(read()))
+    assert data.split(b"\n") == [b"a" * 1000, b"short", b"b" * 1000, b""]
+    assert source.lines_cut == 2
+
+
+async def test_rotation_reads_the_renamed_file_to_its_end_first(tmp_path) -> None:
+    """Five rotations, each with a line written to the old file just before it was renamed
+    and one to the new file: every line is reported, in order."""
+    root = host(tmp_path)
+    (root / "var/log").mkdir(parents=True)
+    kern = root / "var/log/kern.log"
+    kern.write_text(xid79(0x10))
+    got: list[Finding] = []
+    task = await follower(check(root, tmp_path, source="file"), got)
+    try:
+        await _until(lambda: len(got) == 1)
+        for i in range(5):
+            append(kern, xid79(0x30 + i))  # the last line before rotation, not read yet
+            kern.rename(root / f"var/log/kern.log.{i + 1}")
+            kern.write_text(xid79(0x40 + i))
+            await _until(lambda i=i: len(got) == 3 + 2 * i)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    buses = [f.component[-5:-3] for f in got]
+    assert buses == ["10"] + [b for i in range(5) for b in (f"{0x30 + i:x}", f"{0x40 + i:x}")]
+
+
+async def test_copytruncate_is_seen_even_when_the_new_content_outgrows_the_old(tmp_path) -> None:
+    root = host(tmp_path)
+    (root / "var/log").mkdir(parents=True)
+    kern = root / "var/log/kern.log"
+    kern.write_text(xid79(0x10))
+    got: list[Finding] = []
+    task = await follower(check(root, tmp_path, source="file"), got)
+    try:
+        await _until(lambda: len(got) == 1)
+        # copytruncate, then a burst at once: longer than the file was before
+        kern.write_text(xid79(0x50) + syslog("nvme nvme0: pci function 0000:01:00.0") * 5)
+        await _until(lambda: len(got) == 2)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert got[1].component == "gpu:0000:50:00"
+
+
+async def test_a_journal_entry_over_4_kib_is_parsed_whole(tmp_path, monkeypatch) -> None:
+    root = host(tmp_path)
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    path = journal(tmp_path, [XID79 + " " + "x" * 5000, XID79.replace("b9", "ba")])
+    with path.open("a") as fh:  # an entry over the reader's limit is dropped, and reading goes on
+        fh.write(json.dumps({"MESSAGE": "y" * (sources.JOURNAL_LINE_LIMIT + 10)}) + "\n")
+    monkeypatch.setenv("FAKE_JOURNAL", str(path))
+    (tmp_path / "more").mkdir()
+    append(path, journal(tmp_path / "more", [XID79.replace("b9", "bb")]).read_text())
+    found = await collect(check(root, tmp_path, source="journal"))
+    assert [f.component for f in found] == ["gpu:0000:b9:00", "gpu:0000:ba:00", "gpu:0000:bb:00"]

@@ -252,3 +252,16 @@ def test_xid_actions_follow_nvidias_buckets_and_hyperpods_overrides(ruleset) -> 
     assert {c: action(c) for c in reset_gpu} == dict.fromkeys(reset_gpu, RA)
     assert {c: action(c) for c in (64, 74, 79)} == dict.fromkeys((64, 74, 79), P)
     assert action(48) is RA
+
+
+def test_a_record_cut_to_the_message_limit_says_so(ruleset) -> None:
+    from checks.kernel_log.classifier import CUT, MAX_MESSAGE
+
+    line = "NVRM: Xid (PCI:0000:b9:00): 79, GPU has fallen off the bus. " + "x" * 3000
+    f = Classifier(ruleset).record(line)
+    assert f is not None and f.reason == "Xid79"
+    for text in (f.message, f.evidence["line"]):
+        assert len(text) == MAX_MESSAGE and text.endswith(CUT)
+        assert text.startswith("NVRM: Xid (PCI:0000:b9:00): 79, GPU has fallen off the bus. xx")
+    short = Classifier(ruleset).record(line[:80])
+    assert short is not None and not short.message.endswith(CUT)

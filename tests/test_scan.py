@@ -83,7 +83,9 @@ def test_standard_input_kmsg_and_journal(cli_env) -> None:
     assert "(kmsg)" in out.stderr.decode()
     journal = json.dumps({"__REALTIME_TIMESTAMP": "1724281529000000", "MESSAGE": XID79}) + "\n"
     out = scan(cli_env, stdin=journal.encode())
-    assert out.returncode == 1 and events(out)[0]["ts"] == "2024-08-21T23:05:29Z"
+    assert (
+        out.returncode == 1 and events(out)[0]["details: "]["timestamp"] == "2024-08-21T23:05:29Z"
+    )
 
 
 def test_count_rules_run_on_the_logs_own_time(cli_env, tmp_path) -> None:

@@ -13,10 +13,11 @@ from agent.ship.batch import (
     TRUNCATED,
     Batch,
     LogEvent,
-    cap,
+    fit,
     timestamp_ms,
 )
 from agent.ship.spoolreader import SpoolReader
+from tests.test_events import huge_detection
 
 
 def fill(events: list[LogEvent]) -> list[Batch]:
@@ -59,11 +60,41 @@ def test_events_go_out_in_time_order() -> None:
     assert (req["logGroupName"], req["logStreamName"]) == ("g", "s")
 
 
-def test_an_oversized_event_is_cut_with_a_marker_never_dropped() -> None:
-    big = "é" * MAX_EVENT_BYTES  # two bytes a character: twice the limit
-    out = cap(big)
-    assert out.endswith(TRUNCATED) and len(out.encode()) <= MAX_EVENT_BYTES
-    assert cap("small") == "small"
+def test_an_oversized_event_stays_json_with_hyperpods_keys() -> None:
+    # two bytes a character, quotes and a control character that JSON escapes: 4 x the limit
+    text = 'é"\x01' * (MAX_EVENT_BYTES // 2)
+    event = huge_detection(text)
+    out = fit(event, json.dumps(event, ensure_ascii=False, separators=(",", ":")))
+    assert len(out.encode()) <= MAX_EVENT_BYTES
+    got = json.loads(out)
+    assert list(got)[: len(event)] == list(event)  # every key, in order
+    assert got["HealthMonitoringAgentDetectionEvent"] == "HealthEvent"
+    assert (got["node"], got["check"], got["reason"]) == (
+        "node-a",
+        "kernel-log",
+        "XidHardwareFailure",
+    )
+    assert got["details: "]["reason"] == "XidHardwareFailure"
+    for where in got["truncated"]:  # each cut value is named and ends with the marker
+        value = got
+        for key in where.split("."):
+            value = value[key]
+        assert value.endswith(TRUNCATED)
+    assert {"msg", "message", "details: .message", "evidence.line"} >= set(got["truncated"])
+    assert got["message"].startswith('é"\x01é"')  # what is kept is the start
+
+
+def test_an_event_of_many_small_values_gives_up_the_biggest_object() -> None:
+    event = huge_detection("short")
+    event["evidence"] = {f"k{i}": "v" * 40 for i in range(20_000)}  # about 1 MB of small values
+    got = json.loads(fit(event, json.dumps(event)))
+    assert got["evidence"].startswith(TRUNCATED) and got["truncated"] == ["evidence"]
+    assert got["message"] == "short" and got["HealthMonitoringAgentDetectionEvent"]
+
+
+def test_an_event_within_the_limit_is_left_as_it_is() -> None:
+    line = json.dumps(huge_detection("x" * 1000))
+    assert fit(json.loads(line), line) == line
 
 
 def test_event_time_from_its_ts() -> None:

@@ -28,7 +28,7 @@ from agent.events import Event
 from agent.identity import Identity
 from agent.metrics import Metrics
 from agent.models import CloudWatchSettings
-from agent.ship.batch import Batch, LogEvent, cap, parse_line, timestamp_ms
+from agent.ship.batch import Batch, LogEvent, fit, parse_line, timestamp_ms
 from agent.ship.spoolreader import SpoolReader
 from agent.supervise import Heart, Supervisor
 from agent.threads import in_daemon_thread
@@ -152,9 +152,8 @@ class CloudWatchSink:
             run = event.get("deep_health_check_id")
             if run and "deep_health_check_status" in event and "level" in event:
                 stream = f"DeepHealthCheckResults/{run}"
-            ev = LogEvent(
-                timestamp_ms(event), cap(line.decode(errors="replace").rstrip("\n")), stream, end
-            )
+            text = fit(event, line.decode(errors="replace").rstrip("\n"))
+            ev = LogEvent(timestamp_ms(event), text, stream, end)
             if not out or not out[-1].fits(ev):
                 if len(out) == limit:
                     break

@@ -4,8 +4,10 @@
 
 While the broker is away, events wait in a bounded buffer (the oldest go first, counted) and
 the client reconnects with jittered backoff; an event leaves the buffer only once the broker
-acknowledged it (at-least-once). A command is handed to the agent as a dict; a malformed one is
-answered with a reply event, never a crash.
+acknowledged it (at-least-once). A command is handed to the agent as a dict; one that is too
+big, nested too deep or not a command object is answered with a refusal, and a command whose
+handling fails is logged: neither ever ends the session. Anything else that goes wrong in a
+session says "offline" on the status topic and starts a new one, with backoff.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import collections
 import contextlib
 import json
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Self
@@ -29,6 +32,10 @@ log = structlog.get_logger("agent.mqtt")
 
 BACKOFF_MIN, BACKOFF_MAX = 1.0, 30.0
 STATUS_EVERY = 1.0  # seconds: the retained status at most this often
+MAX_COMMAND_BYTES = 4096  # a command is a few short fields; a bigger payload is not read
+MAX_COMMAND_DEPTH = 8  # objects and lists inside one another
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_BRACKET = re.compile(r"[\[\]{}]")
 
 
 class MqttSink:
@@ -132,17 +139,41 @@ class MqttSink:
                     self._status_due.set()
                     if self.buffer:  # what waited while the broker was away
                         self._ready.set()
-                    async with asyncio.TaskGroup() as tg:
-                        tg.create_task(self._statuses(client))
-                        tg.create_task(self._publish(client))
-                        async for message in client.messages:
-                            await self._command(message.payload)
+                    try:
+                        await self._session(client)
+                    except* Exception as group:
+                        if group.split(aiomqtt.MqttError)[1] is not None:
+                            await self._offline(client)  # ours failed, not the connection
+                        raise
             except* aiomqtt.MqttError as group:
                 if self.connected or delay == BACKOFF_MIN:
                     log.warning("mqtt_disconnected", error=str(group.exceptions[0]))
+            except* Exception as group:  # a fault of ours: said, and a fresh session
+                log.error("mqtt_session_failed", error=repr(group.exceptions[0]), retry_in=delay)
             self.connected = False
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(BACKOFF_MAX, delay * 2)
+
+    async def _session(self, client: Any) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._statuses(client))
+            tg.create_task(self._publish(client))
+            async for message in client.messages:
+                # Only the command topics carry commands: amqtt was seen delivering our own
+                # retained status here after a reconnect.
+                if message.topic.value not in self.command_topics:
+                    continue
+                try:
+                    await self._command(message.payload)
+                except Exception as exc:  # the agent failed on it: the session goes on
+                    log.error("mqtt_command_failed", error=repr(exc))
+
+    async def _offline(self, client: Any) -> None:
+        """Say offline before leaving a session that failed: leaving is a clean disconnect,
+        after which the broker does not send the last will."""
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(3):
+                await client.publish(self.status_topic, self._online(False), qos=1, retain=True)
 
     async def _publish(self, client: Any) -> None:
         while True:
@@ -174,11 +205,27 @@ class MqttSink:
         """A command for the agent; anything unreadable is answered, never raised."""
         raw = payload if isinstance(payload, bytes | bytearray) else str(payload).encode()
         try:
-            cmd = json.loads(raw)
-            if not isinstance(cmd, dict) or not isinstance(cmd.get("command"), str):
-                raise ValueError('a command is a JSON object with a "command" string')
+            cmd = parse_command(bytes(raw))
         except ValueError as exc:
             text = bytes(raw[:200]).decode(errors="replace")
             await self.on_command({"command": None, "error": str(exc), "payload": text})
             return
         await self.on_command(cmd)
+
+
+def parse_command(raw: bytes) -> dict[str, Any]:
+    """The command object in a payload, or a ValueError that says what is wrong with it. Size
+    and nesting are bounded before parsing: a deep one would exhaust the parser's recursion."""
+    if len(raw) > MAX_COMMAND_BYTES:
+        raise ValueError(f"{len(raw)} bytes, more than the {MAX_COMMAND_BYTES} a command may have")
+    text = raw.decode()  # UnicodeDecodeError is a ValueError
+    depth = deepest = 0
+    for bracket in _BRACKET.findall(_STRING.sub("", text)):
+        depth += 1 if bracket in "[{" else -1
+        deepest = max(deepest, depth)
+    if deepest > MAX_COMMAND_DEPTH:
+        raise ValueError(f"nested {deepest} deep, more than the {MAX_COMMAND_DEPTH} allowed")
+    cmd = json.loads(text)
+    if not isinstance(cmd, dict) or not isinstance(cmd.get("command"), str):
+        raise ValueError('a command is a JSON object with a "command" string')
+    return cmd

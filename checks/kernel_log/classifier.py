@@ -24,6 +24,7 @@ from checks.kernel_log.formats import Stamp, stamp
 from checks.kernel_log.rules import CompiledRule, RuleSet, normalize_pci
 
 MAX_MESSAGE = 1024
+CUT = "...[truncated by node-health-agent]"  # ends a message or line cut to MAX_MESSAGE
 MAX_LINE = 4096
 CONTEXT_SECONDS = 5.0
 _POD_UID = re.compile(
@@ -147,8 +148,8 @@ class Classifier:
                 action = rule.rate.action
                 seen.clear()
 
-        message = _SPACES.sub(" ", text[m.start() :]).strip()[:MAX_MESSAGE]
-        evidence |= {"rule": rule.name, "line": _SPACES.sub(" ", text).strip()[:MAX_MESSAGE]}
+        message = _clip(_SPACES.sub(" ", text[m.start() :]).strip())
+        evidence |= {"rule": rule.name, "line": _clip(_SPACES.sub(" ", text).strip())}
         if when.wall is not None:
             evidence["log_time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when.wall))
         return Finding(
@@ -172,6 +173,13 @@ class Classifier:
         if "pid" in ctx.groups and "pid" in groups and ctx.groups["pid"] != groups["pid"]:
             return groups
         return ctx.groups | groups
+
+
+def _clip(text: str) -> str:
+    """At most MAX_MESSAGE characters; a cut one says so, so no one takes it for the whole."""
+    if len(text) <= MAX_MESSAGE:
+        return text
+    return text[: MAX_MESSAGE - len(CUT)] + CUT
 
 
 class _Blank(dict[str, str]):

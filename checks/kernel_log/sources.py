@@ -15,11 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from checks.kernel_log.formats import KMSG, Stamp, journal_entry, kmsg_from_kernel, unescape_kmsg
 from checks.proc import reap
 
+log = structlog.get_logger("checks.kernel_log")
+
 POLL_SECONDS = 0.05  # for what cannot be waited on (a regular file, a FIFO with no writer)
 CHUNK = 4 * 1024 * 1024
+MAX_LINE = 64 * 1024  # bytes of a log line kept; the rest of a longer one is skipped
+FINGERPRINT = 64  # bytes before the read position compared, to see a file truncated
+JOURNAL_LINE_LIMIT = 1 << 20  # bytes of one `journalctl -o json` entry
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,9 +148,12 @@ class JournalSource:
         self.journalctl = journalctl
         self.after_cursor = after_cursor
         self.root = root  # the host's journal, when the agent runs with the host elsewhere
+        self.entries_dropped = 0
 
     async def items(self, follow: bool) -> AsyncIterator[Item]:
-        argv = [self.journalctl, "-k", "-b", "-o", "json", "--no-pager"]
+        # --all: without it journalctl writes a field over 4,096 bytes as null, and a long
+        # record's MESSAGE would be lost before it was parsed.
+        argv = [self.journalctl, "-k", "-b", "-o", "json", "--all", "--no-pager"]
         if self.root is not None and self.root != Path("/"):
             argv += ["--root", str(self.root)]
         if self.after_cursor:
@@ -157,13 +167,22 @@ class JournalSource:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,
-                limit=1 << 20,
+                limit=JOURNAL_LINE_LIMIT,
             )
         except OSError as exc:
             raise SourceError(f"cannot run {self.journalctl}: {exc.strerror}") from None
         assert proc.stdout is not None and proc.stderr is not None
         try:
-            while line := await proc.stdout.readline():
+            while True:
+                try:
+                    line = await proc.stdout.readline()
+                except ValueError:  # an entry over the limit: dropped (its rest is not JSON)
+                    self.entries_dropped += 1
+                    if self.entries_dropped == 1:
+                        log.warning("journal_entry_too_long", limit_bytes=JOURNAL_LINE_LIMIT)
+                    continue
+                if not line:
+                    break
                 entry = journal_entry(line.decode("utf-8", "replace"))
                 if entry is not None:
                     text, when, cursor = entry
@@ -177,35 +196,97 @@ class JournalSource:
 
 
 class FileSource:
-    """A log file followed like `tail -F`: through rotation, truncation and re-creation."""
+    """A log file followed like `tail -F`: through rotation (the renamed file is read to its
+    end before the new one), truncation (copytruncate, also when the file has grown past where
+    we were: the bytes before our position are compared) and re-creation.
+
+    A line longer than `max_line` keeps its first `max_line` bytes (a fault's words come
+    first); the rest is skipped, counted in `lines_cut` and said once, and reading goes on."""
 
     name = "file"
 
-    def __init__(self, path: Path, inode: int | None = None, offset: int = 0) -> None:
+    def __init__(
+        self, path: Path, inode: int | None = None, offset: int = 0, max_line: int = MAX_LINE
+    ) -> None:
         self.path = path
         self.inode = inode
         self.offset = offset
+        self.max_line = max_line
+        self.lines_cut = 0
+        self._skipping = False  # inside a cut line: skip to its end
+        self._mark = b""  # the bytes just before our position, to see the file replaced
 
     async def items(self, follow: bool) -> AsyncIterator[Item]:
         fh = self._open(resume=True)
         try:
             while True:
-                data = fh.read(CHUNK)
-                cut = data.rfind(b"\n") + 1
-                if cut:
-                    fh.seek(cut - len(data), os.SEEK_CUR)  # keep a partial last line for later
-                    yield Chunk(data[:cut], {"inode": self.inode, "offset": fh.tell()})
+                if self._truncated(fh):
+                    fh.seek(0)
+                    self._mark, self._skipping = b"", False
+                if (chunk := self._read(fh)) is not None:
+                    yield chunk
                     continue
-                if data:
-                    fh.seek(-len(data), os.SEEK_CUR)
                 if not follow:
                     return
                 await asyncio.sleep(POLL_SECONDS * 5)
-                if self._replaced(fh):
+                if self._rotated():
+                    while (chunk := self._read(fh, last=True)) is not None:
+                        yield chunk  # what was written to the old file since the last read
                     fh.close()
                     fh = self._open(resume=False)
         finally:
             fh.close()
+
+    def _read(self, fh: Any, last: bool = False) -> Chunk | None:
+        """The next whole lines, long ones cut; None at the end of what is there. `last`: the
+        file will not grow, so an unfinished last line counts as a line."""
+        raw = fh.read(CHUNK)
+        if not raw:
+            return None
+        data = raw
+        if self._skipping:
+            end = data.find(b"\n")
+            if end < 0:
+                data = b""
+            else:
+                data, self._skipping = data[end + 1 :], False
+        cut = data.rfind(b"\n") + 1
+        body, tail = data[:cut], data[cut:]
+        if len(tail) > self.max_line:  # no end in sight: keep its start, skip the rest
+            body += tail + b"\n"
+            self._skipping, tail = True, b""
+        elif last and tail:
+            body, tail = body + tail + b"\n", b""
+        if tail:
+            fh.seek(-len(tail), os.SEEK_CUR)  # a partial last line, for later
+            if not body and len(raw) == len(tail):
+                return None
+        if len(body) > self.max_line:
+            body = self._cut_long(body)
+        self._mark = (self._mark + raw[: len(raw) - len(tail)])[-FINGERPRINT:]
+        return Chunk(body, {"inode": self.inode, "offset": fh.tell()})
+
+    def _cut_long(self, body: bytes) -> bytes:
+        # A line over max_line holds a whole aligned window of half that without a newline;
+        # looking for a newline in each window is cheap where lines are short.
+        half = max(1, self.max_line // 2)
+        if all(body.find(b"\n", i, i + half) >= 0 for i in range(0, len(body) - half + 1, half)):
+            return body
+        lines = body.split(b"\n")
+        out = []
+        for line in lines:
+            if len(line) > self.max_line:
+                line = line[: self.max_line]
+                self.lines_cut += 1
+                if self.lines_cut == 1:
+                    log.warning(
+                        "kernel_log_line_cut",
+                        path=str(self.path),
+                        kept_bytes=self.max_line,
+                        why="longer lines keep their start; the rest is skipped and counted",
+                    )
+            out.append(line)
+        return b"\n".join(out)
 
     def _open(self, resume: bool) -> Any:
         try:
@@ -216,12 +297,24 @@ class FileSource:
         if resume and st.st_ino == self.inode and st.st_size >= self.offset:
             fh.seek(self.offset)
         self.inode = st.st_ino
+        self._mark, self._skipping = b"", False
         return fh
 
-    def _replaced(self, fh: Any) -> bool:
-        """Rotated (a new file at the path) or truncated (shorter than what we read)."""
+    def _rotated(self) -> bool:
+        """A new file at the path (logrotate's move and create)."""
         try:
-            st = os.stat(self.path)
+            return os.stat(self.path).st_ino != self.inode
         except FileNotFoundError:
             return False  # between rotation steps: keep draining the old one
-        return st.st_ino != self.inode or st.st_size < fh.tell()
+
+    def _truncated(self, fh: Any) -> bool:
+        """Cut under us (copytruncate): shorter than where we are, or, when new lines have
+        already made it longer, no longer holding the bytes we read just before here."""
+        pos = fh.tell()
+        try:
+            if os.fstat(fh.fileno()).st_size < pos:
+                return True
+            mark = self._mark
+            return bool(mark) and os.pread(fh.fileno(), len(mark), pos - len(mark)) != mark
+        except OSError:
+            return False

@@ -97,3 +97,41 @@ def test_shipping_shows_in_the_metrics(cli_env, tmp_path, moto_url):
     finally:
         stop(proc)
     assert rejected == 0
+
+
+def test_a_backlog_is_stamped_when_detected_and_keeps_when_it_happened(cli_env, tmp_path, moto_url):
+    """A kernel record from three hours ago, read now: CloudWatch files the event now (so
+    `logs tail --follow` prints it), and `details.timestamp` says when it happened."""
+    import os
+    import time
+
+    from tests.test_kernel_log_e2e import XID79, gpu_host
+
+    root = gpu_host(tmp_path)
+    happened = int(time.time()) - 3 * 3600
+    (root / "proc/stat").write_text(f"btime {happened - 1843}\n")  # the record: 1843 s in
+    env = cli_env | aws_env(moto_url) | {"NODE_HEALTH_HOST_ROOT": str(root)}
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("checks:\n  hang: {enabled: false}\n  needs: {enabled: false}\n")
+    cfg = identity(str(cfg))
+    started = time.time()
+    proc = start(env, "--config", cfg)
+    kmsg = os.open(root / "dev/kmsg", os.O_RDWR | os.O_NONBLOCK)
+    try:
+        os.write(kmsg, f"3,812,1843000000,-;{XID79}\n".encode())
+
+        def xid() -> list[dict]:
+            found = all_events(moto_url, GROUP, STREAM)
+            return [e for e in found if json.loads(e["message"]).get("check") == "kernel_log"]
+
+        wait_for(lambda: bool(STREAM in streams(moto_url) and xid()), 20)
+    finally:
+        os.close(kmsg)
+        stop(proc)
+    [shipped] = xid()
+    event = json.loads(shipped["message"])
+    assert shipped["timestamp"] >= int(started) * 1000  # filed when it was seen
+    assert event["ts"] >= time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(started)))
+    assert event["details: "]["timestamp"] == time.strftime(
+        "%Y-%m-%dT%H:%M:%SZ", time.gmtime(happened)
+    )

@@ -213,3 +213,32 @@ def test_too_old_events_are_counted_one_each(cli_env, tmp_path, proxy):
         stop(proc)
     line = next(x for x in body.splitlines() if x.startswith("node_health_cloudwatch_rejected"))
     assert float(line.split()[-1]) == 2
+
+
+def test_an_oversized_event_arrives_cut_and_still_json_with_hyperpods_keys(
+    cli_env, tmp_path, proxy
+):
+    """A 600 KB detection event: CloudWatch takes it cut to its size limit, still an object
+    that Logs Insights and JSON filter patterns find by its keys."""
+    from tests.test_events import huge_detection
+
+    state = tmp_path / "state"
+    spool_events(state, 1)
+    event = huge_detection("NVRM: Xid (PCI:0000:b9:00): 79, " + "x" * 200_000)
+    event |= {"ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seq": 1}
+    with (state / "spool" / "0000000001.jsonl").open("a") as f:
+        f.write(json.dumps(event, separators=(",", ":")) + "\n")
+    cfg = tmp_path / "quiet.yaml"
+    cfg.write_text(QUIET)
+    proc = start(cli_env | aws_env(proxy.url), "--config", str(cfg))
+    try:
+        wait_for(lambda: any("): 79, xxx" in e["message"] for e in proxy.events()), 30)
+    finally:
+        stop(proc)
+    [big] = [e["message"] for e in proxy.events() if "): 79, xxx" in e["message"]]
+    assert len(big.encode()) <= 262_144 - 26 and proxy.refused == []
+    got = json.loads(big)
+    assert got["HealthMonitoringAgentDetectionEvent"] == "HealthEvent"
+    assert (got["node"], got["check"], got["seq"]) == ("node-a", "kernel-log", 1)
+    assert got["message"].startswith("NVRM: Xid (PCI:0000:b9:00): 79, ")
+    assert "message" in got["truncated"]

@@ -3,6 +3,7 @@ last will when it dies, commands (and answers to bad ones), a broker restart mid
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -36,8 +37,12 @@ class Subscriber:
         self.client.loop_start()
 
     def _got(self, client, userdata, msg) -> None:
+        try:
+            doc = json.loads(msg.payload)
+        except (ValueError, RecursionError):  # a command the test sent: not the agent's
+            return
         with self.lock:
-            self.messages.append((msg.topic, json.loads(msg.payload), msg.retain))
+            self.messages.append((msg.topic, doc, msg.retain))
 
     def on(self, topic: str) -> list[dict]:
         with self.lock:
@@ -109,13 +114,15 @@ def test_commands_and_answers_to_bad_ones(cli_env, tmp_path, broker, sub):
         sub.publish(f"{BASE}/cmd", json.dumps({"command": "reboot-everything", "id": "c3"}))
         sub.publish(f"{BASE}/cmd", json.dumps({"command": "run-check", "check": "nope"}))
         wait_for(
-            lambda: len([e for e in sub.on(f"{BASE}/events") if "MQTT command" in e["msg"]]) == 4
+            lambda: len([e for e in sub.on(f"{BASE}/events") if "MQTT command" in e["msg"]]) == 5
         )
     finally:
         stop(proc)
     answers = [e for e in sub.on(f"{BASE}/events") if "MQTT command" in e["msg"]]
     by_msg = {e["msg"].split(":")[0]: e for e in answers}
     assert by_msg["MQTT command run-check accepted"]["command_id"] == "c1"
+    done = by_msg["MQTT command run-check fixed done"]
+    assert (done["command_id"], done["result"], done["findings_total"]) == ("c1", "ok", 1)
     assert "MQTT command refused" in by_msg
     assert by_msg["MQTT command refused"]["command"] == "this is not json"
     assert by_msg["MQTT command reboot-everything refused"]["level"] == "warn"
@@ -220,3 +227,147 @@ def test_tls_and_a_password(cli_env, tmp_path, secure_broker):
     stop(proc)
     err = proc.stderr.read()
     assert "mqtt_connected" not in err and "mqtt_disconnected" in err
+
+
+def test_hostile_commands_are_refused_and_mqtt_goes_on(cli_env, tmp_path, broker, sub):
+    """1,100 nested brackets, 1.5 MB, a "force" that is not a boolean, a long unknown command:
+    each refused once, its echo cut; later commands are still answered, the status stays
+    online, SIGTERM stops the agent."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("checks:\n  hang: {enabled: false}\n  needs: {enabled: false}\n")
+    proc = start(cli_env, "--config", mqtt(str(cfg), broker.port))
+    answers = lambda: [e for e in sub.on(f"{BASE}/events") if "MQTT command" in e["msg"]]  # noqa: E731
+    try:
+        wait_for(lambda: bool(sub.on(f"{BASE}/status")))
+        sub.publish(f"{BASE}/cmd", "[" * 1100 + "]" * 1100)
+        sub.publish(f"{BASE}/cmd", json.dumps({"command": "x" * 1_500_000}))
+        sub.publish(f"{BASE}/cmd", json.dumps({"command": "deep-check", "force": "yes-please"}))
+        sub.publish(f"{BASE}/cmd", json.dumps({"command": "y" * 3000, "id": "u1"}))
+        sub.publish(f"{BASE}/cmd", json.dumps({"command": "run-check", "check": "fixed"}))
+        wait_for(lambda: any("run-check fixed done" in e["msg"] for e in answers()), 15)
+        assert sub.on(f"{BASE}/status")[-1]["online"] is True
+    finally:
+        took = stop(proc)
+    assert proc.returncode == 0 and took < 5
+    nested, huge, force, unknown = [e for e in answers() if "refused" in e["msg"]]
+    assert "nested 1100 deep" in nested["msg"] and nested["command"] == "[" * 200
+    assert "1500015 bytes, more than the 4096" in huge["msg"]
+    assert '"force" is true or false' in force["msg"] and force["level"] == "warn"
+    assert unknown["msg"].count("y") < 200 and unknown["command_id"] == "u1"
+    assert unknown["command"].startswith('{"command":"yyy') and len(unknown["command"]) < 1100
+    assert all(len(json.dumps(e)) < 3000 for e in answers())  # each echoed once, cut
+    assert "deep_check_requested" not in proc.stderr.read()
+
+
+STATUS, CMD = "node-health/c/n/status", "node-health/c/n/cmd"
+
+
+async def until(predicate, seconds: float = 10.0) -> None:
+    for _ in range(int(seconds / 0.05)):
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def paho_publish(port: int, topic: str, payload: bytes) -> None:
+    import paho.mqtt.publish
+
+    paho.mqtt.publish.single(topic, payload, qos=1, hostname="127.0.0.1", port=port)
+
+
+def with_sink(port: int, status, on_command, scenario) -> None:
+    """`scenario(send)` run while an MqttSink (node n, cluster c) is up; `send(payload)`
+    publishes a command to it."""
+    from agent.identity import Identity
+    from agent.models import MqttSettings
+    from agent.sinks.mqtt import MqttSink
+
+    async def main() -> None:
+        settings = MqttSettings(host="127.0.0.1", port=port, keepalive=2)
+        async with MqttSink(settings, Identity("n", cluster_name="c"), status, on_command):
+            await scenario(lambda p: asyncio.to_thread(paho_publish, port, CMD, p))
+
+    asyncio.run(main())
+
+
+def test_a_command_handler_that_fails_leaves_the_session_up(broker) -> None:
+    watcher = Subscriber(broker.port, STATUS)
+    handled: list[str] = []
+
+    async def on_command(cmd: dict) -> None:
+        handled.append(cmd["command"])
+        if len(handled) == 1:
+            raise RuntimeError("the agent failed on this one")
+
+    async def scenario(send) -> None:
+        await until(lambda: bool(watcher.on(STATUS)))
+        await send(b'{"command":"first"}')
+        await send(b'{"command":"second"}')
+        await until(lambda: len(handled) == 2)
+
+    try:
+        with_sink(broker.port, dict, on_command, scenario)
+    finally:
+        watcher.close()
+    assert handled == ["first", "second"]
+    online = [s["online"] for s in watcher.on(STATUS)]
+    assert online[:-1] == [True] * (len(online) - 1)  # offline only at the end, when it stops
+
+
+def test_a_session_that_fails_says_offline_and_starts_again(broker) -> None:
+    """Anything else failing in a session (here the agent's status): "offline" on the status
+    topic, then a new session, online again, and commands are read again."""
+    watcher = Subscriber(broker.port, STATUS)
+    handled: list[str] = []
+    calls: list[int] = []
+
+    def status() -> dict:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("status failed")
+        return {}
+
+    async def on_command(cmd: dict) -> None:
+        handled.append(cmd["command"])
+
+    async def scenario(send) -> None:
+        await until(lambda: [s["online"] for s in watcher.on(STATUS)][-1:] == [True])
+        await send(b'{"command":"after"}')
+        await until(lambda: bool(handled))
+
+    try:
+        with_sink(broker.port, status, on_command, scenario)
+    finally:
+        watcher.close()
+    assert [s["online"] for s in watcher.on(STATUS)][:2] == [False, True]
+    assert handled == ["after"]
+
+
+def test_run_check_of_the_kernel_log_reports_no_finding_twice(cli_env, tmp_path, broker, sub):
+    """The kernel log's XID 43 was reported when it was read; `run-check kernel_log` answers
+    with what the log holds, and reports nothing of it again."""
+    from tests.conftest import FIXTURES
+
+    (tmp_path / "host/var/log").mkdir(parents=True)
+    log = tmp_path / "host/var/log/kern.log"
+    log.write_bytes((FIXTURES / "kernel/faults/xid43-dra-driver.log").read_bytes())
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "checks:\n  hang: {enabled: false}\n  needs: {enabled: false}\n"
+        "  fixed: {enabled: false}\n  kernel_log: {source: file}\n"
+    )
+    proc = start(cli_env, "--config", mqtt(str(cfg), broker.port))
+    xids = lambda: [e for e in sub.on(f"{BASE}/events") if e.get("reason") == "Xid43"]  # noqa: E731
+    try:
+        wait_for(lambda: len(xids()) == 1)
+        sub.publish(f"{BASE}/cmd", json.dumps({"command": "run-check", "check": "kernel_log"}))
+        wait_for(lambda: any("done" in e["msg"] for e in sub.on(f"{BASE}/events")))
+        sub.publish(f"{BASE}/cmd", json.dumps({"command": "run-check", "check": "kernel_log"}))
+        wait_for(lambda: sum("done" in e["msg"] for e in sub.on(f"{BASE}/events")) == 2)
+    finally:
+        stop(proc)
+    assert len(xids()) == 1
+    done = [e for e in sub.on(f"{BASE}/events") if "done" in e["msg"]]
+    assert all(e["findings_total"] == 1 and e["result"] == "fault" for e in done)
+    assert done[0]["findings"][0]["reason"] == "Xid43"
