@@ -35,7 +35,11 @@ EXPECTED = {
     "xid154-recovery-action-nvsentinel.log": [("Xid154", "gpu:0008:01:00", RA)],
     "xid43-dra-driver.log": [("Xid43", "gpu:0009:01:00", B)],
     "xid119-gsp-gpud500.log": [("Xid119", "gpu:0000:9b:00", RA)],
-    "gpu-fallen-off-bus-no-xid-nvsentinel.log": [("Xid79", "gpu:0000:b3:00", P)],
+    # The lost GPU, and the driver's count of GPUs it could not probe.
+    "gpu-fallen-off-bus-no-xid-nvsentinel.log": [
+        ("Xid79", "gpu:0000:b3:00", P),
+        ("GpuProbeFailed", "gpu", RA),
+    ],
     "sxid-nvsentinel-e2e.log": [
         ("SXid20009", "nvswitch:0000:c3:00", B),
         ("SXid28006", "nvswitch:0000:c3:00", B),
@@ -58,12 +62,8 @@ EXPECTED = {
     "nvme-timeouts-propolis.log": [("NvmeIOTimeout", "nvme1", B)],
     "block-io-error-spdk.log": [("BufferIOError", "nvme0n1", B)],
     "block-io-error-nvmecha.log": [("BlockIOError", "nvme0n1", B), ("BufferIOError", "nvme0n1", B)],
-    "io-ext4-sonic23146.log": [
-        ("BlockIOError", "loop1", B),
-        ("Ext4Warning", "fs:loop1", B),
-        ("BufferIOError", "loop1", B),
-        ("Ext4Error", "fs:loop1", B),
-    ],
+    # I/O errors of a loop device are no disk's; the filesystem's own errors stay events.
+    "io-ext4-sonic23146.log": [("Ext4Warning", "fs:loop1", B), ("Ext4Error", "fs:loop1", B)],
     "ext4-readonly-wsl.log": [("Ext4Error", "fs:sdb", B), ("FilesystemIsReadOnly", "fs:sdb", RA)],
     "xfs-shutdown-npd845.log": [("XfsHasShutdown", "fs:dm-4", RA)],
     "edac-ce-osm.log": [
@@ -77,7 +77,14 @@ EXPECTED = {
     ],
     "aer-corrected-coreboot.log": [("PcieCorrectedError", "pci:0000:00:1c.1", B)] * 2,
     "aer-correctable-rebar.log": [("PcieCorrectedError", "pci:0000:05:00.1", B)],
-    "aer-fatal-returnn1500.log": [("PcieFatalError", "pci:0000:00:03.0", RA)],
+    # The GPU's driver cannot recover (it has no AER handlers), nor can the port: reboot; the
+    # GPU's audio function without a handler is an event.
+    "aer-fatal-returnn1500.log": [
+        ("PcieErrorNotRecovered", "pci:0000:03:00.0", RA),
+        ("PcieErrorNoHandler", "pci:0000:03:00.1", B),
+        ("PcieErrorNotRecovered", "pci:0000:00:03.0", RA),
+        ("PcieFatalError", "pci:0000:00:03.0", RA),
+    ],
     "pids-fork-rejected-icinga.log": [("ForkRejectedByPidsLimit", "node", B)],
     "conntrack-full-k8s71261.log": [("ConntrackTableFull", "node", B)] * 2,
     "conntrack-full-kube-aws.log": [("ConntrackTableFull", "node", B)],
@@ -252,3 +259,12 @@ def test_xid_actions_follow_nvidias_buckets_and_hyperpods_overrides(ruleset) -> 
     assert {c: action(c) for c in reset_gpu} == dict.fromkeys(reset_gpu, RA)
     assert {c: action(c) for c in (64, 74, 79)} == dict.fromkeys((64, 74, 79), P)
     assert action(48) is RA
+    # NVIDIA's current catalog past 158 (R575 and later).
+    assert action(159) is RA and action(160) is B and action(161) is B
+    assert {c: action(c) for c in (162, 163, 164, 165, 166, 170)} == dict.fromkeys(
+        (162, 163, 164, 165, 166, 170), B
+    )
+    assert {c: action(c) for c in (167, 168, 169, 171, 172)} == dict.fromkeys(
+        (167, 168, 169, 171, 172), RA
+    )
+    assert xid["165"].evidence["mnemonic"] == "PSHC_ZERO_LIFETIME"
