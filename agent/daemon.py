@@ -28,6 +28,7 @@ from agent.nodestate import LocalStateFile, NodeState, NodeWriter, desired, rela
 from agent.plan import PlannedCheck
 from agent.policy import (
     Change,
+    DeepCheckWanted,
     Policy,
     StateCorruptError,
     Verdict,
@@ -230,6 +231,8 @@ class Agent:
         self.policy.save()
         if changes:
             await self._reconcile()
+        if any(isinstance(c, DeepCheckWanted) for c in changes):
+            await self._deep_requested("policy")  # run once the accelerators are free
 
     async def _reconcile(self) -> None:
         if self.settings.dry_run:
