@@ -268,3 +268,41 @@ def test_xid_actions_follow_nvidias_buckets_and_hyperpods_overrides(ruleset) -> 
         (167, 168, 169, 171, 172), RA
     )
     assert xid["165"].evidence["mnemonic"] == "PSHC_ZERO_LIFETIME"
+
+
+CORPUS = Path(__file__).parent / "corpus" / "logs"
+
+
+def test_a_disk_failing_again_and_again_is_replaced(ruleset) -> None:
+    # One burst of medium errors is an event; the same burst on the same disk three times in
+    # an hour (the verbatim longhorn lines, replayed at the times given) is a failing disk.
+    lines = (CORPUS / "scsi-medium-error-burst-longhorn1920.log").read_text().splitlines()
+    c = Classifier(ruleset)
+    actions = []
+    for minute in (0, 10, 20):
+        for line in lines:
+            if (f := c.record(line, Stamp(minute * 60.0, None))) is not None:
+                actions.append((f.reason, f.component, f.action))
+    assert actions == [("MediumError", "disk:sde", B)] * 2 + [("MediumError", "disk:sde", P)]
+
+
+def test_a_flood_of_xid_45_is_one_event_per_window_with_a_count(ruleset) -> None:
+    lines = [
+        line
+        for line in (CORPUS / "xid31-62-45-flood-chia301.log").read_text().splitlines()
+        if "): 45," in line
+    ]
+    c = Classifier(ruleset)
+    found = [c.record(line) for line in lines]  # eight lines within 30 seconds
+    events = [f for f in found if f is not None]
+    assert [(f.reason, f.action) for f in events] == [("Xid45", B)]
+    later = c.record(lines[0], Stamp(14370.688139 + 600, None))
+    assert later is not None and later.evidence["repeated"] == str(len(lines) - 1)
+
+
+def test_a_crash_asked_for_silences_only_what_it_causes(ruleset) -> None:
+    sysrq = (CORPUS / "sysrq-crash-oops-sonic3276.log").read_bytes()
+    assert classify(ruleset, sysrq) == []
+    # Without the sysrq line, the same Oops is a kernel fault.
+    oops = b"\n".join(line for line in sysrq.splitlines() if b"sysrq:" not in line)
+    assert [(f.reason, f.action) for f in classify(ruleset, oops)] == [("KernelOops", RA)]
