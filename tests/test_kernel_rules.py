@@ -306,3 +306,14 @@ def test_a_crash_asked_for_silences_only_what_it_causes(ruleset) -> None:
     # Without the sysrq line, the same Oops is a kernel fault.
     oops = b"\n".join(line for line in sysrq.splitlines() if b"sysrq:" not in line)
     assert [(f.reason, f.action) for f in classify(ruleset, oops)] == [("KernelOops", RA)]
+
+
+def test_fallen_off_the_bus_split_into_one_record_per_line_names_its_gpu(ruleset) -> None:
+    # The NVSentinel report's three lines as separate records with one timestamp, as syslog
+    # writes a multi-line printk; the driver prints them with one nv_printf (nv.c).
+    text = (KERNEL / "faults" / "gpu-fallen-off-bus-no-xid-nvsentinel.log").read_text()
+    lines = [line.strip().removeprefix("[ 1843.308145] ") for line in text.splitlines()[:3]]
+    c = Classifier(ruleset)
+    found = [c.record(line, Stamp(1843.308145, None)) for line in lines]
+    assert found[:2] == [None, None]
+    assert (found[2].reason, found[2].component, found[2].action) == ("Xid79", "gpu:0000:b3:00", P)
