@@ -29,6 +29,7 @@ from agent.plan import PlannedCheck
 from agent.policy import (
     RESULT_RANK,
     Change,
+    DeepCheckWanted,
     Policy,
     StateCorruptError,
     Verdict,
@@ -311,6 +312,8 @@ class Agent:
         if changes:
             await self._reconcile()  # the node decision first: the state file must not hold it
         self._save()
+        if any(isinstance(c, DeepCheckWanted) for c in changes):
+            await self._deep_requested("policy")  # run once the accelerators are free
 
     async def _reconcile(self) -> None:
         if self.settings.dry_run:

@@ -17,7 +17,16 @@ import time
 from typing import Any
 
 from agent.identity import Identity
-from agent.policy import Change, Cleared, RebootSeen, Reported, Tracker, Verdict, VerdictChanged
+from agent.policy import (
+    Change,
+    Cleared,
+    DeepCheckWanted,
+    RebootSeen,
+    Reported,
+    Tracker,
+    Verdict,
+    VerdictChanged,
+)
 from checks.api import Action, Finding, Status
 
 Event = dict[str, Any]
@@ -52,6 +61,16 @@ class EventBuilder:
                 return self._cleared(t, why, now)
             case VerdictChanged():
                 return self._verdict(change, now)
+            case DeepCheckWanted(tracker=t, why=why):
+                event = self._base("warn", now, f"Deep health check wanted: {why}")
+                event.update(
+                    check=t.check,
+                    component=t.component,
+                    condition=t.condition,
+                    reason="DeepCheckWanted",
+                    cause=t.reason,
+                )
+                return event
             case RebootSeen(boot_id=boot_id, cleared=n):
                 return self._base(
                     "info",

@@ -3,6 +3,10 @@
 Kept apart from detection (checks) and from reporting (events, sinks, node writers): it takes
 findings and returns `Change`s. Rules:
 - a fault counts once `count` occurrences fall within `window` (per check/condition/component);
+  with `incident`, lines close in time or from a pid already counted are one occurrence;
+- a rule with `deep_check` asks for a deep check of the node when it counts, instead of
+  changing the verdict: recurring application-class errors are evidence to look at the
+  hardware, and the deep check's own findings decide;
 - reboot- and replace-class verdicts latch until the node reboots (a new boot id);
 - the same reboot-class fault again after that reboot escalates to replace;
 - a condition clears after `clean_polls` clean polls in a row, or `ttl` after its last fault;
@@ -85,9 +89,13 @@ class PolicyRule:
     """One line of the policy table: which findings, and what they mean for the node.
 
     `action` replaces the finding's recommended action; `count` occurrences within `window`
-    are needed; `latch` holds the verdict until a reboot (default: for reboot and replace);
-    `clean_polls` clean polls in a row, or `ttl` after the last fault, clear it; `escalate`:
-    back after the reboot it asked for means replace.
+    are needed; `incident`: findings within this many seconds of an occurrence, or from a pid
+    (evidence `pid`) one already had, are that occurrence (a burst of XIDs from one fault, a
+    crash-looping job's restarts are not several faults); `deep_check`: reaching `count`
+    asks for a deep check (`DeepCheckWanted`) and leaves the verdict to its findings; `latch`
+    holds the verdict until a reboot (default: for reboot and replace); `clean_polls` clean
+    polls in a row, or `ttl` after the last fault, clear it; `escalate`: back after the
+    reboot it asked for means replace.
     """
 
     __pydantic_config__ = _STRICT
@@ -97,6 +105,8 @@ class PolicyRule:
     action: Action | None = None
     count: int = 1
     window: float | str | None = None
+    incident: float | str | None = None
+    deep_check: bool = False
     latch: bool | None = None
     clean_polls: int = 3
     ttl: float | str | None = None
@@ -107,7 +117,7 @@ class PolicyRule:
             object.__setattr__(self, "match", RuleMatch(**self.match))
         if self.action is not None:
             object.__setattr__(self, "action", Action(self.action))
-        for name in ("window", "ttl"):
+        for name in ("window", "incident", "ttl"):
             if (value := getattr(self, name)) is not None:
                 object.__setattr__(self, name, seconds(value, f"rule {self.name!r}: {name}"))
         if self.count < 1 or self.clean_polls < 1:
@@ -160,6 +170,7 @@ class Tracker:
     action: Action = Action.NONE
     evidence: dict[str, Any] = field(default_factory=dict)
     occurrences: list[float] = field(default_factory=list)
+    pids: list[str] = field(default_factory=list)  # of the occurrences counted (`incident`)
     active: bool = False
     changed: float = 0.0  # when `active` last flipped (the condition's transition time)
     last_fault: float | None = None
@@ -174,6 +185,7 @@ class Tracker:
         """A copy for a change to carry: the tracker itself keeps changing."""
         snap = copy.copy(self)  # dataclasses.replace is several times slower, on a hot path
         snap.occurrences, snap.evidence = list(self.occurrences), dict(self.evidence)
+        snap.pids = list(self.pids)
         return snap
 
 
@@ -210,7 +222,16 @@ class RebootSeen:
     cleared: int
 
 
-Change = Reported | Cleared | VerdictChanged | RebootSeen
+@dataclass(frozen=True)
+class DeepCheckWanted:
+    """A rule with `deep_check` counted: the node's hardware should be looked at; the verdict
+    stays what it was until the deep check's findings say otherwise."""
+
+    tracker: Tracker
+    why: str
+
+
+Change = Reported | Cleared | VerdictChanged | RebootSeen | DeepCheckWanted
 
 
 DUPLICATE_WINDOW = 10.0  # seconds
@@ -330,8 +351,11 @@ class Policy:
         if f.status is Status.UNKNOWN:
             t.status = f.status
             return [Reported(f, t.snapshot(), rule.count)] if changed or report_all else []
+        wanted: list[Change] = []
         if f.status is Status.FAULT:
-            self._fault(t, f, rule, now)
+            if self._fault(t, f, rule, now) and rule.deep_check:
+                why = f"{len(t.occurrences)} occurrences of {t.reason} on {t.component}"
+                wanted.append(DeepCheckWanted(t.snapshot(), why))
         elif t.active:
             t.clean += 1
             if t.clean >= rule.clean_polls:
@@ -342,15 +366,21 @@ class Policy:
             return [Reported(f, t.snapshot(), rule.count)] if report_all else []
         t.status, t.reason, t.message, t.evidence = f.status, f.reason, f.message, dict(f.evidence)
         report = report_all or changed or f.temporary or t.active != was_active
-        return [Reported(f, t.snapshot(), rule.count)] if report else []
+        return [*([Reported(f, t.snapshot(), rule.count)] if report else []), *wanted]
 
-    def _fault(self, t: Tracker, f: Finding, rule: PolicyRule, now: float) -> None:
+    def _fault(self, t: Tracker, f: Finding, rule: PolicyRule, now: float) -> bool:
+        """Count the fault; True when it turned the condition on."""
         t.clean = 0
         t.last_fault = now
-        t.occurrences.append(now)
         if rule.window is not None:
-            t.occurrences = [ts for ts in t.occurrences if now - ts <= rule.window]
-        t.occurrences = t.occurrences[-rule.count :]
+            keep = [i for i, ts in enumerate(t.occurrences) if now - ts <= rule.window]
+            t.occurrences = [t.occurrences[i] for i in keep]
+            t.pids = [t.pids[i] for i in keep if i < len(t.pids)]
+        if not self._same_incident(t, f, rule, now):
+            t.occurrences.append(now)
+            if rule.incident is not None:
+                t.pids.append(str(f.evidence.get("pid") or ""))
+        t.occurrences, t.pids = t.occurrences[-rule.count :], t.pids[-rule.count :]
         action = rule.action or f.action
         since = self.rebooted_for.get(t.key)
         if (
@@ -362,8 +392,9 @@ class Policy:
             action, t.escalated = Action.REPLACE, True
         t.status, t.reason, t.message, t.evidence = f.status, f.reason, f.message, dict(f.evidence)
         if len(t.occurrences) < rule.count:
-            return
-        if not t.active:
+            return False
+        turned_on = not t.active
+        if turned_on:
             t.active, t.changed, t.action = True, now, action
         elif action.rank > t.action.rank:
             t.action = action
@@ -374,10 +405,23 @@ class Policy:
                 self.latched = verdict
             if t.key not in self.latched_keys:
                 self.latched_keys.append(t.key)
+        return turned_on
+
+    @staticmethod
+    def _same_incident(t: Tracker, f: Finding, rule: PolicyRule, now: float) -> bool:
+        """Part of an occurrence already counted: close in time to the last one, or from a
+        process one of them came from."""
+        if rule.incident is None or not t.occurrences:
+            return False
+        if 0 <= now - t.occurrences[-1] <= rule.incident:
+            return True
+        pid = str(f.evidence.get("pid") or "")
+        return pid not in ("", "<unknown>") and pid in t.pids
 
     def _deactivate(self, t: Tracker, now: float) -> None:
         t.active, t.changed, t.clean = False, now, 0
         t.occurrences.clear()
+        t.pids.clear()
         t.action = Action.NONE
         t.escalated = False
         if t.status is Status.FAULT:

@@ -254,3 +254,30 @@ def test_deep_check_after_the_reboot_that_remediated_a_fault(cli_env, tmp_path, 
     finally:
         stop(proc)
     assert node_state(state)["labels"] == {LABEL: "Schedulable"}
+
+
+def test_policy_asks_for_a_deep_check_and_its_findings_decide(cli_env, tmp_path):
+    """A policy rule with `deep_check` (recurring application-class GPU errors) leaves the node
+    Schedulable and has the daemon run the deep check; its failed DCGM test takes the node
+    out."""
+    env = with_tools(cli_env, tmp_path) | {
+        "FAKE_DCGMI_OUTPUT": str(FIX / "dcgm" / "deployment-row-remap-pending.txt"),
+    }
+    cfg = tmp_path / "recurring.yaml"
+    cfg.write_text(
+        "checks:\n  hang: {enabled: false}\n  needs: {enabled: false}\n"
+        "  fixed:\n    status: fault\n    action: restart_app\n"
+        "    condition: NvidiaGPUUnhealthy\n    component: gpu:0\n    reason: Xid13\n"
+        "deep_check: {level: 1}\n"
+        "policy:\n  rules:\n    - {name: look, match: {component: 'gpu:*'}, deep_check: true}\n"
+    )
+    state = tmp_path / "state"
+    proc = start(env, "--config", str(cfg))
+    try:
+        wait_for(lambda: node_state(state).get("labels", {}).get(DEEP) == "Failed", timeout=30)
+    finally:
+        stop(proc)
+    events = spooled(state)
+    wanted = next(e for e in events if e.get("reason") == "DeepCheckWanted")
+    assert wanted["component"] == "gpu:0" and wanted["cause"] == "Xid13"
+    assert node_state(state)["labels"][LABEL] == "UnschedulablePendingReboot"

@@ -35,7 +35,11 @@ EXPECTED = {
     "xid154-recovery-action-nvsentinel.log": [("Xid154", "gpu:0008:01:00", RA)],
     "xid43-dra-driver.log": [("Xid43", "gpu:0009:01:00", B)],
     "xid119-gsp-gpud500.log": [("Xid119", "gpu:0000:9b:00", RA)],
-    "gpu-fallen-off-bus-no-xid-nvsentinel.log": [("Xid79", "gpu:0000:b3:00", P)],
+    # The lost GPU, and the driver's count of GPUs it could not probe.
+    "gpu-fallen-off-bus-no-xid-nvsentinel.log": [
+        ("Xid79", "gpu:0000:b3:00", P),
+        ("GpuProbeFailed", "gpu", RA),
+    ],
     "sxid-nvsentinel-e2e.log": [
         ("SXid20009", "nvswitch:0000:c3:00", B),
         ("SXid28006", "nvswitch:0000:c3:00", B),
@@ -58,12 +62,8 @@ EXPECTED = {
     "nvme-timeouts-propolis.log": [("NvmeIOTimeout", "nvme1", B)],
     "block-io-error-spdk.log": [("BufferIOError", "nvme0n1", B)],
     "block-io-error-nvmecha.log": [("BlockIOError", "nvme0n1", B), ("BufferIOError", "nvme0n1", B)],
-    "io-ext4-sonic23146.log": [
-        ("BlockIOError", "loop1", B),
-        ("Ext4Warning", "fs:loop1", B),
-        ("BufferIOError", "loop1", B),
-        ("Ext4Error", "fs:loop1", B),
-    ],
+    # I/O errors of a loop device are no disk's; the filesystem's own errors stay events.
+    "io-ext4-sonic23146.log": [("Ext4Warning", "fs:loop1", B), ("Ext4Error", "fs:loop1", B)],
     "ext4-readonly-wsl.log": [("Ext4Error", "fs:sdb", B), ("FilesystemIsReadOnly", "fs:sdb", RA)],
     "xfs-shutdown-npd845.log": [("XfsHasShutdown", "fs:dm-4", RA)],
     "edac-ce-osm.log": [
@@ -77,7 +77,14 @@ EXPECTED = {
     ],
     "aer-corrected-coreboot.log": [("PcieCorrectedError", "pci:0000:00:1c.1", B)] * 2,
     "aer-correctable-rebar.log": [("PcieCorrectedError", "pci:0000:05:00.1", B)],
-    "aer-fatal-returnn1500.log": [("PcieFatalError", "pci:0000:00:03.0", RA)],
+    # The GPU's driver cannot recover (it has no AER handlers), nor can the port: reboot; the
+    # GPU's audio function without a handler is an event.
+    "aer-fatal-returnn1500.log": [
+        ("PcieErrorNotRecovered", "pci:0000:03:00.0", RA),
+        ("PcieErrorNoHandler", "pci:0000:03:00.1", B),
+        ("PcieErrorNotRecovered", "pci:0000:00:03.0", RA),
+        ("PcieFatalError", "pci:0000:00:03.0", RA),
+    ],
     "pids-fork-rejected-icinga.log": [("ForkRejectedByPidsLimit", "node", B)],
     "conntrack-full-k8s71261.log": [("ConntrackTableFull", "node", B)] * 2,
     "conntrack-full-kube-aws.log": [("ConntrackTableFull", "node", B)],
@@ -252,6 +259,15 @@ def test_xid_actions_follow_nvidias_buckets_and_hyperpods_overrides(ruleset) -> 
     assert {c: action(c) for c in reset_gpu} == dict.fromkeys(reset_gpu, RA)
     assert {c: action(c) for c in (64, 74, 79)} == dict.fromkeys((64, 74, 79), P)
     assert action(48) is RA
+    # NVIDIA's current catalog past 158 (R575 and later).
+    assert action(159) is RA and action(160) is B and action(161) is B
+    assert {c: action(c) for c in (162, 163, 164, 165, 166, 170)} == dict.fromkeys(
+        (162, 163, 164, 165, 166, 170), B
+    )
+    assert {c: action(c) for c in (167, 168, 169, 171, 172)} == dict.fromkeys(
+        (167, 168, 169, 171, 172), RA
+    )
+    assert xid["165"].evidence["mnemonic"] == "PSHC_ZERO_LIFETIME"
 
 
 def test_a_record_cut_to_the_message_limit_says_so(ruleset) -> None:
@@ -265,3 +281,52 @@ def test_a_record_cut_to_the_message_limit_says_so(ruleset) -> None:
         assert text.startswith("NVRM: Xid (PCI:0000:b9:00): 79, GPU has fallen off the bus. xx")
     short = Classifier(ruleset).record(line[:80])
     assert short is not None and not short.message.endswith(CUT)
+
+
+CORPUS = Path(__file__).parent / "corpus" / "logs"
+
+
+def test_a_disk_failing_again_and_again_is_replaced(ruleset) -> None:
+    # One burst of medium errors is an event; the same burst on the same disk three times in
+    # an hour (the verbatim longhorn lines, replayed at the times given) is a failing disk.
+    lines = (CORPUS / "scsi-medium-error-burst-longhorn1920.log").read_text().splitlines()
+    c = Classifier(ruleset)
+    actions = []
+    for minute in (0, 10, 20):
+        for line in lines:
+            if (f := c.record(line, Stamp(minute * 60.0, None))) is not None:
+                actions.append((f.reason, f.component, f.action))
+    assert actions == [("MediumError", "disk:sde", B)] * 2 + [("MediumError", "disk:sde", P)]
+
+
+def test_a_flood_of_xid_45_is_one_event_per_window_with_a_count(ruleset) -> None:
+    lines = [
+        line
+        for line in (CORPUS / "xid31-62-45-flood-chia301.log").read_text().splitlines()
+        if "): 45," in line
+    ]
+    c = Classifier(ruleset)
+    found = [c.record(line) for line in lines]  # eight lines within 30 seconds
+    events = [f for f in found if f is not None]
+    assert [(f.reason, f.action) for f in events] == [("Xid45", B)]
+    later = c.record(lines[0], Stamp(14370.688139 + 600, None))
+    assert later is not None and later.evidence["repeated"] == str(len(lines) - 1)
+
+
+def test_a_crash_asked_for_silences_only_what_it_causes(ruleset) -> None:
+    sysrq = (CORPUS / "sysrq-crash-oops-sonic3276.log").read_bytes()
+    assert classify(ruleset, sysrq) == []
+    # Without the sysrq line, the same Oops is a kernel fault.
+    oops = b"\n".join(line for line in sysrq.splitlines() if b"sysrq:" not in line)
+    assert [(f.reason, f.action) for f in classify(ruleset, oops)] == [("KernelOops", RA)]
+
+
+def test_fallen_off_the_bus_split_into_one_record_per_line_names_its_gpu(ruleset) -> None:
+    # The NVSentinel report's three lines as separate records with one timestamp, as syslog
+    # writes a multi-line printk; the driver prints them with one nv_printf (nv.c).
+    text = (KERNEL / "faults" / "gpu-fallen-off-bus-no-xid-nvsentinel.log").read_text()
+    lines = [line.strip().removeprefix("[ 1843.308145] ") for line in text.splitlines()[:3]]
+    c = Classifier(ruleset)
+    found = [c.record(line, Stamp(1843.308145, None)) for line in lines]
+    assert found[:2] == [None, None]
+    assert (found[2].reason, found[2].component, found[2].action) == ("Xid79", "gpu:0000:b3:00", P)

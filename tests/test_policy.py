@@ -9,6 +9,7 @@ import pytest
 
 from agent.policy import (
     Cleared,
+    DeepCheckWanted,
     Policy,
     PolicyRule,
     PolicySettings,
@@ -31,7 +32,12 @@ class Clock:
         return self.now
 
 
-def xid(code: int, gpu: str = "gpu:0000:b9:00", action: Action = Action.RESTART_APP) -> Finding:
+def xid(
+    code: int,
+    gpu: str = "gpu:0000:b9:00",
+    action: Action = Action.RESTART_APP,
+    pid: str | None = None,
+) -> Finding:
     return Finding(
         gpu,
         "NvidiaXid",
@@ -39,9 +45,14 @@ def xid(code: int, gpu: str = "gpu:0000:b9:00", action: Action = Action.RESTART_
         f"Xid{code}",
         f"NVRM: Xid {code}",
         action,
+        evidence={"pid": pid} if pid else {},
         temporary=True,
         check="kernel-log",
     )
+
+
+def deep_checks(changes: list) -> list[DeepCheckWanted]:
+    return [c for c in changes if isinstance(c, DeepCheckWanted)]
 
 
 def poll(status: Status, action: Action = Action.REBOOT, component: str = "gpu:0") -> Finding:
@@ -90,12 +101,43 @@ def test_replace_outranks_reboot(clock: Clock) -> None:
     assert verdicts(changes) == [Verdict.PENDING_REPLACEMENT]
 
 
-def test_packaged_table_xid13_three_times_in_ten_minutes_on_one_gpu_means_reboot(clock) -> None:
+def test_app_xids_recurring_on_one_gpu_ask_for_a_deep_check_not_a_reboot(clock) -> None:
+    # Three XID 13 incidents in ten minutes on one GPU: NVIDIA's catalog asks for diagnostics.
     policy = make(clock)
     for _ in range(2):
-        assert verdicts(policy.observe([xid(13)])) == []
+        assert deep_checks(policy.observe([xid(13)])) == []
         clock.now += 240
-    assert verdicts(policy.observe([xid(13)])) == [Verdict.PENDING_REBOOT]
+    changes = policy.observe([xid(13)])
+    (wanted,) = deep_checks(changes)
+    assert wanted.tracker.component == "gpu:0000:b9:00" and "3 occurrences" in wanted.why
+    assert verdicts(changes) == [] and policy.verdict is Verdict.SCHEDULABLE
+    clock.now += 240  # still recurring: the one request stands, no second one
+    assert deep_checks(policy.observe([xid(13)])) == []
+
+
+def test_one_incident_of_several_app_xid_codes_is_one_occurrence(clock) -> None:
+    # XIDs 13, 31 and 43 printed for one fault within seconds are one occurrence, however
+    # many lines and codes: no deep check, no reboot.
+    policy = make(clock)
+    for code in (13, 31, 43, 13, 31):
+        assert deep_checks(policy.observe([xid(code)])) == []
+        clock.now += 2
+    assert policy.verdict is Verdict.SCHEDULABLE
+
+
+def test_a_crash_looping_job_is_looked_at_never_rebooted_by_count(clock) -> None:
+    # The same process's XIDs minutes apart are one incident; a restarted job (a new pid)
+    # recurring is looked at with a deep check, and the node stays Schedulable.
+    policy = make(clock)
+    for _ in range(4):
+        assert deep_checks(policy.observe([xid(31, pid="4242")])) == []
+        clock.now += 120
+    changes: list = []
+    for pid in ("5001", "5002"):
+        changes += policy.observe([xid(31, pid=pid)])
+        clock.now += 120
+    assert len(deep_checks(changes)) == 1
+    assert policy.verdict is Verdict.SCHEDULABLE
 
 
 def test_occurrences_outside_the_window_do_not_add_up(clock: Clock) -> None:
@@ -115,9 +157,12 @@ def test_the_same_xid_on_other_gpus_is_counted_per_gpu(clock: Clock) -> None:
 
 def test_each_temporary_fault_is_reported_even_when_it_repeats(clock: Clock) -> None:
     policy = make(clock)
-    reported = [c for _ in range(2) for c in policy.observe([xid(13)]) if isinstance(c, Reported)]
-    assert len(reported) == 2
-    assert [len(c.tracker.occurrences) for c in reported] == [1, 2]
+    reported = []
+    for _ in range(3):
+        reported += [c for c in policy.observe([xid(13)]) if isinstance(c, Reported)]
+        clock.now += 20  # the second is part of the first's incident, the third is not
+    assert len(reported) == 3
+    assert [len(c.tracker.occurrences) for c in reported] == [1, 1, 2]
 
 
 def test_flapping_finding_does_not_flap_the_verdict(clock: Clock) -> None:

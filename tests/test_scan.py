@@ -89,14 +89,22 @@ def test_standard_input_kmsg_and_journal(cli_env) -> None:
 
 
 def test_count_rules_run_on_the_logs_own_time(cli_env, tmp_path) -> None:
-    # Three XID 13 on one GPU: within ten minutes of log time they mean reboot, not spread out.
+    # A site's count rule (three XID 13 on one GPU in ten minutes mean reboot): within ten
+    # minutes of log time they count, spread out they do not.
+    cfg = tmp_path / "count.yaml"
+    cfg.write_text(
+        "policy:\n  rules:\n    - {name: xid13-thrice, match: {reason: Xid13}, count: 3,"
+        " window: 10m, action: reboot}\n"
+    )
     line = "[{t:12.6f}] NVRM: Xid (PCI:0000:cb:00): 13, Graphics Exception\n"
     close = tmp_path / "close.log"
     close.write_text("".join(line.format(t=5 + 240 * i) for i in range(3)))
     apart = tmp_path / "apart.log"
     apart.write_text("".join(line.format(t=5 + 400 * i) for i in range(3)))
-    assert scan(cli_env, str(close)).returncode == 1
-    assert scan(cli_env, str(apart)).returncode == 0
+    assert scan(cli_env, str(close), "-c", str(cfg)).returncode == 1
+    assert scan(cli_env, str(apart), "-c", str(cfg)).returncode == 0
+    # The packaged table never reboots for application errors by their number.
+    assert scan(cli_env, str(close)).returncode == 0
 
 
 def test_settings_rules_apply_to_a_scan(cli_env, tmp_path) -> None:

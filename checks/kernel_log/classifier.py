@@ -6,8 +6,12 @@ rules, the classifier keeps a little state:
 - de-duplication: one fault printed as several lines (a burst of XID 13 lines for one
   exception, an XID 79 followed by its "fallen off the bus" line) is one finding;
 - rates: `rate` rules escalate when a component keeps failing;
-- context: a line that only describes (the OOM summary with the pod's cgroup) is merged into
-  the finding that follows it, so a multi-line report becomes one finding.
+- context: a line that only describes (the OOM summary with the pod's cgroup, the first line
+  of a GPU's "fallen off the bus" report that syslog split) is merged into the finding that
+  follows it, so a multi-line report becomes one finding; a context can also silence what
+  follows it (the Oops and panic of a crash asked for through sysrq);
+- counts: lines folded into a finding by de-duplication are counted, and the next finding of
+  the same key carries the count (`repeated`), so a flood is one event per window.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ MAX_MESSAGE = 1024
 CUT = "...[truncated by node-health-agent]"  # ends a message or line cut to MAX_MESSAGE
 MAX_LINE = 4096
 CONTEXT_SECONDS = 5.0
+# How long a requested crash (sysrq-trigger, lkdtm) silences what it causes: lkdtm's hard
+# lockup is only detected by the watchdog tens of seconds after it was provoked.
+REQUESTED_SECONDS = 120.0
 _POD_UID = re.compile(
     r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})"
 )
@@ -49,6 +56,7 @@ class Classifier:
     _prefilter: engine.Prefilter = field(init=False, repr=False)
     _last: dict[tuple[str, str, str], float] = field(default_factory=dict, init=False)
     _rates: dict[tuple[str, str], deque[float]] = field(default_factory=dict, init=False)
+    _repeats: dict[tuple[str, str, str], int] = field(default_factory=dict, init=False)
     _context: dict[str, _Context] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
@@ -112,6 +120,10 @@ class Classifier:
         if rule.context is not None:
             self._context[rule.context] = _Context(groups, now)
             return None
+        if rule.unless_context and self._fresh(rule.unless_context, now):
+            return None
+        if rule.sets_context:
+            self._context[rule.sets_context] = _Context(groups, now)
         if rule.uses_context:
             groups = self._merge_context(rule.uses_context, groups, now)
         if "cgroup" in groups and (pod := _POD_UID.search(groups["cgroup"])):
@@ -135,8 +147,11 @@ class Classifier:
         key = (rule.condition or "", reason, component)
         last = self._last.get(key)
         if last is not None and 0 <= now - last < window:
+            self._repeats[key] = self._repeats.get(key, 0) + 1
             return None
         self._last[key] = now
+        if repeated := self._repeats.pop(key, 0):
+            evidence["repeated"] = str(repeated)  # lines folded into the previous event
 
         if rule.rate is not None:
             seen = self._rates.setdefault((rule.name, component), deque())
@@ -165,6 +180,10 @@ class Classifier:
             clock=when.ts,
             severity=rule.severity,
         )
+
+    def _fresh(self, name: str, now: float) -> bool:
+        ctx = self._context.get(name)
+        return ctx is not None and 0 <= now - ctx.ts <= REQUESTED_SECONDS
 
     def _merge_context(self, name: str, groups: dict[str, str], now: float) -> dict[str, str]:
         ctx = self._context.pop(name, None)

@@ -55,8 +55,10 @@ class Rate:
 @dataclass(frozen=True)
 class Rule:
     """One rule. `context` rules report nothing: they lend their groups to the next finding of
-    a rule with the same `uses_context`; `component_fallback` stands in when a group the
-    component names did not match; `dedup` overrides the table's window."""
+    a rule with the same `uses_context`; `sets_context` does the same for a rule that also
+    reports. `unless_context` drops the finding while that context is fresh (a crash someone
+    asked for is no fault). `component_fallback` stands in when a group the component names
+    did not match; `dedup` overrides the table's window (lines within it are counted)."""
 
     __pydantic_config__ = _STRICT
 
@@ -73,6 +75,8 @@ class Rule:
     rate: Rate | None = None
     context: str | None = None
     uses_context: str | None = None
+    sets_context: str | None = None
+    unless_context: str | None = None
     dedup: float | str | None = None
     severity: str | None = None  # info, warn or error; default: from the action
 
@@ -225,7 +229,7 @@ def _compile(rule: Rule) -> CompiledRule:
     fields = tuple(re.findall(r"{(\w+)}", rule.component))
     groups = set(_GROUP.findall(rule.pattern))
     unknown = [f for f in (*fields, *re.findall(r"{(\w+)}", rule.reason)) if f not in groups]
-    if unknown:
+    if unknown and rule.uses_context is None:  # a context lends groups of its own
         raise RuleError(f"rule {rule.name!r}: template names {unknown} not in its pattern")
     return CompiledRule(rule, fields)
 
