@@ -105,7 +105,8 @@ class Agent:
                 settings.node_keys,
                 cfg,
                 on_refused=self._refused,
-                on_request=self._deep_requested,
+                # runner job: the annotation is the controller's to take (it runs a Job)
+                on_request=self._deep_requested if settings.deep_check.runner == "agent" else None,
             )
             self.writer = writer
             uid = lambda: ((writer.node or {}).get("metadata") or {}).get("uid")  # noqa: E731
@@ -157,7 +158,14 @@ class Agent:
 
     async def _deep_requested(self, value: str) -> None:
         """An operator asked for a deep check on the node (its annotation): run it, unless one
-        runs already; `force` runs it even while the accelerators are in use."""
+        runs already; `force` runs it even while the accelerators are in use. With the runner
+        `job` the controller runs it (the agent's image lacks the tools): not here."""
+        if self.settings.deep_check.runner == "job":
+            log.warning(
+                "deep_check_request_ignored",
+                why="deep_check.runner is job: annotate the node, the controller runs it",
+            )
+            return
         if self._deep_running or (self._deep_task is not None and not self._deep_task.done()):
             log.info("deep_check_request_ignored", why="one is running")
             return
