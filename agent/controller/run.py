@@ -86,6 +86,7 @@ class Controller:
             self._say_from_thread,
             stopped=lambda: self._halt.is_set() or not self.elector.leader,
             sleep=self._halt.wait,
+            deep=settings.deep_check,
         )
         self.sinks = self._sinks(settings)
         self.fanout = Fanout(self.sinks)
