@@ -158,14 +158,7 @@ class Agent:
 
     async def _deep_requested(self, value: str) -> None:
         """An operator asked for a deep check on the node (its annotation): run it, unless one
-        runs already; `force` runs it even while the accelerators are in use. With the runner
-        `job` the controller runs it (the agent's image lacks the tools): not here."""
-        if self.settings.deep_check.runner == "job":
-            log.warning(
-                "deep_check_request_ignored",
-                why="deep_check.runner is job: annotate the node, the controller runs it",
-            )
-            return
+        runs already; `force` runs it even while the accelerators are in use."""
         if self._deep_running or (self._deep_task is not None and not self._deep_task.done()):
             log.info("deep_check_request_ignored", why="one is running")
             return
@@ -195,6 +188,8 @@ class Agent:
         refused: str | None = None
         if name is None:
             refused = f"malformed: {cmd.get('error')}"
+        elif name == "deep-check" and self.settings.deep_check.runner == "job":
+            refused = "deep_check.runner is job: the controller runs it (annotate the node)"
         elif name == "deep-check":
             await self._deep_requested("force" if cmd.get("force") else "run")
         elif name == "run-check":
