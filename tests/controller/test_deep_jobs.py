@@ -250,3 +250,14 @@ def test_a_jobs_run_is_read_back_by_the_nodes_agent(cli_env, tmp_path, api: Fake
     records = list((tmp_path / "state" / "deep-health-check").glob("*.jsonl"))
     assert len(records) == 1
     assert body["metadata"]["labels"]["app.kubernetes.io/name"] == APP
+
+
+def test_the_shipped_agent_and_controller_settings_agree_on_the_runner() -> None:
+    """Set apart, a deep check asked for would be run by no one (agent `job`, controller
+    `agent`) or raced for (the agent takes the annotation the controller wants)."""
+    from agent.config import load_settings
+    from tests.conftest import REPO
+
+    agent = load_settings(REPO / "deploy" / "config.yaml").deep_check
+    ctl = load_settings(REPO / "deploy" / "controller" / "config.yaml").deep_check
+    assert agent.runner == ctl.runner
