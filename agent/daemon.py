@@ -112,7 +112,8 @@ class Agent:
                 settings.node_keys,
                 cfg,
                 on_refused=self._refused,
-                on_request=self._deep_requested,
+                # runner job: the annotation is the controller's to take (it runs a Job)
+                on_request=self._deep_requested if settings.deep_check.runner == "agent" else None,
                 loops=self.loops,
                 on_error=self._kube_write_failed,
             )
@@ -207,6 +208,8 @@ class Agent:
         refused: str | None = None
         if name is None:
             refused = f"malformed: {cmd.get('error')}"
+        elif name == "deep-check" and self.settings.deep_check.runner == "job":
+            refused = "deep_check.runner is job: the controller runs it (annotate the node)"
         elif name == "deep-check":
             force = cmd.get("force", False)
             if not isinstance(force, bool):  # "yes-please" is no yes

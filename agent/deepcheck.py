@@ -129,16 +129,21 @@ def plan(
             _judge_stress_ng,
         ),
     )
-    want(
-        "dcgm-diag",
-        "dcgmi",
-        lambda exe: Step(
+    if gpus is None and expected(opts.instance_type).neuron_devices:
+        # a Neuron type has no GPUs: DCGM could only fail to find them (the deep-check image
+        # carries dcgmi for every node), and an unknown would stop the run from passing
+        skipped.append(StepResult("dcgm-diag", Outcome.SKIPPED, "no GPUs on a Neuron type"))
+    else:
+        want(
             "dcgm-diag",
-            [exe, "diag", "-r", str(opts.level), "-j"],
-            DCGM_TIMEOUTS[opts.level],
-            lambda r: dcgm.judge(dcgm.parse(r.stdout), r.returncode),
-        ),
-    )
+            "dcgmi",
+            lambda exe: Step(
+                "dcgm-diag",
+                [exe, "diag", "-r", str(opts.level), "-j"],
+                DCGM_TIMEOUTS[opts.level],
+                lambda r: dcgm.judge(dcgm.parse(r.stdout), r.returncode),
+            ),
+        )
     if gpus is None or gpus < 1:
         skipped.append(
             StepResult("nccl-allreduce", Outcome.SKIPPED, "no GPU count (--gpus or a known type)")

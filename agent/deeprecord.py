@@ -2,12 +2,18 @@
 
 Each run's file begins with an InProgress line (with the process running it), then has each
 test's line and the run's result line. The record is how a daemon on the node learns of a run
-it did not start (`node-health deep-check` in its pod): it keeps that run's labels and feeds a
-failed run to its policy. Light on purpose: the daemon imports it at start.
+it did not start (`node-health deep-check` in its pod, or in a Job's pod on the node): it keeps
+that run's labels and feeds a failed run to its policy. Light on purpose: the daemon imports it
+at start.
+
+A run is going while its process holds a lock (flock) on its record: the kernel lets go of it
+when the process ends, however it ends, and a lock is seen from any pod on the node, where a
+PID from another pod's PID namespace means nothing (a Job's `node-health` is PID 1 there).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
@@ -21,6 +27,7 @@ from checks.api import Action, Finding, Status
 
 DIRECTORY = "deep-health-check"  # under the state dir
 FAILED = "failed"  # a test's result word (deepcheck.Outcome.FAILED)
+_held: dict[Path, int] = {}  # the records of the runs of this process, locked while they go
 
 
 def start_record(directory: Path, run_id: str, identity: Identity) -> Path:
@@ -36,6 +43,9 @@ def start_record(directory: Path, run_id: str, identity: Identity) -> Path:
         "pid": os.getpid(),
     }
     path.write_text(dumps(line) + "\n")
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # held until the result is written or the process ends
+    _held[path] = fd
     return path
 
 
@@ -57,6 +67,8 @@ def write_results(directory: Path, run_id: str, lines: list[dict[str, Any]]) -> 
     path = directory / f"{run_id}.jsonl"
     with path.open("a") as out:
         out.write("".join(dumps(line) + "\n" for line in lines))
+    if (fd := _held.pop(path, None)) is not None:
+        os.close(fd)  # the run is over: its lock goes with it
     return path
 
 
@@ -71,7 +83,8 @@ class Record:
 
 def latest_record(directory: Path) -> Record | None:
     """The newest run that is still going or ended Passed or Failed. A run that could not
-    judge says nothing; nor does a dry run, or an InProgress one whose process is gone."""
+    judge says nothing; nor does a dry run, or an InProgress one whose process is gone (its
+    lock let go: killed, OOM, the node rebooted)."""
     for path in sorted(directory.glob("*.jsonl"), reverse=True):
         try:
             lines = [json.loads(line) for line in path.read_text().splitlines() if line]
@@ -81,7 +94,7 @@ def latest_record(directory: Path) -> Record | None:
         status = last.get("deep_health_check_status")
         if last.get("dry_run"):  # a dry run changes nothing, now or later
             continue
-        if status == "InProgress" and not _alive(last.get("pid")):
+        if status == "InProgress" and not _going(path):
             continue
         if status in ("InProgress", "Passed", "Failed"):
             tests = [t for t in lines if isinstance(t, dict) and "test" in t]
@@ -107,13 +120,16 @@ def record_findings(record: Record) -> list[Finding]:
     ]
 
 
-def _alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
+def _going(path: Path) -> bool:
+    """The run's process holds the record's lock (a lock of this process's own counts too)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
         return False
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: there all the same
-        pass
-    return True
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False

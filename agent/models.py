@@ -73,6 +73,18 @@ class DeepCheckSettings(Strict):
     idle_wait: Duration = Field(
         60.0, description="how long to wait before looking again while the accelerators are busy"
     )
+    runner: str = Field(
+        "agent",
+        pattern="^(agent|job)$",
+        description="who runs a deep check asked for (the node annotation, a new node): the "
+        "agent in its own pod, or the controller as a Job on the node from `image`; set it "
+        "alike for the agent and the controller",
+    )
+    image: str = Field(
+        "node-health-agent-deep-check",
+        description="runner job: the image with the deep check's tools (the Dockerfile's "
+        "`deep-check` target)",
+    )
 
 
 class KubernetesSettings(Strict):

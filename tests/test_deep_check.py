@@ -216,6 +216,17 @@ def test_plan_without_tools_or_gpus() -> None:
     }
 
 
+def test_on_a_neuron_type_dcgm_is_skipped_though_installed() -> None:
+    """The deep-check image carries dcgmi for every node: on Trainium it would only fail to
+    find GPUs, and that unknown would keep the node from ever passing."""
+    opts = deepcheck.Options(instance_type="trn1.32xlarge")
+    steps, skipped = deepcheck.plan(opts, which=lambda tool: f"/usr/bin/{tool}")
+    assert [s.name for s in steps] == ["stress-ng", "nccom-test"]
+    assert {s.name: s.message for s in skipped}["dcgm-diag"] == "no GPUs on a Neuron type"
+    steps, _ = deepcheck.plan(deepcheck.Options(), which=lambda tool: f"/usr/bin/{tool}")
+    assert "dcgm-diag" in [s.name for s in steps]  # an unknown type: run it
+
+
 @pytest.mark.parametrize(
     ("rc", "result", "code"),
     [(0, "passed", 0), (1, "failed", 1)],
@@ -304,6 +315,41 @@ def test_the_record_tells_a_daemon_what_a_run_says(tmp_path: Path) -> None:
     assert deeprecord.latest_record(records).run_id == "20261101T000000Z-a"
     deeprecord.start_record(records, "20261105T000000Z-e", ident)  # this process: alive
     assert deeprecord.latest_record(records).status == "InProgress"
+
+
+def test_a_run_whose_process_is_gone_says_nothing_whatever_its_pid(tmp_path: Path) -> None:
+    """A run in a Job's pod records its PID in that pod's namespace (node-health is PID 1
+    there): to the daemon that PID is some live process of its own. Only the run's lock on
+    its record says it is going: a killed run, or one whose PID is alive but not the run,
+    says nothing; a run still going, from another process, is seen."""
+    import signal
+    import subprocess
+    import sys
+
+    from agent import deeprecord
+
+    records = tmp_path / "records"
+    deeprecord.write_results(
+        records, "20261101T000000Z-a", [{"deep_health_check_status": "InProgress", "pid": 1}]
+    )
+    assert deeprecord.latest_record(records) is None
+    run = (
+        "import sys, time; from pathlib import Path; from agent import deeprecord; "
+        "from agent.identity import Identity; "
+        "deeprecord.start_record(Path(sys.argv[1]), '20261102T000000Z-b', Identity('node-a')); "
+        "print('started', flush=True); time.sleep(60)"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", run, str(records)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "started\n"
+        assert deeprecord.latest_record(records).status == "InProgress"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        assert deeprecord.latest_record(records) is None
+    finally:
+        proc.kill()
 
 
 def test_a_run_beside_the_daemon_keeps_its_labels_and_reaches_the_policy(

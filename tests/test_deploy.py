@@ -235,7 +235,7 @@ def test_the_controllers_manifests_are_valid_and_its_settings_load() -> None:
     assert settings.controller.lease_name in yaml.safe_dump(controller_resources())
 
 
-def test_the_controllers_rbac_is_nodes_pods_evictions_events_its_lease_and_mpijobs() -> None:
+def test_the_controllers_rbac_is_nodes_pods_evictions_events_its_lease_mpijobs_and_jobs() -> None:
     granted = {
         (group, res, verb, tuple(rule.get("resourceNames", ())))
         for doc in controller_resources()
@@ -259,9 +259,14 @@ def test_the_controllers_rbac_is_nodes_pods_evictions_events_its_lease_and_mpijo
         ("kubeflow.org", "mpijobs", "get", ()),
         ("kubeflow.org", "mpijobs", "delete", ()),
         ("", "pods/log", "get", ()),
+        ("batch", "jobs", "create", ()),
+        ("batch", "jobs", "list", ()),
+        ("batch", "jobs", "delete", ()),
     }
     role = next(d for d in controller_resources() if d["kind"] == "Role")
-    assert {"mpijobs", "pods/log"} <= {r for rule in role["rules"] for r in rule["resources"]}
+    assert {"mpijobs", "pods/log", "jobs"} <= {
+        r for rule in role["rules"] for r in rule["resources"]
+    }
     assert "namespace" not in role["metadata"]  # kustomize puts it in node-health
 
 

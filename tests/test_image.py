@@ -21,10 +21,15 @@ def pyproject() -> dict:
     return tomllib.loads((REPO / "pyproject.toml").read_text())
 
 
-def test_the_base_image_is_pinned_by_digest() -> None:
-    [default] = re.findall(r"^ARG PYTHON_IMAGE=(\S+)$", DOCKERFILE, re.M)
-    assert re.fullmatch(r"python:[\w.-]+@sha256:[0-9a-f]{64}", default)
-    assert re.findall(r"^FROM (\S+)", DOCKERFILE, re.M) == ["${PYTHON_IMAGE}"] * 2
+def test_every_base_image_is_pinned_by_digest() -> None:
+    bases = dict(re.findall(r"^ARG (\w+_IMAGE)=(\S+)$", DOCKERFILE, re.M))
+    assert "PYTHON_IMAGE" in bases
+    for image in bases.values():
+        assert re.fullmatch(r"[\w./-]+:[\w.-]+@sha256:[0-9a-f]{64}", image), image
+    stages = re.findall(r"^FROM (\S+)(?: AS ([\w-]+))?$", DOCKERFILE, re.M)
+    assert stages[-1] == ("${PYTHON_IMAGE}", "")  # the default target: the agent's image
+    for image, _ in stages:
+        assert image.startswith("${") and image[2:-1] in bases, image
 
 
 def in_context(path: str) -> bool:

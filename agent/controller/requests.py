@@ -3,6 +3,8 @@
 - a new node (younger than `new_within`: a replacement, a scale-up) whose agent runs, of a
   type with accelerators, and that has no deep-check result yet: its deep check, asked of its
   agent with the annotation `node-health-agent.io/deep-check=run` (`deep_check_new_nodes`);
+  with `deep_check.runner: job`, run as a Job on the node instead, as is a deep check an
+  operator asks for with that annotation (agent/controller/deepjob.py);
 - the connectivity check on the nodes an operator asked for (the annotation
   `node-health-agent.io/connectivity-request`, any value) and, when `connectivity.new_nodes`
   is set, on new nodes (no connectivity result, reported Schedulable by their agent, not in
@@ -30,11 +32,12 @@ from agent.controller.connectivity import (
     Connectivity,
     ConnectivityError,
 )
+from agent.controller.deepjob import DeepJobs
 from agent.controller.view import connectivity_verdict, uses_accelerators
 from agent.events import Event, rfc3339
 from agent.kube.client import MERGE, KubeClient, KubeError
 from agent.kube.plan import PENDING
-from agent.models import ControllerSettings, NodeKeys
+from agent.models import ControllerSettings, DeepCheckSettings, NodeKeys
 from agent.policy import Verdict
 from checks.instance_types import expected
 
@@ -94,6 +97,10 @@ def wants_deep_check(node: dict[str, Any], keys: NodeKeys, within: float, now: f
     )
 
 
+def _labels(node: dict[str, Any]) -> dict[str, str]:
+    return (node.get("metadata") or {}).get("labels") or {}
+
+
 def _remediating(labels: dict[str, str], keys: NodeKeys) -> bool:
     return keys.remediation_step_label in labels or labels.get(keys.health_status_label) in PENDING
 
@@ -146,9 +153,16 @@ class Requests:
         say: Callable[[Event], None],
         stopped: Callable[[], bool],
         sleep: Callable[[float], object] = time.sleep,
+        deep: DeepCheckSettings | None = None,
     ) -> None:
         self.client, self.cfg, self.keys, self.say = client, cfg, keys, say
         self.stopped, self.sleep = stopped, sleep
+        deep = deep or DeepCheckSettings()
+        self.jobs = (
+            DeepJobs(client, deep, keys, cfg.namespace, say, stopped)
+            if deep.runner == "job"
+            else None
+        )
         self._told: set[str] = set()  # nodes already said to be waiting for a partner
         # nodes whose agent was asked for a deep check: once (a run that cannot judge leaves
         # no result label, and the next scan would ask again)
@@ -159,13 +173,24 @@ class Requests:
         group that can run now; raises Interrupted when stopped, KubeError when the nodes
         cannot be listed."""
         nodes, now = self.client.list_nodes(""), time.time()
+        new = set()
         if self.cfg.deep_check_new_nodes:
-            for node in nodes:
-                name = node["metadata"]["name"]
-                if name not in self._asked and wants_deep_check(
-                    node, self.keys, self.cfg.new_within, now
-                ):
-                    self._ask_deep_check(name)
+            new = {
+                n["metadata"]["name"]
+                for n in nodes
+                if n["metadata"]["name"] not in self._asked
+                and wants_deep_check(n, self.keys, self.cfg.new_within, now)
+            }
+        if self.jobs is not None:
+            try:
+                self._asked |= self.jobs.scan(
+                    [n for n in nodes if not _remediating(_labels(n), self.keys)], new
+                )
+            except KubeError as exc:  # the Jobs cannot be listed: the next scan tries again
+                log.warning("deep_check_jobs_unreadable", error=str(exc))
+        else:
+            for name in sorted(new):
+                self._ask_deep_check(name)
         for group in plan(nodes, self.keys, self.cfg, now):
             names = group.requested + [n for n in group.new if self._free(n)]
             partners: list[str] = []

@@ -4,7 +4,8 @@ Kubernetes Events.
 
 Three loops: one keeps the Lease (every `retry_period`), one runs remediation passes in a
 thread while this replica leads, one looks at every node every `scan` in a thread (asks the
-agents of new nodes for their deep check, runs the connectivity test on the nodes asked for).
+agents of new nodes for their deep check, or with `deep_check.runner: job` runs it and the ones
+asked for as Jobs on the nodes; runs the connectivity test on the nodes asked for).
 A pass checks leadership before each write, and a write that the Lease fences off is not done,
 so a replica that lost the Lease stops within `renew_deadline`; a connectivity test is
 interrupted (its MPIJobs deleted, nothing labelled). On a stop the pass under way finishes,
@@ -88,6 +89,7 @@ class Controller:
             self._say_from_thread,
             stopped=lambda: self._halt.is_set() or not self.elector.leader,
             sleep=self._halt.wait,
+            deep=settings.deep_check,
         )
         self.sinks = self._sinks(settings)
         self.fanout = Fanout(self.sinks)

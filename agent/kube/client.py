@@ -111,6 +111,19 @@ class KubeClient:
             self.custom.get_namespaced_custom_object, group, version, namespace, plural, name
         )
 
+    def list_objects(
+        self, group: str, version: str, namespace: str, plural: str, label_selector: str
+    ) -> list[dict[str, Any]]:
+        answer = self._call(
+            self.custom.list_namespaced_custom_object,
+            group,
+            version,
+            namespace,
+            plural,
+            label_selector=label_selector,
+        )
+        return list(answer.get("items") or [])
+
     def delete_object(
         self, group: str, version: str, namespace: str, plural: str, name: str
     ) -> None:

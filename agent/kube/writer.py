@@ -224,7 +224,8 @@ class KubeNodeWriter:
         written: set[str] = set()
         while True:
             annotations = (node.get("metadata") or {}).get("annotations") or {}
-            request = annotations.get(self.keys.deep_check_request_annotation) or request
+            if self.on_request is not None:  # else the request is another's (the controller)
+                request = annotations.get(self.keys.deep_check_request_annotation) or request
             p = plan(node, want, self.keys, rfc3339(time.time()), refused, request is not None)
             if p.takes_out and refused is None and self.breaker.enabled and not looked:
                 looked = True

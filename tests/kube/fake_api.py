@@ -80,6 +80,8 @@ class State:
     deleted_mpijobs: list[str] = field(default_factory=list)
     most_mpijobs: int = 0  # the most that existed at once
     logs: dict[tuple[str, str], str] = field(default_factory=dict)
+    jobs: dict[tuple[str, str], dict] = field(default_factory=dict)
+    deleted_jobs: list[str] = field(default_factory=list)
 
 
 class FakeKubeAPI:
@@ -521,6 +523,15 @@ def _handler(api: FakeKubeAPI) -> type[BaseHTTPRequestHandler]:
                     return 200, wl.delete_mpijob(api, m.group(1), m.group(2))
             if (m := wl.MPIJOBS.match(path)) and method == "POST":
                 return 201, wl.create_mpijob(api, m.group(1), body)
+            if m := wl.JOBS.match(path):
+                if method == "GET" and m.group(2):
+                    return 200, wl.get_job(api, m.group(1), m.group(2))
+                if method == "GET":
+                    return 200, wl.list_jobs(api, m.group(1), query)
+                if method == "DELETE" and m.group(2):
+                    return 200, wl.delete_job(api, m.group(1), m.group(2))
+                if method == "POST" and not m.group(2):
+                    return 201, wl.create_job(api, m.group(1), body)
             if (m := wl.NS_PODS.match(path)) and method == "GET":
                 return 200, wl.list_namespaced_pods(api, m.group(1), query)
             if (m := wl.POD_LOG.match(path)) and method == "GET":

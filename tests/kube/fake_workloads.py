@@ -10,6 +10,8 @@ kube-apiserver serves them:
   spent and the pod deleted (or, with `api.hold_deletion`, left terminating).
 - `coordination.k8s.io/v1` leases: GET, POST (409 AlreadyExists), PUT with the body's
   `metadata.resourceVersion` required (422) and checked (409), spec fields validated.
+- `batch/v1` jobs: POST (409 AlreadyExists; name, template and restartPolicy validated), GET,
+  LIST (label selectors), DELETE; `finish_job` plays the Job controller's part.
 """
 
 from __future__ import annotations
@@ -358,5 +360,79 @@ def finish_mpijob(api: FakeKubeAPI, namespace: str, name: str, succeeded: bool, 
                 {"type": "Running", "status": "False", "reason": "MPIJobRunning"},
                 {"type": kind, "status": "True", "reason": f"MPIJob{kind}"},
             ]
+        }
+        api.state.rv += 1
+
+
+# -- Jobs (batch/v1) ---------------------------------------------------------------------------
+
+JOBS = re.compile(r"^/apis/batch/v1/namespaces/([^/]+)/jobs(?:/([^/]+))?$")
+
+
+def create_job(api: FakeKubeAPI, namespace: str, body: Any) -> dict:
+    if not isinstance(body, dict) or body.get("kind") != "Job":
+        raise ApiError(400, "BadRequest", "the body must be a Job")
+    if body.get("apiVersion") != "batch/v1":
+        raise ApiError(400, "BadRequest", f"no kind Job in {body.get('apiVersion')}")
+    name = (body.get("metadata") or {}).get("name") or ""
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name) or len(name) > 63:
+        raise ApiError(422, "Invalid", f"metadata.name: Invalid value: {name!r}")
+    spec = ((body.get("spec") or {}).get("template") or {}).get("spec") or {}
+    if spec.get("restartPolicy") not in ("Never", "OnFailure"):
+        raise ApiError(422, "Invalid", "spec.template.spec.restartPolicy: Unsupported value")
+    containers = spec.get("containers") or []
+    if not containers or not all(c.get("image") and c.get("name") for c in containers):
+        raise ApiError(422, "Invalid", "spec.template.spec.containers: Required value")
+    with api.lock:
+        if (namespace, name) in api.state.jobs:
+            raise ApiError(409, "AlreadyExists", f'jobs.batch "{name}" already exists')
+        api.state.rv += 1
+        job = copy.deepcopy(body)
+        job["metadata"].update(
+            namespace=namespace, resourceVersion=str(api.state.rv), uid=f"uid-{name}-{api.state.rv}"
+        )
+        job["status"] = {}
+        api.state.jobs[(namespace, name)] = job
+        return copy.deepcopy(job)
+
+
+def get_job(api: FakeKubeAPI, namespace: str, name: str) -> dict:
+    with api.lock:
+        return _get(api.state.jobs, "jobs.batch", namespace, name)
+
+
+def list_jobs(api: FakeKubeAPI, namespace: str, query: dict[str, str]) -> dict:
+    selector = query.get("labelSelector", "")
+    with api.lock:
+        items = [
+            copy.deepcopy(j)
+            for (ns, _), j in sorted(api.state.jobs.items())
+            if ns == namespace and selects(selector, j["metadata"].get("labels") or {})
+        ]
+        rv = str(api.state.rv)
+    return {
+        "kind": "JobList",
+        "apiVersion": "batch/v1",
+        "metadata": {"resourceVersion": rv},
+        "items": items,
+    }
+
+
+def delete_job(api: FakeKubeAPI, namespace: str, name: str) -> dict:
+    with api.lock:
+        if api.state.jobs.pop((namespace, name), None) is None:
+            raise ApiError(404, "NotFound", f'jobs.batch "{name}" not found')
+        api.state.deleted_jobs.append(name)
+    return {"kind": "Status", "apiVersion": "v1", "status": "Success"}
+
+
+def finish_job(api: FakeKubeAPI, namespace: str, name: str, kind: str, reason: str) -> None:
+    """What the Job controller writes when a Job ends: its `Complete` or `Failed` condition
+    (reasons as batch/v1's: `Completed`, `BackoffLimitExceeded`, `DeadlineExceeded`)."""
+    with api.lock:
+        job = api.state.jobs[(namespace, name)]
+        job["status"] = {
+            "conditions": [{"type": kind, "status": "True", "reason": reason}],
+            ("succeeded" if kind == "Complete" else "failed"): 1,
         }
         api.state.rv += 1

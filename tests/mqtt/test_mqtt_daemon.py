@@ -190,6 +190,28 @@ def test_a_deep_check_asked_for_over_mqtt_runs(cli_env, tmp_path, broker, sub):
     assert answer["msg"] == "MQTT command deep-check accepted" and answer["command_id"] == "d1"
 
 
+def test_with_the_job_runner_a_deep_check_over_mqtt_is_refused_and_says_why(
+    cli_env, tmp_path, broker, sub
+):
+    """The agent's image has no tools for it: the controller runs it as a Job, asked through
+    the node's annotation; the command is answered as refused, not as accepted."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "checks:\n  hang: {enabled: false}\n  needs: {enabled: false}\ndeep_check: {runner: job}\n"
+    )
+    proc = start(cli_env, "--config", mqtt(str(cfg), broker.port))
+    try:
+        wait_for(lambda: bool(sub.on(f"{BASE}/status")))
+        sub.publish("node-health/train-1/cmd", json.dumps({"command": "deep-check", "id": "d2"}))
+        wait_for(lambda: any(e["msg"].startswith("MQTT command") for e in sub.on(f"{BASE}/events")))
+    finally:
+        stop(proc)
+    [answer] = [e for e in sub.on(f"{BASE}/events") if e["msg"].startswith("MQTT command")]
+    assert answer["msg"].startswith("MQTT command deep-check refused: deep_check.runner is job")
+    assert answer["level"] == "warn" and answer["command_id"] == "d2"
+    assert not (tmp_path / "state" / "deep-health-check").exists()  # nothing ran here
+
+
 @pytest.fixture
 def secure_broker(tmp_path):
     from tests.mqtt.conftest import Broker
