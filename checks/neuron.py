@@ -42,11 +42,10 @@ class NeuronCheck(PollingCheck):
         want = opts.devices or expected(self.ctx.instance_type).neuron_devices
         r = await run_command([opts.neuron_ls], self.timeout - 5)
         devices = parse_neuron_ls(r.stdout) if r.ok else None
-        if devices is None:
-            why = "timed out" if r.timed_out else f"exited {r.returncode}: {r.stderr.strip()[:200]}"
+        if devices is None:  # only a finished run's device table is evidence
+            message = r.failure or f"neuron-ls exited {r.returncode}: {r.stderr.strip()[:200]}"
             if r.ok:
-                why = "printed no device table"
-            message = f"neuron-ls {why}"
+                message = "neuron-ls printed no device table"
             return [
                 Finding("neuron", "NeuronDeviceCount", Status.UNKNOWN, "NeuronLsFailed", message)
             ]
