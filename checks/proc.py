@@ -20,8 +20,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-
 
 @dataclass(frozen=True, slots=True)
 class CommandResult:
@@ -198,10 +196,28 @@ def _signal_all(proc: asyncio.subprocess.Process, pipes: list[_Pipe], sig: int) 
 
 def _descendants(pid: int) -> list[int]:
     """Every process below `pid` now, in its group or not (a `setsid` child is not)."""
-    try:
-        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
-    except psutil.Error:
-        return []
+    children: dict[int, list[int]] = {}
+    for child, parent in _processes():
+        children.setdefault(parent, []).append(child)
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def _processes() -> list[tuple[int, int]]:
+    """(pid, parent pid) of every process in our own /proc (not psutil's: the memory check
+    points psutil at the host's)."""
+    out = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"/proc/{entry.name}/stat", "rb") as fh:
+                    fields = fh.read().rsplit(b")", 1)[1].split()  # after the command name
+                out.append((int(entry.name), int(fields[1])))
+    return out
 
 
 def _holding(inodes: set[int]) -> set[int]:
@@ -209,7 +225,7 @@ def _holding(inodes: set[int]) -> set[int]:
     descendant any more). /proc/<pid>/fd names a pipe `pipe:[<inode>]`."""
     names = {f"pipe:[{i}]" for i in inodes}
     found = set()
-    for pid in psutil.pids():
+    for pid, _ in _processes():
         with contextlib.suppress(OSError):
             for fd in os.scandir(f"/proc/{pid}/fd"):
                 with contextlib.suppress(OSError):
