@@ -143,9 +143,18 @@ def _answers(port: int) -> bool:
 
 def test_sigterm_while_starting_still_stops_cleanly(cli_env, tmp_path):
     proc = start(cli_env, "--config", faulty(tmp_path))
-    time.sleep(0.05)  # still importing: the daemon has not installed its handlers yet
+    # Still importing: the entry point catches SIGTERM, the daemon has not taken it over yet.
+    wait_for(lambda: catches_sigterm(proc.pid))
     assert stop(proc) < 10
     assert proc.returncode == 0, proc.stderr.read()
+
+
+def catches_sigterm(pid: int) -> bool:
+    """Has the process installed a SIGTERM handler? (SigCgt in /proc/<pid>/status, proc(5))"""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+    return False
 
 
 DEEP = "sagemaker.amazonaws.com/deep-health-check-status"
