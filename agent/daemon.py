@@ -393,7 +393,6 @@ class Agent:
             # CloudWatch's cursor resumes), the spool, the node writer.
         log.info("agent_stopped", took_s=round(loop.time() - began, 3))
 
-
     async def _open(self, stack: contextlib.AsyncExitStack, resources: list[Any]) -> None:
         """Enter `resources`; they close together, each within what is left of the stop's
         time: one that cannot reach its server must not hold up the others or the exit."""
@@ -430,6 +429,7 @@ class Agent:
             self.policy.save()
         except OSError as exc:
             log.error("policy_state_save_failed", error=repr(exc))
+
 
 async def run_daemon(
     settings: Settings,
