@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -19,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from checks.api import CheckContext, Finding, PollingCheck, Status, StreamingCheck
 from checks.instance_types import expected
 from checks.neuron_output import ReportJudge, count_finding, parse_neuron_ls, reports
-from checks.proc import reap, run_command
+from checks.proc import reap, run_command, spawn
 
 
 class NeuronOptions(BaseModel):
@@ -76,14 +75,7 @@ class NeuronMonitorCheck(StreamingCheck):
 
     async def stream(self, follow: bool = True) -> AsyncIterator[Finding]:
         opts: NeuronMonitorOptions = self.options  # type: ignore[assignment]
-        proc = await asyncio.create_subprocess_exec(
-            opts.neuron_monitor,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,
-            start_new_session=True,
-            limit=1 << 22,
-        )
+        proc = await spawn([opts.neuron_monitor], limit=1 << 22)
         assert proc.stdout is not None
         buffer = ""
         try:

@@ -147,6 +147,21 @@ class _Pipe:
         return self.data.decode("utf-8", errors="replace")
 
 
+async def spawn(
+    argv: Sequence[str], *, stderr: int = asyncio.subprocess.DEVNULL, limit: int = 1 << 20
+) -> asyncio.subprocess.Process:
+    """Start a long-running tool (a log follower, a monitor) in a session of its own, its
+    stdout a stream; end it with `reap`, whatever happened."""
+    return await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=stderr,
+        start_new_session=True,
+        limit=limit,
+    )
+
+
 async def reap(proc: asyncio.subprocess.Process) -> None:
     """Make sure a long-running tool we started (a log follower, a monitor) and its children
     are gone: SIGKILL its process group and descendants unless it already exited."""

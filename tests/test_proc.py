@@ -170,3 +170,32 @@ async def test_a_cancelled_tool_and_its_setsid_child_go_at_once(
         await task
     assert time.monotonic() - start < 2
     assert await gone(child)
+
+
+def test_every_subprocess_starts_in_checks_proc() -> None:
+    """One place starts processes (in their own session, killed with their group): a call
+    to subprocess, asyncio's subprocess functions or os.system/popen anywhere else in the
+    agent would start a tool that a timeout or a stop leaves behind."""
+    import ast
+
+    from tests.conftest import REPO
+
+    starters = {
+        ("subprocess", name) for name in ("run", "Popen", "call", "check_call", "check_output")
+    }
+    starters |= {("asyncio", "create_subprocess_exec"), ("asyncio", "create_subprocess_shell")}
+    starters |= {("os", "system"), ("os", "popen"), ("os", "spawnv"), ("os", "fork")}
+    found = []
+    for path in sorted([*(REPO / "agent").rglob("*.py"), *(REPO / "checks").rglob("*.py")]):
+        if path == REPO / "checks" / "proc.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "subprocess":
+                found.append(f"{path.relative_to(REPO)}: from subprocess import")
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and (node.value.id, node.attr) in starters
+            ):
+                found.append(f"{path.relative_to(REPO)}:{node.lineno}: {node.value.id}.{node.attr}")
+    assert found == []

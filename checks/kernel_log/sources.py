@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from checks.kernel_log.formats import KMSG, Stamp, journal_entry, unescape_kmsg
-from checks.proc import reap
+from checks.proc import reap, spawn
 
 POLL_SECONDS = 0.05  # for what cannot be waited on (a regular file, a FIFO with no writer)
 CHUNK = 4 * 1024 * 1024
@@ -149,14 +149,7 @@ class JournalSource:
         if follow:
             argv.append("-f")
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                start_new_session=True,
-                limit=1 << 20,
-            )
+            proc = await spawn(argv, stderr=asyncio.subprocess.PIPE)
         except OSError as exc:
             raise SourceError(f"cannot run {self.journalctl}: {exc.strerror}") from None
         assert proc.stdout is not None and proc.stderr is not None
