@@ -52,7 +52,7 @@ def stopped_in_time(proc: subprocess.Popen) -> str:
     err = proc.stderr.read()
     if times := os.environ.get("TEST_STOP_TIMES"):
         with open(times, "a") as f:
-            test = os.environ["PYTEST_CURRENT_TEST"].split("::")[-1].split(" ")[0]
+            test = os.environ["PYTEST_CURRENT_TEST"].split("::")[-1].rsplit(" ", 1)[0]
             f.write(json.dumps({"test": test, "seconds": round(took, 2)}) + "\n")
     assert took < STOP + EXIT_MARGIN, f"took {took:.1f}s to stop: {err[-3000:]}"
     assert proc.returncode == 0, err[-3000:]
