@@ -19,6 +19,7 @@ import signal
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,9 +81,12 @@ async def run_command(
     finally:
         os.close(out_w)
         os.close(err_w)
-    pipes = [await _Pipe.open(out_r), await _Pipe.open(err_r)]
+    files = [os.fdopen(fd, "rb", buffering=0) for fd in (out_r, err_r)]  # they own the fds
+    pipes: list[_Pipe] = []
     timed_out = left_behind = False
     try:
+        for file in files:
+            pipes.append(await _Pipe.open(file))
         try:
             async with asyncio.timeout(timeout):  # (wait_for can swallow a cancellation on 3.11)
                 await proc.wait()
@@ -97,6 +101,8 @@ async def run_command(
             except TimeoutError:
                 left_behind = True
     finally:
+        for file in files[len(pipes) :]:  # a stop came before it was read from
+            file.close()
         await _kill_all(proc, pipes, kill_grace)
     out, err = (p.close() for p in pipes)
     return CommandResult(
@@ -112,21 +118,25 @@ async def run_command(
 class _Pipe:
     """The read end of a tool's stdout or stderr: what arrived so far, whatever happens next."""
 
-    def __init__(self, fd: int, reader: asyncio.StreamReader) -> None:
-        self.inode = os.fstat(fd).st_ino
+    def __init__(self, file: BinaryIO, reader: asyncio.StreamReader) -> None:
+        self.inode = os.fstat(file.fileno()).st_ino
         self.reader = reader
         self.data = bytearray()
         self.transport: asyncio.ReadTransport | None = None
         self._task = asyncio.ensure_future(self._read())
 
     @classmethod
-    async def open(cls, fd: int) -> _Pipe:
+    async def open(cls, file: BinaryIO) -> _Pipe:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=1 << 20)
-        pipe = cls(fd, reader)
-        pipe.transport, _ = await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0)
-        )
+        pipe = cls(file, reader)
+        try:
+            pipe.transport, _ = await loop.connect_read_pipe(
+                lambda: asyncio.StreamReaderProtocol(reader), file
+            )
+        except BaseException:
+            pipe._task.cancel()
+            raise
         return pipe
 
     async def _read(self) -> None:
@@ -183,6 +193,9 @@ async def _kill_all(proc: asyncio.subprocess.Process, pipes: list[_Pipe], grace:
             await _exited(proc, grace)
         _signal_all(proc, pipes, signal.SIGKILL)
         await _exited(proc, grace)
+        with contextlib.suppress(TimeoutError):  # what they wrote before they died, read
+            async with asyncio.timeout(min(grace, 0.5)):
+                await asyncio.gather(*(p.eof() for p in pipes))
     finally:
         for p in pipes:
             p.close()
