@@ -455,6 +455,7 @@ async def run_once(settings: Settings, identity: Identity, checks: list[PlannedC
 
     Exit 0 healthy, 1 a fault that asks for an action, 2 no fault but a check could not decide.
     """
+    asyncio.get_running_loop().set_default_executor(DaemonThreads())  # a check's hung read
     policy = Policy(rule_table(settings.policy), settings.policy)
     runner = Runner(checks, handle=_ignore, metrics=Metrics())
     findings = await runner.run_round()

@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -219,3 +220,23 @@ def test_offline_is_published_while_cloudwatch_is_unreachable(env, tmp_path):
         watcher.close()
     finally:
         broker.stop()
+
+
+def test_run_once_exits_with_a_check_stuck_in_a_hung_read(env, tmp_path, host_root):
+    """`run --once`: the stuck check times out (unknown, exit 2) and the process ends, its
+    thread still in the read."""
+    meminfo = host_root / "proc/meminfo"
+    meminfo.unlink()
+    os.mkfifo(meminfo)
+    cfg = tmp_path / "once.yaml"
+    cfg.write_text("checks:\n  hang: {enabled: false}\n  memory: {timeout: 1s}\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "agent", "run", "--once", "--config", str(cfg)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    timeouts = [json.loads(line) for line in out.stdout.splitlines() if "CheckTimeout" in line]
+    assert [e["check"] for e in timeouts] == ["memory"]
