@@ -79,6 +79,11 @@ class Settings(BaseSettings):
     imds_timeout: Duration = 1.0
     http_listen: str = Field("127.0.0.1:9870", description="host:port; empty turns it off")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    stop_timeout: Duration = Field(
+        20.0,
+        description="SIGTERM to exit at most; keep it under the pod's "
+        "terminationGracePeriodSeconds (30s), or the kubelet kills the agent first",
+    )
     stdout_events: bool = True
     spool: SpoolSettings = SpoolSettings()
     checks: dict[str, CheckSettings] = Field(default_factory=dict)

@@ -2,7 +2,11 @@
 
 Data flows one way: runner (findings) -> policy (changes) -> event builder -> sinks, and the
 policy's desired node state -> node writer. Every long-lived resource is an async context
-manager entered here and closed in reverse order on SIGTERM/SIGINT, after a last flush.
+manager entered here and closed in reverse order on SIGTERM/SIGINT.
+
+A stop is done within `stop_timeout`, whatever is unreachable: the checks are cancelled (their
+tools killed), the policy state saved, then the sinks make a last try at once, each bounded
+(what they could not send stays in the spool for the next start), and the node writer closes.
 """
 
 from __future__ import annotations
@@ -12,9 +16,10 @@ import contextlib
 import dataclasses
 import os
 import signal
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -43,6 +48,7 @@ from agent.sinks import Fanout, Sink
 from agent.sinks.spool import SpoolSink
 from agent.sinks.stdout import StdoutSink
 from agent.supervise import Heart, Supervisor
+from agent.threads import DaemonThreads
 from checks.api import Action, Finding, Status, StreamingCheck
 
 RECORD_POLL = 2.0  # seconds between looks at the deep-check record (one stat)
@@ -152,6 +158,7 @@ class Agent:
             }
         )
         self._stop = asyncio.Event()
+        self._deadline: float | None = None  # the loop's time by which a stop is done
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._ready = False
@@ -428,13 +435,16 @@ class Agent:
         self._stop.set()
 
     async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
         async with contextlib.AsyncExitStack() as stack:
             if isinstance(self.writer, contextlib.AbstractAsyncContextManager):
-                await stack.enter_async_context(self.writer)  # the Kubernetes writer's loops
-            for sink in self.sinks:
-                await stack.enter_async_context(sink)
+                await self._open(stack, [self.writer])  # the Kubernetes writer's loops
+            await self._open(stack, [self.spool])  # closed last: it is where nothing is lost
+            await self._open(stack, [s for s in self.sinks if s is not self.spool])
+            health = contextlib.AsyncExitStack()  # its close bounded like the sinks'
+            await self._open(stack, [health])
             await serve_health(
-                stack, self.settings.http_listen, self.metrics, self._live, self._readiness
+                health, self.settings.http_listen, self.metrics, self._live, self._readiness
             )
             async with self._lock:
                 await self._publish(self.policy.observe([]))  # what loading found (a reboot)
@@ -455,16 +465,49 @@ class Agent:
             if self._deep_pending:
                 tasks.append(asyncio.create_task(self._run_deep_check()))
             await self._stop.wait()
-            log.info("agent_stopping")
+            began = loop.time()
+            self._deadline = began + self.settings.stop_timeout
+            log.info("agent_stopping", within_s=self.settings.stop_timeout)
             if self._deep_task is not None:
                 tasks.append(self._deep_task)
             tasks += list(self._extra_tasks)
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await self.fanout.flush()
-            self._save()  # a failed save is logged; the exit stays 0
-        log.info("agent_stopped")
+            await self._bounded("checks", asyncio.gather(*tasks, return_exceptions=True))
+            self._save()  # a failed save is logged and counted; the exit stays 0
+            # Then the exit stack: the health server, every sink but the spool at once (each
+            # a last bounded try; what is left stays in the spool for the next start, where
+            # CloudWatch's cursor resumes), the spool, the node writer.
+        log.info("agent_stopped", took_s=round(loop.time() - began, 3))
+
+    async def _open(self, stack: contextlib.AsyncExitStack, resources: list[Any]) -> None:
+        """Enter `resources`; they close together, each within what is left of the stop's
+        time: one that cannot reach its server must not hold up the others or the exit."""
+        entered: list[Any] = []
+        stack.push_async_callback(self._close, entered)
+        for resource in resources:
+            await resource.__aenter__()
+            entered.append(resource)
+
+    async def _close(self, resources: list[Any]) -> None:
+        await asyncio.gather(
+            *(
+                self._bounded(getattr(r, "name", type(r).__name__), r.__aexit__(None, None, None))
+                for r in resources
+            )
+        )
+
+    async def _bounded(self, what: str, work: Awaitable[Any]) -> None:
+        """`work` until the stop's deadline; past it, given up on (and said), never raised."""
+        if self._deadline is None:  # closing after a failed start: the same budget
+            self._deadline = asyncio.get_running_loop().time() + self.settings.stop_timeout
+        try:
+            async with asyncio.timeout_at(self._deadline):
+                await work
+        except TimeoutError:
+            log.warning("stop_gave_up_waiting", on=what, within_s=self.settings.stop_timeout)
+        except Exception as exc:
+            log.error("stop_failed", on=what, error=repr(exc))
 
 
 async def run_daemon(
@@ -475,6 +518,7 @@ async def run_daemon(
 ) -> int:
     agent = Agent(settings, identity, checks, kube)
     loop = asyncio.get_running_loop()
+    loop.set_default_executor(DaemonThreads())  # a thread stuck in a read cannot hold the exit
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, agent.stop)
     from agent.entry import EARLY_SIGNALS
@@ -490,6 +534,7 @@ async def run_once(settings: Settings, identity: Identity, checks: list[PlannedC
 
     Exit 0 healthy, 1 a fault that asks for an action, 2 no fault but a check could not decide.
     """
+    asyncio.get_running_loop().set_default_executor(DaemonThreads())  # a check's hung read
     policy = Policy(rule_table(settings.policy), settings.policy)
     runner = Runner(checks, handle=_ignore, metrics=Metrics())
     findings = await runner.run_round()

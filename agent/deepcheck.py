@@ -180,7 +180,7 @@ def plan(
                 "efa-devices",
                 [exe, "-p", "efa", "-t", "FI_EP_RDM"],
                 60.0,
-                lambda r: [judge_fi_info(r.stdout, efa, r.returncode, r.timed_out)],
+                lambda r: [judge_fi_info(r.stdout + r.stderr, efa, r.returncode)],
             ),
         )
         fi_info = which("fi_info")
@@ -212,7 +212,9 @@ async def _efa_loopback(fi_info: str | None, fi_pingpong: str, timeout: float) -
     listed = await run_command([fi_info, "-p", "efa", "-t", "FI_EP_RDM"], 20)
     devices = parse_fi_info(listed.stdout)
     if not devices:
-        return [judge_fi_info(listed.stdout, None, listed.returncode, listed.timed_out)]
+        return [
+            judge_fi_info(listed.stdout + listed.stderr, None, listed.returncode, listed.failure)
+        ]
     each = max(timeout / len(devices), 10.0)
     return [await loopback(fi_pingpong, dev, each) for dev in devices]
 
@@ -278,6 +280,8 @@ async def _run_step(step: Step, timeout: float) -> StepResult:
             r = await run_command(step.argv, timeout)
             if r.timed_out:
                 return StepResult(step.name, Outcome.UNKNOWN, timed_out, time.monotonic() - start)
+            if r.failure is not None:  # killed, or left a process behind: nothing to judge
+                return StepResult(step.name, Outcome.UNKNOWN, r.failure, time.monotonic() - start)
             findings = step.judge(r)
     except OSError as exc:
         return StepResult(step.name, Outcome.UNKNOWN, f"cannot start {step.argv[0]}: {exc}")

@@ -1,11 +1,45 @@
-"""Blocking network calls from the event loop, in threads that never hold up the agent's exit."""
+"""Blocking calls from the event loop, in threads that never hold up the agent's exit.
+
+A thread blocked in a read of a hung file (NFS, a FIFO, a wedged sysfs attribute) or on the
+network cannot be stopped. The loop's own executor threads are joined at exit (by asyncio.run
+and by the interpreter), so one such thread would keep a stopped agent alive; daemon threads
+are not joined.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import threading
+from collections.abc import Callable
 from typing import Any
+
+
+class DaemonThreads(concurrent.futures.ThreadPoolExecutor):
+    """The daemon's default executor (`asyncio.to_thread`, `getaddrinfo`): one daemon thread
+    per call, and a shutdown that waits for none. (A ThreadPoolExecutor only because asyncio
+    accepts nothing else as the default.)"""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def call() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException as exc:
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
+        name = getattr(fn, "__name__", "call")
+        threading.Thread(target=call, daemon=True, name=f"to_thread-{name}").start()
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Nothing to wait for: a call still running ends with the process."""
 
 
 async def in_daemon_thread(fn: Any, *args: Any) -> Any:

@@ -86,7 +86,7 @@ class EfaCheck(PollingCheck):
     async def _devices(self, exe: str, opts: EfaOptions) -> Finding:
         want = opts.devices or expected(self.ctx.instance_type).efa_devices
         result = await run_command([exe, "-p", "efa", "-t", "FI_EP_RDM"], timeout=20)
-        return judge_fi_info(result.stdout, want, result.returncode, result.timed_out)
+        return judge_fi_info(result.stdout + result.stderr, want, result.returncode, result.failure)
 
     def _sysfs(self, opts: EfaOptions) -> list[Finding]:
         root = self.ctx.path("/sys/class/infiniband")
@@ -191,4 +191,4 @@ async def loopback(fi_pingpong: str, device: str, timeout: float) -> Finding:
             server.cancel()  # run_command kills the server's process group
         with contextlib.suppress(asyncio.CancelledError, OSError):
             await server
-    return judge_loopback(device, client.stdout, client.returncode, client.timed_out)
+    return judge_loopback(device, client.stdout, client.returncode, client.failure)

@@ -24,29 +24,37 @@ def looks_like(text: str) -> bool:
     return bool(re.search(r"^\s*provider: efa\b|^fi_getinfo: -?\d+", text, re.M))
 
 
+# fi_getinfo's FI_ENODATA (-61): no provider and device match. An answer, unlike a crash.
+_NO_DATA = re.compile(r"^fi_getinfo: -61\b", re.M)
+
+
 def judge_fi_info(
-    stdout: str, want: int | None, returncode: int | None = 0, timed_out: bool = False
+    output: str, want: int | None, returncode: int | None = 0, failure: str | None = None
 ) -> Finding:
-    """What `fi_info -p efa` says of the node: its EFA devices against the `want`ed count."""
-    devices = parse_fi_info(stdout)
+    """What `fi_info -p efa` (its stdout and stderr) says of the node: its EFA devices against
+    the `want`ed count. Only a run that finished and printed either a device list or the "no
+    data" answer is evidence; a `failure` (timed out, killed) or output we cannot read is
+    unknown."""
+    devices = parse_fi_info(output)
     evidence = {"devices": devices, "expected": want, "exit": returncode}
-    if timed_out:
-        return Finding(
-            "node",
-            "EfaDevices",
-            Status.UNKNOWN,
-            "FiInfoTimeout",
-            "fi_info did not answer in time",
-            evidence=evidence,
+    no_data = not devices and _NO_DATA.search(output) is not None
+    why = failure
+    if why is None and not devices and not no_data:
+        shown = output.strip()[:100].encode("ascii", "backslashreplace").decode()
+        why = f"fi_info printed no device list (exit {returncode}" + (
+            f": {shown})" if shown else ")"
         )
+    elif why is None and devices and returncode != 0:
+        why = f"fi_info listed devices but exited {returncode}"
+    if why is not None:
+        return Finding("node", "EfaDevices", Status.UNKNOWN, "FiInfoFailed", why, evidence=evidence)
     if not devices and want is None:  # no EFA expected here: nothing to judge
         return Finding(
             "node",
             "EfaDevices",
             Status.UNKNOWN,
             "NoEfaProvider",
-            "fi_info -p efa found no EFA"
-            + (f" ({stdout.strip()[:100]})" if stdout.strip() else f" (exit {returncode})"),
+            "fi_info -p efa found no EFA",
             evidence=evidence,
         )
     if want is not None and len(devices) < want:
@@ -86,8 +94,11 @@ def parse_pingpong(text: str) -> list[tuple[int, float, float]]:
     return rows
 
 
-def judge_loopback(device: str, stdout: str, returncode: int | None, timed_out: bool) -> Finding:
-    """One device's `fi_pingpong` loopback, reported as HyperPod's deep check words it."""
+def judge_loopback(
+    device: str, stdout: str, returncode: int | None, failure: str | None = None
+) -> Finding:
+    """One device's `fi_pingpong` loopback, reported as HyperPod's deep check words it. A run
+    that did not finish (`failure`: timed out, killed) is unknown, never a failure."""
     rows = parse_pingpong(stdout)
     component = f"efa:{device}"
     if rows:
@@ -105,8 +116,8 @@ def judge_loopback(device: str, stdout: str, returncode: int | None, timed_out: 
             f"EFA Loopback check passed for device: {device} . Output summary is {summary}",
             evidence={"rows": len(rows), "max_mb_s": max(bw), "min_usec": min(lat)},
         )
-    if timed_out or returncode == 0:
-        why = "timed out" if timed_out else "printed no result table"
+    if failure is not None or returncode == 0:
+        why = f"did not finish: {failure}" if failure else "printed no result table"
         return Finding(
             component,
             "EfaLoopback",

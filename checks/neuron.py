@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -19,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from checks.api import CheckContext, Finding, PollingCheck, Status, StreamingCheck
 from checks.instance_types import expected
 from checks.neuron_output import ReportJudge, count_finding, parse_neuron_ls, reports
-from checks.proc import reap, run_command
+from checks.proc import reap, run_command, spawn
 
 
 class NeuronOptions(BaseModel):
@@ -42,11 +41,10 @@ class NeuronCheck(PollingCheck):
         want = opts.devices or expected(self.ctx.instance_type).neuron_devices
         r = await run_command([opts.neuron_ls], self.timeout - 5)
         devices = parse_neuron_ls(r.stdout) if r.ok else None
-        if devices is None:
-            why = "timed out" if r.timed_out else f"exited {r.returncode}: {r.stderr.strip()[:200]}"
+        if devices is None:  # only a finished run's device table is evidence
+            message = r.failure or f"neuron-ls exited {r.returncode}: {r.stderr.strip()[:200]}"
             if r.ok:
-                why = "printed no device table"
-            message = f"neuron-ls {why}"
+                message = "neuron-ls printed no device table"
             return [
                 Finding("neuron", "NeuronDeviceCount", Status.UNKNOWN, "NeuronLsFailed", message)
             ]
@@ -77,14 +75,7 @@ class NeuronMonitorCheck(StreamingCheck):
 
     async def stream(self, follow: bool = True) -> AsyncIterator[Finding]:
         opts: NeuronMonitorOptions = self.options  # type: ignore[assignment]
-        proc = await asyncio.create_subprocess_exec(
-            opts.neuron_monitor,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,
-            start_new_session=True,
-            limit=1 << 22,
-        )
+        proc = await spawn([opts.neuron_monitor], limit=1 << 22)
         assert proc.stdout is not None
         buffer = ""
         try:

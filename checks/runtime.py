@@ -8,16 +8,17 @@
   against fs.file-max.
 
 A runtime that fails to answer is a fault only after `polls` failed polls in a row, so a
-restart of containerd is not a node fault.
+restart of containerd is not a node fault. A `crictl` that crashed, hung, was killed, left a
+child behind or printed what we cannot read says nothing: the finding is unknown, with why.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
 import socket
-import subprocess
 import urllib.error
 import urllib.request
 from typing import ClassVar
@@ -25,6 +26,7 @@ from typing import ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from checks.api import Action, CheckContext, Finding, PollingCheck, Status, graded
+from checks.proc import run_command
 
 # RFC 9113 3.4: the client preface, then a SETTINGS frame (here empty: length 0, type 4).
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
@@ -63,18 +65,23 @@ class RuntimeCheck(PollingCheck):
         super().__init__(ctx, options)
         self._failures: dict[str, int] = {}  # failed polls in a row, per component
 
-    def collect(self) -> list[Finding]:
+    async def poll(self) -> list[Finding]:
         opts: RuntimeOptions = self.options  # type: ignore[assignment]
-        found = [*self._runtime(opts), *self._kubelet(opts), *self._exhaustion(opts)]
+        found = [
+            *await self._runtime(opts),
+            *await self._kubelet(opts),
+            *await asyncio.to_thread(self._exhaustion, opts),
+        ]
         return [f for f in found if f is not None]
 
     # ---- runtime and kubelet ---------------------------------------------------------------------
 
-    def _runtime(self, opts: RuntimeOptions) -> list[Finding | None]:
+    async def _runtime(self, opts: RuntimeOptions) -> list[Finding | None]:
         sock = next((s for s in opts.sockets if self.ctx.path(s).exists()), None)
         if sock is None:
             return []  # no runtime socket on this host (or not mounted): nothing to judge
-        problems = []
+        problems: list[str] = []
+        unknown: list[str] = []  # why a tool told us nothing
         path = str(self.ctx.path(sock))
         if not os.access(path, os.W_OK):  # connecting needs write permission on the socket
             return [
@@ -88,17 +95,20 @@ class RuntimeCheck(PollingCheck):
                     evidence={"socket": sock},
                 )
             ]
-        error = _h2_answers(path, opts.probe_timeout)
+        error = await asyncio.to_thread(_h2_answers, path, opts.probe_timeout)
         if error:
             problems.append(f"{sock} does not answer: {error}")
         elif shutil.which(opts.crictl):
-            problems += _crictl_problems(opts.crictl, str(self.ctx.path(sock)), opts.probe_timeout)
-        problems += self._units(opts, [u for u in opts.systemd_units if u != "kubelet"])
+            said, why = await _crictl_problems(opts.crictl, path, opts.probe_timeout)
+            problems += said
+            unknown += [why] if why else []
+        problems += await self._units(opts, [u for u in opts.systemd_units if u != "kubelet"])
         return [
             self._judge(
                 "ContainerRuntimeUnhealthy",
                 "container-runtime",
                 problems,
+                unknown,
                 "ContainerRuntimeDown",
                 "ContainerRuntimeIsUp",
                 opts,
@@ -106,23 +116,12 @@ class RuntimeCheck(PollingCheck):
             )
         ]
 
-    def _kubelet(self, opts: RuntimeOptions) -> list[Finding | None]:
+    async def _kubelet(self, opts: RuntimeOptions) -> list[Finding | None]:
         if not self.ctx.path(opts.kubelet_dir).is_dir():
             return []  # not a Kubernetes node (or the kubelet dir is not mounted)
-        problems = self._units(opts, [u for u in opts.systemd_units if u == "kubelet"])
+        problems = await self._units(opts, [u for u in opts.systemd_units if u == "kubelet"])
         if opts.kubelet_healthz:
-            try:
-                with urllib.request.urlopen(
-                    opts.kubelet_healthz, timeout=opts.probe_timeout
-                ) as resp:
-                    body = resp.read(256).decode("utf-8", "replace").strip()
-                if body != "ok":
-                    problems.append(f"kubelet /healthz said {body!r}")
-            except urllib.error.HTTPError as exc:
-                problems.append(f"kubelet /healthz answered {exc.code}")
-            except OSError as exc:
-                why = getattr(exc, "reason", exc)
-                problems.append(f"kubelet /healthz: {getattr(why, 'strerror', None) or why}")
+            problems += await asyncio.to_thread(_healthz, opts.kubelet_healthz, opts.probe_timeout)
         elif not problems:
             return []
         return [
@@ -130,6 +129,7 @@ class RuntimeCheck(PollingCheck):
                 "KubeletUnhealthy",
                 "kubelet",
                 problems,
+                [],
                 "KubeletDown",
                 "KubeletIsHealthy",
                 opts,
@@ -137,21 +137,17 @@ class RuntimeCheck(PollingCheck):
             )
         ]
 
-    def _units(self, opts: RuntimeOptions, units: list[str]) -> list[str]:
-        """Units systemd knows and that are not active; nothing where systemd does not answer."""
+    async def _units(self, opts: RuntimeOptions, units: list[str]) -> list[str]:
+        """Units systemd knows and that are not active; nothing where systemd does not answer
+        (or systemctl did not finish)."""
         if not units or not shutil.which(opts.systemctl):
             return []
+        argv = [opts.systemctl, "show", "--property=Id,LoadState,ActiveState", *units]
         try:
-            out = subprocess.run(
-                [opts.systemctl, "show", "--property=Id,LoadState,ActiveState", *units],
-                capture_output=True,
-                text=True,
-                timeout=opts.probe_timeout,
-                check=False,
-            )
-        except (OSError, subprocess.TimeoutExpired):
+            out = await run_command(argv, opts.probe_timeout)
+        except OSError:
             return []
-        if out.returncode != 0:
+        if not out.ok:
             return []
         problems = []
         for block in out.stdout.strip().split("\n\n"):
@@ -165,11 +161,21 @@ class RuntimeCheck(PollingCheck):
         condition: str,
         component: str,
         problems: list[str],
+        unknown: list[str],
         bad: str,
         good: str,
         opts: RuntimeOptions,
         evidence: dict[str, str],
     ) -> Finding:
+        if not problems and unknown:  # no evidence either way: the count stays as it was
+            return Finding(
+                component,
+                condition,
+                Status.UNKNOWN,
+                "ToolFailed",
+                "; ".join(unknown),
+                evidence=evidence | {"tool_failures": "; ".join(unknown)},
+            )
         if not problems:
             self._failures[component] = 0
             return Finding(
@@ -256,26 +262,36 @@ def _h2_answers(path: str, timeout: float) -> str | None:
     return None
 
 
-def _crictl_problems(crictl: str, sock: str, timeout: float) -> list[str]:
-    """`crictl info`: the CRI status conditions that are not true."""
+def _healthz(url: str, timeout: float) -> list[str]:
+    """What is wrong with kubelet's /healthz: nothing when it says `ok`."""
     try:
-        out = subprocess.run(
-            [crictl, "--runtime-endpoint", f"unix://{sock}", "info"],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return [f"crictl info: {exc}"]
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            body = resp.read(256).decode("utf-8", "replace").strip()
+    except urllib.error.HTTPError as exc:
+        return [f"kubelet /healthz answered {exc.code}"]
+    except OSError as exc:
+        why = getattr(exc, "reason", exc)
+        return [f"kubelet /healthz: {getattr(why, 'strerror', None) or why}"]
+    return [] if body == "ok" else [f"kubelet /healthz said {body!r}"]
+
+
+async def _crictl_problems(crictl: str, sock: str, timeout: float) -> tuple[list[str], str | None]:
+    """`crictl info`: the CRI status conditions that are not true, and why it told us nothing
+    (the socket answered already: a crictl that failed is no evidence against the runtime)."""
+    try:
+        out = await run_command([crictl, "--runtime-endpoint", f"unix://{sock}", "info"], timeout)
+    except OSError as exc:
+        return [], f"crictl info could not start: {exc}"
+    if out.failure is not None:
+        return [], out.failure
     if out.returncode != 0:
-        return [f"crictl info exited {out.returncode}: {out.stderr.strip()[:200]}"]
+        return [], f"crictl info exited {out.returncode}: {out.stderr.strip()[:200]}"
     try:
         conditions = json.loads(out.stdout)["status"]["conditions"]
         return [
             f"{c['type']} is false: {c.get('reason') or ''} {c.get('message') or ''}".strip()
             for c in conditions
             if c.get("status") is not True
-        ]
-    except (ValueError, KeyError, TypeError):
-        return ["crictl info printed something that is not its JSON status"]
+        ], None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return [], "crictl info printed something that is not its JSON status"

@@ -84,6 +84,27 @@ def test_a_failed_dcgm_test_fails_the_node_with_its_action(node: dict[str, str])
     assert node_state(node)["labels"] == {HEALTH: "UnschedulablePendingReplacement", DEEP: "Failed"}
 
 
+@pytest.mark.parametrize(
+    ("mode", "why"),
+    [
+        ("killed", "dcgmi was killed by SIGKILL"),
+        ("orphan", "dcgmi left a process behind that held its output"),
+    ],
+)
+def test_a_failed_dcgm_output_from_a_run_that_did_not_finish_is_unknown(
+    node: dict[str, str], mode: str, why: str
+) -> None:
+    """The same failing report, but dcgmi was killed (the OOM killer) or left a child holding
+    its output: what it printed may be cut short, and is not evidence."""
+    node["FAKE_DCGMI_OUTPUT"] = str(FIXTURES / "dcgm" / "r2-gpu-memory-fail.txt")
+    node["FAKE_DCGMI_MODE"] = mode
+    out = deep_check(node, *P5, "--level", "3")
+    assert out.returncode == 2
+    tests = {t["test"]: t for t in lines(out.stdout)[:-1]}
+    assert (tests["dcgm-diag"]["result"], tests["dcgm-diag"]["message"]) == ("unknown", why)
+    assert node_state(node)["labels"] == {}  # the node as it was: nothing judged
+
+
 def test_low_nccl_bandwidth_is_reported_in_hyperpods_words(node: dict[str, str]) -> None:
     node["FAKE_ALL_REDUCE_PERF_OUTPUT"] = str(FIXTURES / "nccl" / "p4de-2node-srun.txt")
     # This table has no summary lines: our own run must end with one, so it proves nothing.

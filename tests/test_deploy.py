@@ -70,6 +70,16 @@ def test_the_agents_settings_in_the_configmap_load(tmp_path: Path) -> None:
     assert settings.kubernetes.max_unschedulable_percent == 10
 
 
+def test_the_agent_stops_inside_the_pods_grace_period() -> None:
+    """The kubelet SIGKILLs at terminationGracePeriodSeconds: the agent's own stop budget (as
+    deployed) must end first, with a margin for the interpreter's exit."""
+    from agent.config import load_settings
+
+    [ds] = docs("daemonset.yaml")
+    grace = ds["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert load_settings(DEPLOY / "config.yaml").stop_timeout + 5 <= grace
+
+
 def test_rbac_is_what_the_readme_says_and_no_more() -> None:
     [role, _] = docs("rbac.yaml")
     granted = {

@@ -20,9 +20,10 @@ P4DE = ["rdmap16s27", "rdmap32s27", "rdmap144s27", "rdmap160s27"]
 def fake_fi_info(monkeypatch):
     monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}/usr/bin{os.pathsep}/bin")
 
-    def use(output: str, mode: str = "") -> None:
+    def use(output: str, mode: str = "", rc: int = 0) -> None:
         monkeypatch.setenv("FAKE_FI_INFO_OUTPUT", str(FIX / output))
         monkeypatch.setenv("FAKE_FI_INFO_MODE", mode)
+        monkeypatch.setenv("FAKE_FI_INFO_RC", str(rc))
 
     return use
 
@@ -71,16 +72,36 @@ async def test_missing_devices_on_a_p5(tmp_path, fake_fi_info) -> None:
 
 
 async def test_no_provider_where_efa_is_expected_and_where_not(tmp_path, fake_fi_info) -> None:
-    fake_fi_info("fi_info-no-efa.txt", mode="fail")
+    fake_fi_info("fi_info-no-efa.txt", rc=61)  # -FI_ENODATA, as fi_info exits
     assert faults(await efa(tmp_path).poll()) == [("node", "EfaDeviceCountMismatch", Action.REBOOT)]
     (f,) = await efa(tmp_path, instance_type="g5.xlarge").poll()
     assert (f.status, f.reason) == (Status.UNKNOWN, "NoEfaProvider")
 
 
-async def test_garbage_from_fi_info_is_zero_devices_not_a_crash(tmp_path, fake_fi_info) -> None:
-    fake_fi_info("fi_info-p4de-4-devices.txt", mode="garbage")
-    (f,) = await efa(tmp_path).poll()
-    assert f.reason == "EfaDeviceCountMismatch" and f.evidence["devices"] == []
+@pytest.mark.parametrize(
+    ("mode", "rc", "why"),
+    [
+        ("garbage", 0, "fi_info printed no device list (exit 0: "),
+        ("killed", 0, "fi_info was killed by SIGKILL"),
+        ("", 137, "fi_info printed no device list (exit 137)"),  # a wrapper saw it killed
+        ("hang", 0, "fi_info did not finish in time and was killed"),
+        ("orphan", 0, "fi_info left a process behind that held its output"),
+    ],
+)
+async def test_a_broken_fi_info_is_unknown_never_a_reboot(
+    tmp_path, fake_fi_info, monkeypatch, mode, rc, why
+) -> None:
+    """Only a finished fi_info run that lists devices (or answers "no data") is evidence."""
+    import checks.efa
+
+    real = checks.efa.run_command
+    monkeypatch.setattr(checks.efa, "run_command", lambda argv, timeout: real(argv, 1))
+    fake_fi_info("fi_info-p4de-4-devices.txt" if mode != "" else "fi_info-no-efa.txt", mode, rc)
+    if mode == "":
+        monkeypatch.setenv("FAKE_FI_INFO_OUTPUT", "/dev/null")
+    (f,) = await efa(tmp_path, "p5.48xlarge").poll()
+    assert (f.status, f.reason) == (Status.UNKNOWN, "FiInfoFailed")
+    assert f.message.startswith(why)
 
 
 async def test_port_down(tmp_path, fake_fi_info) -> None:
@@ -128,12 +149,19 @@ def test_nothing_efa_here_is_skipped(tmp_path, monkeypatch) -> None:
 def test_pingpong_tables_and_the_loopback_verdict() -> None:
     server = (FIX / "fi_pingpong-server-2node.txt").read_text()
     assert parse_pingpong(server)[-1] == (1 << 20, 2185.67, 479.75)
-    ok = judge_loopback("rdmap0s29", server, 0, False)
+    ok = judge_loopback("rdmap0s29", server, 0)
     assert ok.status is Status.OK
     assert ok.message.startswith(
         "EFA Loopback check passed for device: rdmap0s29 . Output summary is MaxBw: 2185.670000"
     )
-    failed = judge_loopback("rdmap0s29", "fi_getinfo: -61\n", 1, False)
+    failed = judge_loopback("rdmap0s29", "fi_getinfo: -61\n", 1)
     assert (failed.status, failed.action) == (Status.FAULT, Action.REBOOT)
-    assert judge_loopback("rdmap0s29", "", None, True).status is Status.UNKNOWN
-    assert judge_loopback("rdmap0s29", "\x00garbage\n", 0, False).status is Status.UNKNOWN
+    timed_out = "fi_pingpong did not finish in time and was killed"
+    assert judge_loopback("rdmap0s29", "", None, timed_out).status is Status.UNKNOWN
+    killed = judge_loopback("rdmap0s29", "", -9, "fi_pingpong was killed by SIGKILL")
+    assert (killed.status, killed.message) == (
+        Status.UNKNOWN,
+        "EFA Loopback check for device: rdmap0s29 did not finish: "
+        "fi_pingpong was killed by SIGKILL",
+    )
+    assert judge_loopback("rdmap0s29", "\x00garbage\n", 0).status is Status.UNKNOWN

@@ -19,6 +19,7 @@ from checks.api import Action, CheckContext, Status
 from checks.disk import DiskCheck, DiskOptions, mount_of, parse_mountinfo
 from checks.memory import MemoryCheck, MemoryOptions
 from checks.runtime import RuntimeCheck, RuntimeOptions
+from tests.test_proc import alive
 
 HOSTS = Path(__file__).parent / "fixtures" / "hosts"
 BIN = Path(__file__).parent / "bin"
@@ -294,9 +295,9 @@ def runtime(root: Path, kubelet: dict, monkeypatch, **options) -> RuntimeCheck:
     return RuntimeCheck(CheckContext(host_root=root), opts)
 
 
-def test_healthy_runtime_and_kubelet(runtime_root, kubelet, monkeypatch) -> None:
+async def test_healthy_runtime_and_kubelet(runtime_root, kubelet, monkeypatch) -> None:
     server = H2Server(runtime_root / "run/containerd/containerd.sock")
-    found = runtime(runtime_root, kubelet, monkeypatch).collect()
+    found = await runtime(runtime_root, kubelet, monkeypatch).poll()
     server.close()
     assert {(f.condition, f.status) for f in found} == {
         ("ContainerRuntimeUnhealthy", Status.OK),
@@ -306,13 +307,13 @@ def test_healthy_runtime_and_kubelet(runtime_root, kubelet, monkeypatch) -> None
     }
 
 
-def test_runtime_not_answering_is_a_fault_only_after_polls(
+async def test_runtime_not_answering_is_a_fault_only_after_polls(
     runtime_root, kubelet, monkeypatch
 ) -> None:
     server = H2Server(runtime_root / "run/containerd/containerd.sock", mute=True)
     check = runtime(runtime_root, kubelet, monkeypatch, polls=2)
-    first = by(check.collect(), "ContainerRuntimeUnhealthy", "container-runtime")
-    second = by(check.collect(), "ContainerRuntimeUnhealthy", "container-runtime")
+    first = by(await check.poll(), "ContainerRuntimeUnhealthy", "container-runtime")
+    second = by(await check.poll(), "ContainerRuntimeUnhealthy", "container-runtime")
     server.close()
     assert first.status is Status.UNKNOWN and "1 of 2 polls" in first.message
     assert (second.status, second.reason, second.action) == (
@@ -323,10 +324,10 @@ def test_runtime_not_answering_is_a_fault_only_after_polls(
     assert "no answer within 0.5s" in second.message
 
 
-def test_kubelet_healthz_failing(runtime_root, kubelet, monkeypatch) -> None:
+async def test_kubelet_healthz_failing(runtime_root, kubelet, monkeypatch) -> None:
     kubelet.update(code=500, body=b"[-]syncloop failed")
     f = by(
-        runtime(runtime_root, kubelet, monkeypatch, polls=1).collect(),
+        await runtime(runtime_root, kubelet, monkeypatch, polls=1).poll(),
         "KubeletUnhealthy",
         "kubelet",
     )
@@ -334,36 +335,69 @@ def test_kubelet_healthz_failing(runtime_root, kubelet, monkeypatch) -> None:
     assert "answered 500" in f.message
 
 
-def test_crictl_network_not_ready(runtime_root, kubelet, monkeypatch) -> None:
+async def test_crictl_network_not_ready(runtime_root, kubelet, monkeypatch) -> None:
     server = H2Server(runtime_root / "run/containerd/containerd.sock")
     check = runtime(runtime_root, kubelet, monkeypatch, polls=1)
     monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}/usr/bin{os.pathsep}/bin")
     monkeypatch.setenv(
         "FAKE_CRICTL_OUTPUT", str(HOSTS.parent / "crictl" / "info-network-not-ready.json")
     )
-    f = by(check.collect(), "ContainerRuntimeUnhealthy", "container-runtime")
+    f = by(await check.poll(), "ContainerRuntimeUnhealthy", "container-runtime")
     server.close()
     assert (f.status, f.reason) == (Status.FAULT, "ContainerRuntimeDown")
     assert "NetworkReady is false: NetworkPluginNotReady" in f.message
 
 
-def test_failed_systemd_unit(runtime_root, kubelet, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    ("mode", "rc", "why"),
+    [
+        ("killed", 0, "crictl was killed by SIGKILL"),
+        ("hang", 0, "crictl did not finish in time and was killed"),
+        ("orphan", 0, "crictl left a process behind that held its output"),
+        ("garbage", 0, "crictl info printed something that is not its JSON status"),
+        ("", 1, "crictl info exited 1"),
+    ],
+)
+async def test_a_broken_crictl_is_unknown_while_the_socket_answers(
+    runtime_root, kubelet, monkeypatch, tmp_path, mode, rc, why
+) -> None:
+    """crictl's report of a not-ready runtime counts only when crictl ran to completion."""
+    server = H2Server(runtime_root / "run/containerd/containerd.sock")
+    check = runtime(runtime_root, kubelet, monkeypatch, polls=1)
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}/usr/bin{os.pathsep}/bin")
+    output = HOSTS.parent / "crictl" / "info-network-not-ready.json"
+    pidfile = tmp_path / "child.pid"
+    monkeypatch.setenv("FAKE_CRICTL_OUTPUT", str(output))
+    monkeypatch.setenv("FAKE_CRICTL_MODE", mode)
+    monkeypatch.setenv("FAKE_CRICTL_RC", str(rc))
+    monkeypatch.setenv("FAKE_CRICTL_PIDFILE", str(pidfile))
+    monkeypatch.setenv("FAKE_SYSTEMCTL_FAILED", "")
+    for _ in range(2):  # not even after `polls` polls in a row
+        f = by(await check.poll(), "ContainerRuntimeUnhealthy", "container-runtime")
+        assert (f.status, f.reason, f.action) == (Status.UNKNOWN, "ToolFailed", Action.NONE)
+        assert f.message.startswith(why)
+    server.close()
+    if mode in ("hang", "orphan"):  # its child went with it
+        assert not alive(int(pidfile.read_text()))
+
+
+async def test_failed_systemd_unit(runtime_root, kubelet, monkeypatch) -> None:
     server = H2Server(runtime_root / "run/containerd/containerd.sock")
     check = runtime(runtime_root, kubelet, monkeypatch, polls=1)
     monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}/usr/bin{os.pathsep}/bin")
     monkeypatch.setenv("FAKE_SYSTEMCTL_FAILED", "containerd.service")
     monkeypatch.setenv("FAKE_CRICTL_OUTPUT", str(HOSTS.parent / "crictl" / "info-ready.json"))
-    found = check.collect()
+    found = await check.poll()
     server.close()
     f = by(found, "ContainerRuntimeUnhealthy", "container-runtime")
     assert f.status is Status.FAULT and "containerd.service is failed" in f.message
     assert by(found, "KubeletUnhealthy", "kubelet").status is Status.OK
 
 
-def test_pid_and_fd_exhaustion(runtime_root, kubelet, monkeypatch) -> None:
+async def test_pid_and_fd_exhaustion(runtime_root, kubelet, monkeypatch) -> None:
     (runtime_root / "proc/sys/kernel/pid_max").write_text("1230\n")
     (runtime_root / "proc/sys/fs/file-nr").write_text("950\t0\t1000\n")
-    found = runtime(runtime_root, kubelet, monkeypatch).collect()
+    found = await runtime(runtime_root, kubelet, monkeypatch).poll()
     pids = by(found, "PidExhaustion", "node")
     fds = by(found, "FileDescriptorExhaustion", "node")
     assert (pids.reason, pids.action) == ("PidsCritical", Action.REBOOT)
@@ -371,12 +405,14 @@ def test_pid_and_fd_exhaustion(runtime_root, kubelet, monkeypatch) -> None:
     assert (fds.reason, fds.action) == ("FileDescriptorsLow", Action.NONE)
 
 
-def test_no_runtime_and_no_kubelet_is_nothing_to_judge(tmp_path, kubelet, monkeypatch) -> None:
-    found = runtime(tmp_path, kubelet, monkeypatch).collect()
+async def test_no_runtime_and_no_kubelet_is_nothing_to_judge(
+    tmp_path, kubelet, monkeypatch
+) -> None:
+    found = await runtime(tmp_path, kubelet, monkeypatch).poll()
     assert found == []
 
 
-def test_a_runtime_socket_this_user_may_not_use_is_unknown_never_a_fault(
+async def test_a_runtime_socket_this_user_may_not_use_is_unknown_never_a_fault(
     runtime_root, kubelet, monkeypatch
 ) -> None:
     """containerd's socket is root's (0660): an agent running as non-root cannot judge it."""
@@ -389,7 +425,7 @@ def test_a_runtime_socket_this_user_may_not_use_is_unknown_never_a_fault(
         checks.runtime.os, "access", lambda p, m: False if p == str(sock) else real(p, m)
     )
     check = runtime(runtime_root, kubelet, monkeypatch, polls=1)
-    found = by(check.collect(), "ContainerRuntimeUnhealthy", "container-runtime")
+    found = by(await check.poll(), "ContainerRuntimeUnhealthy", "container-runtime")
     server.close()
     assert (found.status, found.reason) == (Status.UNKNOWN, "NoPermission")
     assert "may not connect" in found.message

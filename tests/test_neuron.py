@@ -75,6 +75,23 @@ def neuron_ls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         ),
         ("neuron-ls-trn2n-48xlarge.txt", "trn2.48xlarge", 1, "", Status.UNKNOWN, "NeuronLsFailed"),
         ("neuron-ls-trn2n-48xlarge.txt", None, 0, "garbage", Status.UNKNOWN, "NeuronLsFailed"),
+        # A short table from a neuron-ls that was killed or left a child is no count.
+        (
+            "neuron-ls-inf1-6xlarge-procs.txt",
+            "trn2.48xlarge",
+            0,
+            "killed",
+            Status.UNKNOWN,
+            "NeuronLsFailed",
+        ),
+        (
+            "neuron-ls-inf1-6xlarge-procs.txt",
+            "trn2.48xlarge",
+            0,
+            "orphan",
+            Status.UNKNOWN,
+            "NeuronLsFailed",
+        ),
     ],
 )
 async def test_neuron_check(

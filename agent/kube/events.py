@@ -29,6 +29,7 @@ log = structlog.get_logger("agent.kube.events")
 
 QUEUE = 256
 REPEAT_WINDOW = 600.0
+CLOSE_WAIT = 5.0  # seconds a stop waits for the queue to be posted
 COMPONENT = "node-health-agent"
 
 
@@ -103,12 +104,18 @@ class KubeEventSink:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(5):
-                await self.flush()
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        """A last try of at most CLOSE_WAIT seconds (the API server may be down or hang);
+        what is left is in the spool and CloudWatch."""
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CLOSE_WAIT):
+                    await self.flush()
+        finally:  # even when the caller's own deadline cut the last try short
+            if self._task is not None:
+                self._task.cancel()
+                await asyncio.gather(self._task, return_exceptions=True)
+            if self._queue:
+                log.warning("node_events_not_posted", count=len(self._queue))
 
     async def emit(self, event: Event) -> None:
         if self.node is None and not event.get("node"):

@@ -104,12 +104,14 @@ class CloudWatchSink:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(5):  # a last try; what is left ships after restart
-                await self.flush()
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5):  # a last try; what is left ships after restart
+                    await self.flush()
+        finally:  # even when the caller's own deadline cut the last try short
+            if self._task is not None:
+                self._task.cancel()
+                await asyncio.gather(self._task, return_exceptions=True)
 
     async def emit(self, event: Event) -> None:
         self._caught_up.clear()

@@ -70,16 +70,22 @@ class MqttSink:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(3):
-                await self.flush()
-                if self.connected:  # a clean stop says goodbye
-                    self._bye.set()
-                    self._status_due.set()
-                    await self._said_bye.wait()
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        """What is still buffered, then offline (retained), each try bounded on its own: a slow
+        broker that takes the first try's time still hears the goodbye."""
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(3):
+                    await self.flush()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2):
+                    if self.connected:  # a clean stop says goodbye
+                        self._bye.set()
+                        self._status_due.set()
+                        await self._said_bye.wait()
+        finally:  # even when the caller's own deadline cut the last try short
+            if self._task is not None:
+                self._task.cancel()
+                await asyncio.gather(self._task, return_exceptions=True)
 
     async def emit(self, event: Event) -> None:
         if len(self.buffer) >= self.settings.buffer:

@@ -10,6 +10,7 @@ under the state directory, so an agent restart does not report it twice.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -105,6 +106,9 @@ class KernelLogCheck(StreamingCheck):
             self._said_source = True
         classifier = self._classifier()
         async for item in source.items(follow):
+            # A backlog (a boot's worth of records, a burst) is read without waiting for the
+            # source: hand the loop a turn between items, or a SIGTERM waits for the backlog.
+            await asyncio.sleep(0)
             if isinstance(item, Gap):
                 yield Finding(
                     "kmsg",

@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 
 from checks.kernel_log.formats import KMSG, Stamp, journal_entry, kmsg_from_kernel, unescape_kmsg
-from checks.proc import reap
+from checks.proc import reap, spawn
 
 log = structlog.get_logger("checks.kernel_log")
 
@@ -161,14 +161,7 @@ class JournalSource:
         if follow:
             argv.append("-f")
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                start_new_session=True,
-                limit=JOURNAL_LINE_LIMIT,
-            )
+            proc = await spawn(argv, stderr=asyncio.subprocess.PIPE, limit=JOURNAL_LINE_LIMIT)
         except OSError as exc:
             raise SourceError(f"cannot run {self.journalctl}: {exc.strerror}") from None
         assert proc.stdout is not None and proc.stderr is not None

@@ -66,7 +66,8 @@ def reject_by_age(body: dict[str, Any]) -> tuple[dict[str, int], bytes]:
 class LogsProxy:
     def __init__(self, upstream: str) -> None:
         self.upstream = urlparse(upstream)
-        self.faults: deque[str] = deque()  # throttle | 500 | 503 | reset | hold:<seconds>
+        # throttle | 500 | 503 | denied | expired | reset | hold:<seconds>
+        self.faults: deque[str] = deque()
         self.puts: list[dict[str, Any]] = []  # every PutLogEvents body that reached moto
         self.refused: list[str] = []
         self.inflight = threading.Event()  # a PutLogEvents is being held
@@ -103,11 +104,12 @@ class LogsProxy:
                         )
                         self.connection.close()
                         return
-                    if fault in ("throttle", "500", "503", "denied"):
-                        code = 400 if fault in ("throttle", "denied") else int(fault)
+                    if fault in ("throttle", "500", "503", "denied", "expired"):
+                        code = 400 if fault in ("throttle", "denied", "expired") else int(fault)
                         kind = {
                             "throttle": "ThrottlingException",
                             "denied": "AccessDeniedException",
+                            "expired": "ExpiredTokenException",
                             "500": "InternalFailure",
                         }.get(fault, "ServiceUnavailableException")
                         return self._answer(code, {"__type": kind, "message": "injected"})
