@@ -70,8 +70,9 @@ def judge_fi_info(
 
 
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+_FLOAT = r"[0-9]{1,20}(?:\.[0-9]{1,20})?"
 _PINGPONG_ROW = re.compile(
-    r"^\s*(\d+)([kmg]?)\s+\d+\s+=?\d+\s+\S+\s+\S+s\s+([\d.]+)\s+([\d.]+)\s+[\d.]+\s*$"
+    rf"^\s*([0-9]{{1,20}})([kmg]?)\s+\d+\s+=?\d+\s+\S+\s+\S+s\s+({_FLOAT})\s+({_FLOAT})\s+[\d.]+\s*$"
 )
 
 

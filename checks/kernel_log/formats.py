@@ -84,7 +84,7 @@ def journal_entry(line: str) -> tuple[str, Stamp, str | None] | None:
     try:
         entry = json.loads(line)
         message = entry["MESSAGE"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return None
     if isinstance(message, list):  # journald sends non-UTF-8 messages as byte arrays
         message = bytes(b & 0xFF for b in message if isinstance(b, int)).decode("utf-8", "replace")

@@ -16,7 +16,8 @@ from checks.api import Action, Finding, Status
 from checks.nvidia.nvml import pci_of
 
 _GPU = re.compile(r"^GPU (\d+): (.*?)(?: \(UUID: ([^)]+)\))?$")
-_LINK = re.compile(r"^\s*Link (\d+): ([A-Za-z ]+? Errors): (\d+|N/A)\s*$")
+# Counters as the driver prints them: ASCII digits, at most 64 bits' worth.
+_LINK = re.compile(r"^\s*Link (\d+): ([A-Za-z ]+? Errors): ([0-9]{1,20}|N/A)\s*$")
 
 
 def looks_like_nvlink_errors(text: str) -> bool:
@@ -31,13 +32,14 @@ def parse_nvlink_errors(text: str) -> dict[str, dict[str, dict[str, int]]]:
         if m := _GPU.match(line.strip()):
             gpu = f"GPU {m.group(1)}"
             out.setdefault(gpu, {})
-        elif gpu is not None and (m := _LINK.match(line)) and m.group(3).isdigit():
+        elif gpu is not None and (m := _LINK.match(line)) and m.group(3) != "N/A":
             out[gpu].setdefault(f"Link {m.group(1)}", {})[m.group(2)] = int(m.group(3))
     return out
 
 
 def judge_nvlink_errors(text: str) -> list[Finding]:
-    gpus = parse_nvlink_errors(text)
+    # A GPU whose counters could not be read (none, or all garbled) says nothing either way.
+    gpus = {gpu: links for gpu, links in parse_nvlink_errors(text).items() if links}
     if not gpus:
         return [
             Finding(
@@ -152,5 +154,5 @@ def judge_smi_q(text: str) -> list[Finding]:
 
 def _matches(value: str, bad: str) -> bool:
     if bad == ">0":
-        return value.isdigit() and int(value) > 0
+        return bool(re.fullmatch(r"[0-9]{1,20}", value)) and int(value) > 0
     return value == bad
