@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Callable
 from typing import Self
 
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from agent.config import ConfigError, parse_listen
 from agent.metrics import Metrics
 
 log = structlog.get_logger("agent.server")
 _STATUS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
-
-
-def parse_listen(listen: str) -> tuple[str, int]:
-    host, _, port = listen.rpartition(":")
-    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 async def serve_health(
@@ -44,7 +41,14 @@ class HealthServer:
         self._server: asyncio.Server | None = None
 
     async def __aenter__(self) -> Self:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        try:
+            self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        except OSError as exc:  # in use, no such address, not allowed: the operator's to fix
+            why = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+            raise ConfigError(
+                f"http_listen: cannot listen on {self.host}:{self.port}: {why}"
+            ) from None
+
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("http_listening", host=self.host, port=self.port)
         return self
