@@ -25,14 +25,14 @@ def main() -> None:
     except (SystemExit, KeyboardInterrupt):
         raise
     except BaseException as exc:  # whatever it is (a CancelledError too), it is no verdict
-        _quiet_stdout()
+        quiet_stdout()
         sys.stderr.write(f"node-health: {describe(exc)}\n")
         sys.exit(2)
     finally:
         try:
             sys.stdout.flush()
         except OSError as exc:  # what was printed is lost (a closed pipe, a full disk)
-            _quiet_stdout()
+            quiet_stdout()
             sys.stderr.write(f"node-health: cannot write output: {exc.strerror}\n")
             sys.exit(2)
 
@@ -51,7 +51,7 @@ def _output_lost(exc: OSError) -> bool:
     return exc.filename is None and exc.errno in (errno.EPIPE, errno.ENOSPC)
 
 
-def _quiet_stdout() -> None:
+def quiet_stdout() -> None:
     """Stdout that can no longer be written (a closed pipe, a full disk): point it at
     /dev/null, so that the interpreter's own flush at exit does not fail once more."""
     try:

@@ -19,9 +19,9 @@ def parse_fi_info(text: str) -> list[str]:
     return devices
 
 
-def looks_like(text: str) -> bool:
-    """Is this `fi_info` output? (For `scan`.)"""
-    return bool(re.search(r"^\s*provider: efa\b|^fi_getinfo: -?\d+", text, re.M))
+# Where a saved `fi_info` output begins (for `scan`).
+MARKER = re.compile(rb"^\s*provider: efa\b|^fi_getinfo: -?\d+", re.M)
+MARKER_WORDS = (b"provider: efa", b"fi_getinfo: ")  # one is in every match: a fast prefilter
 
 
 def judge_fi_info(

@@ -184,8 +184,15 @@ _NCCOM_AVG = re.compile(rf"Avg bus bandwidth:\s*({_FLOAT})\s*GB/s")
 _NCCOM_FAILED = re.compile(r"^\s*\d+ errors? found - test failed", re.M)
 
 
-def looks_like_nccom(text: str) -> bool:
-    return ("size(B)" in text and "busbw(GB/s)" in text) or "Neuron DKMS Driver" in text
+# Where saved outputs begin (for `scan`): nccom-test's table header or its driver error, the
+# neuron-monitor report's keys, neuron-ls's header.
+NCCOM_MARKER = re.compile(rb"^[^\n]*size\(B\)[^\n]*busbw\(GB/s\)|Neuron DKMS Driver", re.M)
+MONITOR_MARKER = re.compile(rb'"neuron_(?:hw_counters|hardware_info)"\s*:')
+LS_MARKER = re.compile(rb"^\|\s*NEURON\s*\|", re.M)
+# One of these is in every match of the marker: a fast prefilter.
+NCCOM_MARKER_WORDS = (b"size(B)", b"Neuron DKMS Driver")
+MONITOR_MARKER_WORDS = (b'"neuron_h',)
+LS_MARKER_WORDS = (b"NEURON",)
 
 
 def judge_nccom(text: str, returncode: int | None = None) -> Finding:

@@ -94,13 +94,14 @@ def table() -> Table:
     )
 
 
-def looks_like(text: str) -> bool:
-    return (
-        "DCGM GPU Diagnostic" in text
-        or '"DCGM Diagnostic"' in text
-        or bool(re.search(r"^\|\s*Diagnostic\s+\|\s*Result\s+\|", text, re.M))
-        or bool(_RESULT_ROW.search(text))
-    )
+# Where a saved output begins (for `scan`): the table's header row, the JSON document's key,
+# or, in a paste that lost its header, a result row.
+MARKER = re.compile(
+    rb'^\|\s*Diagnostic\s+\|\s*Result\s+\||"DCGM (?:GPU )?Diagnostic"\s*:|'
+    + _RESULT_ROW.pattern.encode(),
+    re.M,
+)
+MARKER_WORDS = (b"Diagnostic", b"\n|")  # one of these is in every match: a fast prefilter
 
 
 def parse(text: str) -> DiagRun:

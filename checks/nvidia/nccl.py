@@ -76,12 +76,23 @@ class BusBandwidth:
     minimum: float
 
 
-def looks_like(text: str) -> bool:
-    """Is this the output of an nccl-tests binary? (For `scan`, which is handed anything.)"""
-    return bool(
-        re.search(r"^\S*\s*#?\s+size\s+count\s+type\b.*\bbusbw\b", text, re.M)
-        or re.search(r"Out of bounds values\s*:|Avg bus bandwidth\s*:|Test NCCL failure", text)
-    )
+# Where a saved output of an nccl-tests binary begins (for `scan`, which is handed anything):
+# its banner, its table's header (the old layout's "bytes N type ... res" too), a failure, or
+# the summary of a paste that lost the rest.
+MARKER = re.compile(
+    rb"^\S*\s*# nThread \d|^\S*\s*#?\s+(?:size\s+count|bytes\s+N)\s+type\b[^\n]*\bbusbw\b|"
+    rb"Out of bounds values\s*:|Avg bus bandwidth\s*:|Test (?:NCCL|CUDA) failure \S|"
+    rb"^\S*\s*NCCL failure \S+:\d+",
+    re.M,
+)
+MARKER_WORDS = (
+    b"nThread",
+    b"busbw",
+    b"Out of bounds",
+    b"Avg bus",
+    b"NCCL failure",
+    b"CUDA failure",
+)
 
 
 def parse(text: str) -> NcclRun:

@@ -20,8 +20,11 @@ _GPU = re.compile(r"^GPU (\d+): (.*?)(?: \(UUID: ([^)]+)\))?$")
 _LINK = re.compile(r"^\s*Link (\d+): ([A-Za-z ]+? Errors): ([0-9]{1,20}|N/A)\s*$")
 
 
-def looks_like_nvlink_errors(text: str) -> bool:
-    return bool(re.search(r"^\s*Link \d+: [A-Za-z ]+ Errors: ", text, re.M))
+# Where a saved `nvidia-smi nvlink -e` begins (for `scan`): a GPU's line, or its first counter.
+NVLINK_MARKER = re.compile(
+    rb"^GPU \d+: [^\n]*\n\s*Link \d+: [A-Za-z ]+ Errors: |^\s*Link \d+: [A-Za-z ]+ Errors: ", re.M
+)
+NVLINK_MARKER_WORDS = (b"GPU ", b" Errors: ")  # one is in every match: a fast prefilter
 
 
 def parse_nvlink_errors(text: str) -> dict[str, dict[str, dict[str, int]]]:
@@ -88,8 +91,14 @@ _SECTION_LINE = re.compile(r"^\s+(?:" + "|".join(_SECTIONS) + r")\s*$", re.M)
 _GPU_Q = re.compile(r"^GPU ([0-9A-Fa-f]{8}:[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2}\.\d)\s*$")
 
 
-def looks_like_smi_q(text: str) -> bool:
-    return "==============NVSMI LOG==============" in text or bool(_SECTION_LINE.search(text))
+# Where a saved `nvidia-smi -q` begins (for `scan`): its banner, a GPU's header, or one of
+# the sections judged, in a paste that has only that.
+SMI_Q_MARKER = re.compile(
+    rb"^=+NVSMI LOG=+$|^GPU [0-9A-Fa-f]{8}:[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2}\.\d\s*$|"
+    + _SECTION_LINE.pattern.encode(),
+    re.M,
+)
+SMI_Q_MARKER_WORDS = (b"NVSMI LOG", b"GPU ", *(s.encode() for s in _SECTIONS))
 
 
 def parse_smi_q(text: str) -> dict[str, dict[str, str]]:
