@@ -25,6 +25,17 @@ DEEP = "sagemaker.amazonaws.com/deep-health-check-status"
 P5 = ("--instance-type", "p5.48xlarge")
 
 
+def whole_table(tmp_path: Path, name: str) -> Path:
+    """A quoted dcgmi table that ends at a row's value, with the rest of that row and the
+    table's closing border (its first line) that dcgmi prints after it."""
+    text = (FIXTURES / "dcgm" / name).read_text().rstrip("\n")
+    end = "" if text.endswith("|") else " |" if "|" in text.splitlines()[-1][1:] else ""
+    closing = (FIXTURES / "dcgm" / "deployment-row-remap-pending.txt").read_text().split("\n")[0]
+    path = tmp_path / name
+    path.write_text(text + end + "\n" + closing + "\n")
+    return path
+
+
 @pytest.fixture
 def node(cli_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
     """The CLI's environment with dcgmi, all_reduce_perf and stress-ng on PATH, all passing."""
@@ -34,7 +45,7 @@ def node(cli_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
         (tools / tool).symlink_to(BIN / "fake-tool")
     return cli_env | {
         "PATH": str(tools),
-        "FAKE_DCGMI_OUTPUT": str(FIXTURES / "dcgm" / "r2-3.3.1-metadata-truncated.txt"),
+        "FAKE_DCGMI_OUTPUT": str(whole_table(tmp_path, "r2-3.3.1-metadata-truncated.txt")),
         "FAKE_ALL_REDUCE_PERF_OUTPUT": str(FIXTURES / "nccl" / "p5-2node-mpirun.txt"),
         "FAKE_TOOL_CALLS": str(tmp_path / "calls"),
     }
@@ -73,8 +84,10 @@ def test_a_healthy_node_passes(node: dict[str, str], tmp_path: Path) -> None:
     assert lines(log.read_text())[-1]["deep_health_check_id"] == log.stem
 
 
-def test_a_failed_dcgm_test_fails_the_node_with_its_action(node: dict[str, str]) -> None:
-    node["FAKE_DCGMI_OUTPUT"] = str(FIXTURES / "dcgm" / "r2-gpu-memory-fail.txt")
+def test_a_failed_dcgm_test_fails_the_node_with_its_action(
+    node: dict[str, str], tmp_path: Path
+) -> None:
+    node["FAKE_DCGMI_OUTPUT"] = str(whole_table(tmp_path, "r2-gpu-memory-fail.txt"))
     node["FAKE_DCGMI_RC"] = "226"
     out = deep_check(node, *P5, "--level", "3")
     assert out.returncode == 1
