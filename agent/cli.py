@@ -208,6 +208,15 @@ def deep_check(
             deeprecord.write_results(records, run_id, [deeprecord.stopped_line(ident, run_id)])
         typer.echo("node-health: deep check stopped; node labels put back", err=True)
         raise typer.Exit(2) from None
+    except Exception as exc:  # our own error: the record must not stay InProgress
+        from agent.entry import describe
+
+        why = describe(exc)
+        if not settings.dry_run:
+            line = deeprecord.stopped_line(ident, run_id, f"Deep health check stopped: {why}")
+            deeprecord.write_results(records, run_id, [line])
+        typer.echo(f"node-health: deep check stopped: {why}; node labels put back", err=True)
+        raise typer.Exit(2) from None
     event = deepcheck.result_event(ident, status, results, run_id)
     if settings.dry_run:
         event["dry_run"] = True

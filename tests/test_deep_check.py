@@ -124,6 +124,39 @@ def test_a_diagnostic_that_crashed_is_unknown_and_labels_go_back(node: dict[str,
     assert node_state(node) == before
 
 
+def test_dcgm_json_of_the_wrong_shape_is_unknown_and_the_record_ends(
+    node: dict[str, str], tmp_path: Path
+) -> None:
+    bad = tmp_path / "dcgmi.json"
+    bad.write_text(json.dumps({"metadata": "4.2.3", "DCGM GPU Diagnostic": {}}))
+    node["FAKE_DCGMI_OUTPUT"] = str(bad)
+    out = deep_check(node, *P5)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert {t["test"]: t["result"] for t in lines(out.stdout)[:-1]}["dcgm-diag"] == "unknown"
+    [log] = (Path(node["NODE_HEALTH_STATE_DIR"]) / "deep-health-check").glob("*.jsonl")
+    assert lines(log.read_text())[-1]["deep_health_check_status"] == "Unknown"
+
+
+def test_an_internal_error_ends_the_record_and_puts_labels_back(node: dict[str, str]) -> None:
+    # Whatever fails in our own code, the run's record must not stay InProgress.
+    code = (
+        "import sys, agent.deepcheck as d\n"
+        "def boom(*a, **k): raise RuntimeError('kaboom')\n"
+        "d.verdict = boom\n"
+        "sys.argv = ['node-health', 'deep-check', '--instance-type', 'p5.48xlarge']\n"
+        "from agent.entry import main; main()\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=node, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 2, out.stderr
+    assert "deep check stopped: internal error: RuntimeError: kaboom" in out.stderr
+    [log] = (Path(node["NODE_HEALTH_STATE_DIR"]) / "deep-health-check").glob("*.jsonl")
+    last = lines(log.read_text())[-1]
+    assert last["deep_health_check_status"] == "Unknown" and "kaboom" in last["msg"]
+    assert node_state(node)["labels"].get(DEEP) != "InProgress"
+
+
 @pytest.mark.parametrize(
     ("rc", "result", "code"),
     [(2, "failed", 1), (3, "unknown", 2)],  # stress-ng.h: 2 a stressor failed, 3 no resources
