@@ -120,7 +120,9 @@ class Agent:
             self.policy = Policy(rules, settings.policy, state / Paths.policy_state, boot_id)
         except StateCorruptError as exc:
             log.error("policy_state_unreadable", error=str(exc))
-            self.policy = Policy(rules, settings.policy, state / Paths.policy_state, boot_id)
+            # Afresh, without reading it again (it may not have moved: a read-only directory).
+            self.policy = Policy(rules, settings.policy, None, boot_id)
+            self.policy.state_path = state / Paths.policy_state
         failed = {
             t.check
             for t in self.policy.trackers.values()
