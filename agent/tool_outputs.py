@@ -5,7 +5,8 @@ Operators paste these from broken nodes into `node-health scan`, alone or inside
 only its output has, where its section of the input begins; the section ends where a kernel
 log line or another kind's output begins. A judge turns a section into findings with the same
 thresholds the agent uses on a node (picked by `--instance-type`). A saved output that is cut
-off is judged on what it proves: a count of devices, or a pass, needs the whole output.
+off is judged on what it proves: a pass needs the whole output, and a short device list,
+which a cut cannot be told from, is no fault.
 """
 
 from __future__ import annotations
@@ -47,29 +48,29 @@ def _neuron_monitor(text: str, itype: str | None) -> list[Finding]:
     return found
 
 
-def _cut(component: str, condition: str, what: str) -> Finding:
-    return Finding(component, condition, Status.UNKNOWN, "OutputCut", f"{what} is cut off")
+def _short(found: Finding, what: str) -> Finding:
+    """A saved list with fewer devices than the type has proves nothing: a list cut where an
+    entry ends looks like a whole one. Said, with the count, and left to the checks that run
+    the tool themselves."""
+    return Finding(
+        found.component,
+        found.condition,
+        Status.UNKNOWN,
+        "SavedListShort",
+        f"{found.message} (a saved {what} may be cut off: run the check on the node)",
+        evidence=found.evidence,
+    )
 
 
 def _neuron_ls(text: str, itype: str | None) -> list[Finding]:
     devices = neuron.parse_neuron_ls(text) or []
     found = neuron.count_finding(len(devices), expected(itype).neuron_devices)
-    if found.status is not Status.OK and not _closed(text, r"\+[-+]+\+"):
-        return [_cut("neuron", "NeuronDeviceCount", "the neuron-ls table")]
-    return [found]
+    return [found if found.status is Status.OK else _short(found, "neuron-ls table")]
 
 
 def _fi_info(text: str, itype: str | None) -> list[Finding]:
     found = efa.judge_fi_info(text, expected(itype).efa_devices)
-    if found.status is Status.FAULT and not _closed(text, r"\s*protocol: \S+"):
-        return [_cut("node", "EfaDevices", "the fi_info list")]
-    return [found]
-
-
-def _closed(text: str, last: str) -> bool:
-    """Does the output end as the tool ends it: the `last` line, then a newline?"""
-    lines = text.rstrip("\n").rsplit("\n", 1)
-    return text.endswith("\n") and re.fullmatch(last, lines[-1].rstrip()) is not None
+    return [_short(found, "fi_info list") if found.status is Status.FAULT else found]
 
 
 KINDS = [
