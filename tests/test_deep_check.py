@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from agent import deepcheck
-from tests.conftest import wait_for
+from tests.conftest import wait_for, whole_table
 from tests.test_cli import node_health
 
 BIN = Path(__file__).parent / "bin"
@@ -23,17 +23,6 @@ FIXTURES = Path(__file__).parent / "fixtures"
 HEALTH = "sagemaker.amazonaws.com/node-health-status"
 DEEP = "sagemaker.amazonaws.com/deep-health-check-status"
 P5 = ("--instance-type", "p5.48xlarge")
-
-
-def whole_table(tmp_path: Path, name: str) -> Path:
-    """A quoted dcgmi table that ends at a row's value, with the rest of that row and the
-    table's closing border (its first line) that dcgmi prints after it."""
-    text = (FIXTURES / "dcgm" / name).read_text().rstrip("\n")
-    end = "" if text.endswith("|") else " |" if "|" in text.splitlines()[-1][1:] else ""
-    closing = (FIXTURES / "dcgm" / "deployment-row-remap-pending.txt").read_text().split("\n")[0]
-    path = tmp_path / name
-    path.write_text(text + end + "\n" + closing + "\n")
-    return path
 
 
 @pytest.fixture
