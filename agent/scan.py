@@ -128,29 +128,21 @@ class _Utf8:
 
 def decoded(stream: BinaryIO) -> BinaryIO:
     """The input as UTF-8 bytes: gzip decompressed, UTF-16 with a byte-order mark decoded. A
-    regular file left as it is is mapped whole by `chunks`."""
-    raw: object = stream
+    regular file left as it is (rewound after its first bytes) is mapped whole by `chunks`."""
     head = _read_some(stream, 4)
-    if _rewind(stream):
-        head_again = b""
-    else:
-        head_again = head
-        raw = _Prefixed(head, stream)
+    raw: BinaryIO = stream if _rewind(stream) else _Prefixed(head, stream)  # type: ignore[assignment]
     if head[:2] == b"\x1f\x8b":
-        raw = gzip.GzipFile(fileobj=raw)  # type: ignore[arg-type]
+        gz = gzip.GzipFile(fileobj=raw)
         try:
-            head = raw.read1(4)  # type: ignore[attr-defined]
+            head = gz.read1(4)
         except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
             raise Unreadable(f"the gzip data is cut off or corrupt ({exc})") from None
-        raw, head_again = _Prefixed(head, raw), head  # type: ignore[arg-type]
+        raw = _Prefixed(head, gz)  # type: ignore[arg-type, assignment]
     if head[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
-        return _Utf8(raw if head_again else stream)  # type: ignore[return-value]
+        return _Utf8(raw)  # type: ignore[return-value]
     if head[:3] == codecs.BOM_UTF8:
-        if raw is stream:
-            stream.seek(3)
-        else:
-            _read_some(raw, 3)  # type: ignore[arg-type]
-    return raw  # type: ignore[return-value]
+        _read_some(raw, 3)
+    return raw
 
 
 def _read_some(stream: BinaryIO, n: int) -> bytes:

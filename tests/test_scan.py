@@ -175,6 +175,7 @@ def test_gzip_and_utf16_are_read(cli_env, tmp_path) -> None:
     for data in (
         gzip.compress(raw),
         raw.decode().encode("utf-16"),  # with its byte-order mark
+        b"\xef\xbb\xbf" + raw,  # UTF-8 with one (Windows editors write it)
         gzip.compress(raw.decode().encode("utf-16-be").join([b"\xfe\xff", b""])),
     ):
         saved = tmp_path / "saved"
