@@ -42,6 +42,12 @@ def test_deeply_nested_json_is_no_report() -> None:
     assert neuron.reports('{"a": ' + DEEP + "}\n")[0] == []
 
 
+def test_a_deeply_nested_journal_entry_is_no_entry() -> None:
+    from checks.kernel_log.formats import journal_entry
+
+    assert journal_entry('{"MESSAGE": ' + DEEP + "}") is None
+
+
 def test_neuron_monitor_system_data_of_the_wrong_shape_is_passed_over() -> None:
     judge = neuron.ReportJudge(16, rate=float("inf"))
     assert judge.judge({"system_data": [{"neuron_hw_counters": {}}]}) == []
