@@ -222,7 +222,7 @@ class _Judge:
     def kernel(self, buf: bytes) -> None:
         if not _TEXT.search(buf):  # nothing but blank lines between two tool outputs
             return
-        if self.layout is None:
+        if self.layout in (None, "empty", "text"):  # until a part shows a layout
             self.layout = detect(buf[:65536])
         found = list(_findings(self.classifier, buf, self.layout))
         self.kernel_findings += len(found)

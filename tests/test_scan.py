@@ -277,3 +277,24 @@ def test_a_closed_or_full_stdout_is_said_once_and_the_verdict_stands(cli_env) ->
     reader.stdout.close()  # as `| head -0` does
     _, err_bytes = reader.communicate(timeout=60)
     assert reader.returncode == 1 and b"Traceback" not in err_bytes
+
+
+def test_a_tool_output_across_two_pieces_of_a_stream_is_judged_whole(
+    monkeypatch, tmp_path, capsys
+) -> None:
+    # A pipe is read a piece at a time: an output that runs past a piece's end is carried on.
+    import io
+
+    from agent import scan as scan_module
+    from tests.conftest import whole_table
+
+    monkeypatch.setattr(scan_module, "CHUNK", 2048)
+    monkeypatch.setattr(scan_module, "READ", 512)
+    benign = (KERNEL / "benign" / "gpu-node-journal-gpud1209.log").read_bytes()
+    table = whole_table(tmp_path, "r2-3.3.1-metadata-truncated.txt").read_bytes()
+    data = benign[:1500].rsplit(b"\n", 1)[0] + b"\n" + table + FALLEN.read_bytes()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+    assert scan_module.main([]) == 1
+    reasons = [json.loads(line)["reason"] for line in capsys.readouterr().out.splitlines()]
+    assert "DcgmDiagPassed" in reasons and "Xid79" in reasons
+    assert "DcgmDiagCut" not in reasons
