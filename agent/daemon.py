@@ -39,6 +39,7 @@ from agent.server import serve_health
 from agent.sinks import Fanout, Sink
 from agent.sinks.spool import SpoolSink
 from agent.sinks.stdout import StdoutSink
+from agent.statedir import StateDir
 from checks.api import Action, Finding, Status
 
 _RESULT_RANK = {"ok": 0, "unknown": 1, "fault": 2}
@@ -69,6 +70,8 @@ class Agent:
         self.settings = settings
         self.identity = identity
         state = settings.state_dir
+        self.state_dir = StateDir(state)
+        self.state_dir.check()  # a read-only or full disk: one clear error, detection goes on
         self.metrics = Metrics()
         self.spool = SpoolSink(
             state / Paths.spool, settings.spool.max_segment_bytes, settings.spool.max_segments
@@ -349,6 +352,7 @@ class Agent:
                 self.metrics,
                 live=lambda: not self._stop.is_set(),
                 ready=lambda: self._ready,
+                warnings=self.state_dir.warnings,
             )
             async with self._lock:
                 await self._publish(self.policy.observe([]))  # what loading found (a reboot)

@@ -24,20 +24,29 @@ async def serve_health(
     metrics: Metrics,
     live: Callable[[], bool],
     ready: Callable[[], bool],
+    warnings: Callable[[], list[str]] = list,
 ) -> None:
     """Start the health server on `stack` (closed with it), unless `listen` is empty."""
     if listen:
-        await stack.enter_async_context(HealthServer(listen, metrics, live, ready))
+        await stack.enter_async_context(HealthServer(listen, metrics, live, ready, warnings))
 
 
 class HealthServer:
     def __init__(
-        self, listen: str, metrics: Metrics, live: Callable[[], bool], ready: Callable[[], bool]
+        self,
+        listen: str,
+        metrics: Metrics,
+        live: Callable[[], bool],
+        ready: Callable[[], bool],
+        warnings: Callable[[], list[str]] = list,
     ) -> None:
         self.host, self.port = parse_listen(listen)
         self.metrics = metrics
         self.live = live
         self.ready = ready
+        # Problems a restart would not mend (a full disk): said in the body, still 200, so
+        # that the liveness probe does not restart the pod over and over for them.
+        self.warnings = warnings
         self._server: asyncio.Server | None = None
 
     async def __aenter__(self) -> Self:
@@ -85,5 +94,8 @@ class HealthServer:
             return 200, CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry)
         if path in ("/healthz", "/readyz"):
             ok = self.live() if path == "/healthz" else self.ready()
-            return (200, text, b"ok\n") if ok else (503, text, b"not ready\n")
+            if not ok:
+                return 503, text, b"not ready\n"
+            said = "".join(f"warning: {w}\n" for w in self.warnings())
+            return 200, text, f"ok\n{said}".encode()
         return 404, text, b"not found\n"

@@ -144,12 +144,14 @@ class KernelLogCheck(StreamingCheck):
         """The saved positions. A file that is not a state of ours (bad JSON, wrong types, a
         directory in its place) is moved aside with a warning and reading starts afresh
         from boot: kept, it would fail this check at every start."""
-        path = self._state_path()
-        if path is None:
+        if self.ctx.state_dir is None:
             return {}
+        path = self.ctx.state_dir / STATE_FILE
         try:
             return _valid_state(json.loads(path.read_text()))
         except FileNotFoundError:
+            return {}
+        except NotADirectoryError:  # the state directory is not one: agent.statedir says so
             return {}
         except (OSError, ValueError, TypeError, RecursionError) as exc:
             moved = move_aside(path)
