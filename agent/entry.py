@@ -13,8 +13,6 @@ import errno
 import os
 import signal
 import sys
-import traceback
-from pathlib import Path
 
 EARLY_SIGNALS: list[int] = []  # a stop asked for before the daemon could listen
 
@@ -41,6 +39,9 @@ def describe(exc: BaseException) -> str:
     """One line for an exception nobody handled: what it was, and where (for a bug report)."""
     if isinstance(exc, OSError) and _output_lost(exc):
         return f"cannot write output: {exc.strerror}"
+    import traceback  # here: start-up, before the signal handlers, must stay short
+    from pathlib import Path
+
     what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     frames = traceback.extract_tb(exc.__traceback__)
     where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
