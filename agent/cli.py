@@ -89,10 +89,11 @@ def run(
 
     try:
         kube = connect(settings)
-    except ConfigError as exc:
+        code = asyncio.run(run_daemon(settings, ident, planned, kube))
+    except ConfigError as exc:  # also what the daemon finds at start (its port in use)
         typer.echo(f"node-health: configuration error: {exc}", err=True)
         raise typer.Exit(2) from None
-    raise typer.Exit(asyncio.run(run_daemon(settings, ident, planned, kube)))
+    raise typer.Exit(code)
 
 
 @app.command(
@@ -206,6 +207,15 @@ def deep_check(
         if not settings.dry_run:
             deeprecord.write_results(records, run_id, [deeprecord.stopped_line(ident, run_id)])
         typer.echo("node-health: deep check stopped; node labels put back", err=True)
+        raise typer.Exit(2) from None
+    except Exception as exc:  # our own error: the record must not stay InProgress
+        from agent.entry import describe
+
+        why = describe(exc)
+        if not settings.dry_run:
+            line = deeprecord.stopped_line(ident, run_id, f"Deep health check stopped: {why}")
+            deeprecord.write_results(records, run_id, [line])
+        typer.echo(f"node-health: deep check stopped: {why}; node labels put back", err=True)
         raise typer.Exit(2) from None
     event = deepcheck.result_event(ident, status, results, run_id)
     if settings.dry_run:
@@ -366,11 +376,18 @@ def logs_tail(
         typer.echo(f"node-health: {exc}", err=True)
         raise typer.Exit(2) from None
     import boto3
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import BotoCoreError, ClientError, NoRegionError
 
-    client = boto3.client(
-        "logs", region_name=region or settings.cloudwatch.region or settings.region
-    )
+    try:
+        client = boto3.client(
+            "logs", region_name=lt.region(region, settings.cloudwatch.region, settings.region)
+        )
+    except NoRegionError:
+        typer.echo(
+            "node-health: no AWS region: give --region, set cloudwatch.region or AWS_REGION",
+            err=True,
+        )
+        raise typer.Exit(2) from None
     q = lt.Query(group, deep_health, instance_id, node, filter_pattern)
     try:
         lt.tail(client, q, start, follow, interval, lt.printer(fmt.value))

@@ -7,11 +7,13 @@ Environment variables win over the file; nested keys use `__`
 from __future__ import annotations
 
 import contextvars
+import ipaddress
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -95,6 +97,22 @@ class Settings(BaseSettings):
     mqtt: MqttSettings = MqttSettings()
     controller: ControllerSettings = ControllerSettings()
 
+    @field_validator("http_listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        """host:port (host a name or address, [v6] bracketed), so that a typo is a clear
+        error at start rather than a failure deep in the server."""
+        if value:
+            parse_listen(value)
+        return value
+
+    @field_validator("state_dir")
+    @classmethod
+    def _state_dir(cls, value: Path) -> Path:
+        if value.exists() and not value.is_dir():
+            raise ValueError("not a directory")
+        return value
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -107,6 +125,21 @@ class Settings(BaseSettings):
         path = _config_file.get(None)
         yaml_source = YamlConfigSettingsSource(settings_cls, yaml_file=path) if path else None
         return tuple(s for s in (init_settings, env_settings, yaml_source) if s is not None)
+
+
+_HOST = re.compile(r"[A-Za-z0-9_.-]{0,253}|\[[0-9A-Fa-f:.]+\]")
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """(host, port) of a `host:port` listen address; ValueError, phrased, when it is none."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not _HOST.fullmatch(host) or not re.fullmatch(r"[0-9]{1,5}", port):
+        raise ValueError(f"{listen!r} is not host:port (e.g. 127.0.0.1:9870, [::]:9870, :9870)")
+    if not 0 <= int(port) <= 65535:
+        raise ValueError(f"port {port} is out of range (0-65535)")
+    if host.startswith("["):
+        ipaddress.IPv6Address(host[1:-1])  # its ValueError says what is wrong
+    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:

@@ -47,6 +47,7 @@ from agent.server import serve_health
 from agent.sinks import Fanout, Sink
 from agent.sinks.spool import SpoolSink
 from agent.sinks.stdout import StdoutSink
+from agent.statedir import StateDir
 from agent.supervise import Heart, Supervisor
 from agent.threads import DaemonThreads
 from checks.api import Action, Finding, Status, StreamingCheck
@@ -80,6 +81,8 @@ class Agent:
         self.settings = settings
         self.identity = identity
         state = settings.state_dir
+        self.state_dir = StateDir(state)
+        self.state_dir.check()  # a read-only or full disk: one clear error, detection goes on
         self.metrics = Metrics()
         self.loops = Supervisor()  # every background loop, restarted on a crash; /healthz
         self.spool = SpoolSink(
@@ -143,7 +146,9 @@ class Agent:
             self.policy = Policy(rules, settings.policy, state / Paths.policy_state, boot_id)
         except StateCorruptError as exc:
             log.error("policy_state_unreadable", error=str(exc))
-            self.policy = Policy(rules, settings.policy, state / Paths.policy_state, boot_id)
+            # Afresh, without reading it again (it may not have moved: a read-only directory).
+            self.policy = Policy(rules, settings.policy, None, boot_id)
+            self.policy.state_path = state / Paths.policy_state
         failed = {
             t.check
             for t in self.policy.trackers.values()
@@ -444,7 +449,12 @@ class Agent:
             health = contextlib.AsyncExitStack()  # its close bounded like the sinks'
             await self._open(stack, [health])
             await serve_health(
-                health, self.settings.http_listen, self.metrics, self._live, self._readiness
+                health,
+                self.settings.http_listen,
+                self.metrics,
+                self._live,
+                self._readiness,
+                warnings=self.state_dir.warnings,
             )
             async with self._lock:
                 await self._publish(self.policy.observe([]))  # what loading found (a reboot)

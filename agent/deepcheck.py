@@ -282,7 +282,11 @@ async def _run_step(step: Step, timeout: float) -> StepResult:
                 return StepResult(step.name, Outcome.UNKNOWN, timed_out, time.monotonic() - start)
             if r.failure is not None:  # killed, or left a process behind: nothing to judge
                 return StepResult(step.name, Outcome.UNKNOWN, r.failure, time.monotonic() - start)
-            findings = step.judge(r)
+            try:
+                findings = step.judge(r)
+            except Exception as exc:  # a parser's bug judges nothing: the test is unknown
+                why = f"cannot read the output of {step.argv[0]}: {type(exc).__name__}: {exc}"
+                return StepResult(step.name, Outcome.UNKNOWN, why, time.monotonic() - start)
     except OSError as exc:
         return StepResult(step.name, Outcome.UNKNOWN, f"cannot start {step.argv[0]}: {exc}")
     took = time.monotonic() - start

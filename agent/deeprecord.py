@@ -49,12 +49,14 @@ def start_record(directory: Path, run_id: str, identity: Identity) -> Path:
     return path
 
 
-def stopped_line(identity: Identity, run_id: str) -> dict[str, Any]:
+def stopped_line(
+    identity: Identity, run_id: str, why: str = "Deep health check stopped before the end."
+) -> dict[str, Any]:
     """The last line of a run stopped before its end: it judged nothing."""
     return {
         "level": "warn",
         "ts": rfc3339(time.time()),
-        "msg": "Deep health check stopped before the end.",
+        "msg": why,
         "node": identity.node_name,
         "deep_health_check_id": run_id,
         "deep_health_check_status": "Unknown",

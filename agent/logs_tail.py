@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import calendar
 import json
+import os
 import re
 import sys
 import time
@@ -23,6 +24,13 @@ LOOKBACK_MS = 120_000
 COLORS = {"error": "\x1b[31m", "warn": "\x1b[33m", "info": "\x1b[32m", "debug": "\x1b[2m"}
 _AGO = re.compile(r"^(\d+)\s*([smhdw])$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def region(*given: str | None) -> str | None:
+    """The first region given (option, settings), else AWS_REGION or AWS_DEFAULT_REGION as the
+    AWS SDKs read them; None leaves it to boto's own configuration (~/.aws/config)."""
+    env = (os.environ.get("AWS_REGION"), os.environ.get("AWS_DEFAULT_REGION"))
+    return next((r for r in (*given, *env) if r), None)
 
 
 def since_ms(value: str, now: float | None = None) -> int:

@@ -18,12 +18,12 @@ The state is persisted so that an agent restart neither forgets a fault nor repo
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import enum
 import fnmatch
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -32,7 +32,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from checks.api import Action, Finding, Status, load_yaml, seconds
+from checks.api import Action, Finding, Status, load_yaml, move_aside, seconds
 
 
 class Verdict(enum.StrEnum):
@@ -490,24 +490,23 @@ class Policy:
         self._dirty = False
 
     def _load(self, path: Path, boot_id: str | None) -> None:
+        """The state a previous run saved. Any file that is not one (bad JSON, wrong types, a
+        directory in its place) is moved aside and the agent starts afresh: a crash at every
+        start would be worse than forgetting."""
         try:
-            state = json.loads(path.read_text())
-            trackers = [_tracker(d) for d in state["trackers"]]
-            verdict = Verdict(state["verdict"])
-            latched = Verdict(state["latched"]) if state["latched"] else None
+            state = _state(json.loads(path.read_text()))
         except FileNotFoundError:
             return
-        except (ValueError, KeyError, TypeError) as exc:
-            # Keep the unreadable file for a person to look at; start clean rather than crash.
-            with contextlib.suppress(OSError):
-                path.replace(path.with_suffix(".corrupt"))
-            raise StateCorruptError(f"{path}: {exc}; moved aside, starting afresh") from exc
-        self.trackers = {t.key: t for t in trackers}
-        self.verdict, self.latched = verdict, latched
-        self.hold = Verdict(state["hold"]) if state.get("hold") else None
-        self.latched_keys = list(state.get("latched_keys", []))
-        self.rebooted_for = dict(state.get("rebooted_for", {}))
-        old_boot = state.get("boot_id")
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+            moved = move_aside(path)
+            where = f"moved to {moved.name}" if moved else "could not be moved aside"
+            raise StateCorruptError(f"{path}: {exc}; {where}, starting afresh") from exc
+        self.trackers = {t.key: t for t in state["trackers"]}
+        self.verdict, self.latched = state["verdict"], state["latched"]
+        self.hold = state["hold"]
+        self.latched_keys = state["latched_keys"]
+        self.rebooted_for = state["rebooted_for"]
+        old_boot = state["boot_id"]
         if boot_id and old_boot and boot_id != old_boot:
             self._rebooted(boot_id)
 
@@ -530,11 +529,58 @@ class StateCorruptError(RuntimeError):
     """The persisted state could not be read; it was moved aside."""
 
 
-def _tracker(d: dict[str, Any]) -> Tracker:
+def _state(raw: Any) -> dict[str, Any]:
+    """policy-state.json read back, every value of the type it was saved with; TypeError or
+    ValueError otherwise."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("trackers"), list):
+        raise TypeError("not a policy state (no list of trackers)")
+    verdicts = {k: Verdict(raw[k]) if raw.get(k) else None for k in ("latched", "hold")}
+    keys, rebooted = raw.get("latched_keys", []), raw.get("rebooted_for", {})
+    if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
+        raise TypeError("latched_keys is not a list of strings")
+    if not (isinstance(rebooted, dict) and all(_number(v) for v in rebooted.values())):
+        raise TypeError("rebooted_for is not a map of times")
+    if not isinstance(raw.get("boot_id"), str | None):
+        raise TypeError("boot_id is not a string")
+    return {
+        "trackers": [_tracker(d) for d in raw["trackers"]],
+        "verdict": Verdict(raw["verdict"]),
+        **verdicts,
+        "latched_keys": list(keys),
+        "rebooted_for": dict(rebooted),
+        "boot_id": raw.get("boot_id"),
+    }
+
+
+_TRACKER_TYPES: dict[str, Any] = {
+    **dict.fromkeys(("check", "condition", "component", "rule", "reason", "message"), str),
+    **dict.fromkeys(("temporary", "active", "escalated"), bool),
+    "evidence": dict,
+    "occurrences": list,
+    "clean": int,
+}
+
+
+def _tracker(d: Any) -> Tracker:
+    if not isinstance(d, dict):
+        raise TypeError("a tracker is not an object")
     d = dict(d)
     d["status"] = Status(d["status"])
     d["action"] = Action(d["action"])
+    for name, kind in _TRACKER_TYPES.items():
+        if name in d and (not isinstance(d[name], kind) or (kind is int and d[name] is True)):
+            raise TypeError(f"tracker {name} is not a {kind.__name__}")
+    if not all(_number(t) for t in d.get("occurrences", [])):
+        raise TypeError("tracker occurrences are not times")
+    if not _number(d.get("changed", 0.0)) or not (
+        d.get("last_fault") is None or _number(d["last_fault"])
+    ):
+        raise TypeError("tracker times are not numbers")
     return Tracker(**d)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -7,22 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Callable
 from typing import Self
 
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from agent.config import ConfigError, parse_listen
 from agent.metrics import Metrics
 
 log = structlog.get_logger("agent.server")
 Probe = Callable[[], str | None]
 _STATUS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
-
-
-def parse_listen(listen: str) -> tuple[str, int]:
-    host, _, port = listen.rpartition(":")
-    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 async def serve_health(
@@ -31,22 +28,40 @@ async def serve_health(
     metrics: Metrics,
     live: Probe,
     ready: Probe,
+    warnings: Callable[[], list[str]] = list,
 ) -> None:
     """Start the health server on `stack` (closed with it), unless `listen` is empty."""
     if listen:
-        await stack.enter_async_context(HealthServer(listen, metrics, live, ready))
+        await stack.enter_async_context(HealthServer(listen, metrics, live, ready, warnings))
 
 
 class HealthServer:
-    def __init__(self, listen: str, metrics: Metrics, live: Probe, ready: Probe) -> None:
+    def __init__(
+        self,
+        listen: str,
+        metrics: Metrics,
+        live: Probe,
+        ready: Probe,
+        warnings: Callable[[], list[str]] = list,
+    ) -> None:
         self.host, self.port = parse_listen(listen)
         self.metrics = metrics
         self.live = live
         self.ready = ready
+        # Problems a restart would not mend (a full disk): said in the body, still 200, so
+        # that the liveness probe does not restart the pod over and over for them.
+        self.warnings = warnings
         self._server: asyncio.Server | None = None
 
     async def __aenter__(self) -> Self:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        try:
+            self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        except OSError as exc:  # in use, no such address, not allowed: the operator's to fix
+            why = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+            raise ConfigError(
+                f"http_listen: cannot listen on {self.host}:{self.port}: {why}"
+            ) from None
+
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("http_listening", host=self.host, port=self.port)
         return self
@@ -83,5 +98,8 @@ class HealthServer:
             return 200, CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry)
         if path in ("/healthz", "/readyz"):
             why = self.live() if path == "/healthz" else self.ready()
-            return (200, text, b"ok\n") if why is None else (503, text, f"{why}\n".encode())
+            if why is not None:
+                return 503, text, f"{why}\n".encode()
+            said = "".join(f"warning: {w}\n" for w in self.warnings())
+            return 200, text, f"ok\n{said}".encode()
         return 404, text, b"not found\n"

@@ -1,9 +1,12 @@
-"""Saved outputs of node tools, recognised and judged by the checks' own parsers.
+"""Saved outputs of node tools, found in `scan`'s input and judged by the checks' own parsers.
 
-Operators paste these from broken nodes into `node-health scan`; each kind has a test that
-recognises it from its text and a judge that turns it into findings with the same thresholds
-the agent uses on a node (picked by `--instance-type`). The first kind that recognises the
-input wins, so the more specific come first.
+Operators paste these from broken nodes into `node-health scan`, alone or inside a bigger file
+(a dmesg with a tool's output after it, an nvidia-bug-report). Each kind has a marker, a line
+only its output has, where its section of the input begins; the section ends where a kernel
+log line or another kind's output begins. A judge turns a section into findings with the same
+thresholds the agent uses on a node (picked by `--instance-type`). A saved output that is cut
+off is judged on what it proves: a pass needs the whole output, and a short device list,
+which a cut cannot be told from, is no fault.
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ from checks.nvidia import dcgm, nccl, smi
 @dataclass(frozen=True)
 class ToolOutput:
     name: str
-    recognise: Callable[[str], bool]
+    marker: re.Pattern[bytes]
+    words: tuple[bytes, ...]  # one of them is in every match of `marker`
     judge: Callable[[str, str | None], list[Finding]]
+    within: tuple[str, ...] = ()  # kinds whose output shows this one's marker too
 
 
 def _neuron_monitor(text: str, itype: str | None) -> list[Finding]:
@@ -43,40 +48,127 @@ def _neuron_monitor(text: str, itype: str | None) -> list[Finding]:
     return found
 
 
+def _short(found: Finding, what: str) -> Finding:
+    """A saved list with fewer devices than the type has proves nothing: a list cut where an
+    entry ends looks like a whole one. Said, with the count, and left to the checks that run
+    the tool themselves."""
+    return Finding(
+        found.component,
+        found.condition,
+        Status.UNKNOWN,
+        "SavedListShort",
+        f"{found.message} (a saved {what} may be cut off: run the check on the node)",
+        evidence=found.evidence,
+    )
+
+
 def _neuron_ls(text: str, itype: str | None) -> list[Finding]:
     devices = neuron.parse_neuron_ls(text) or []
-    return [neuron.count_finding(len(devices), expected(itype).neuron_devices)]
+    found = neuron.count_finding(len(devices), expected(itype).neuron_devices)
+    return [found if found.status is Status.OK else _short(found, "neuron-ls table")]
+
+
+def _fi_info(text: str, itype: str | None) -> list[Finding]:
+    found = efa.judge_fi_info(text, expected(itype).efa_devices)
+    return [_short(found, "fi_info list") if found.status is Status.FAULT else found]
 
 
 KINDS = [
-    ToolOutput("dcgmi diag", dcgm.looks_like, lambda text, _: dcgm.judge(dcgm.parse(text))),
-    # nccom-test prints "Avg bus bandwidth:" as nccl-tests do: it goes first.
-    ToolOutput("nccom-test", neuron.looks_like_nccom, lambda text, _: [neuron.judge_nccom(text)]),
+    ToolOutput(
+        "dcgmi diag",
+        dcgm.MARKER,
+        dcgm.MARKER_WORDS,
+        lambda text, _: dcgm.judge(dcgm.parse(text)),
+    ),
+    ToolOutput(
+        "nccom-test",
+        neuron.NCCOM_MARKER,
+        neuron.NCCOM_MARKER_WORDS,
+        lambda text, _: [neuron.judge_nccom(text)],
+    ),
     ToolOutput(
         "all_reduce_perf",
-        nccl.looks_like,
+        nccl.MARKER,
+        nccl.MARKER_WORDS,
         lambda text, itype: nccl.judge(nccl.parse(text), nccl.threshold_for(itype)),
+        within=("nccom-test",),  # nccom-test prints "Avg bus bandwidth:" as nccl-tests do
     ),
     ToolOutput(
-        "neuron-monitor",
-        lambda text: bool(re.search(r'"neuron_(hw_counters|hardware_info)"', text)),
-        _neuron_monitor,
+        "neuron-monitor", neuron.MONITOR_MARKER, neuron.MONITOR_MARKER_WORDS, _neuron_monitor
     ),
-    ToolOutput("neuron-ls", lambda text: neuron.parse_neuron_ls(text) is not None, _neuron_ls),
+    ToolOutput("neuron-ls", neuron.LS_MARKER, neuron.LS_MARKER_WORDS, _neuron_ls),
+    ToolOutput("fi_info", efa.MARKER, efa.MARKER_WORDS, _fi_info),
     ToolOutput(
-        "fi_info",
-        efa.looks_like,
-        lambda text, itype: [efa.judge_fi_info(text, expected(itype).efa_devices)],
+        "nvidia-smi -q",
+        smi.SMI_Q_MARKER,
+        smi.SMI_Q_MARKER_WORDS,
+        lambda text, _: smi.judge_smi_q(text),
     ),
-    ToolOutput("nvidia-smi -q", smi.looks_like_smi_q, lambda text, _: smi.judge_smi_q(text)),
     ToolOutput(
         "nvidia-smi nvlink -e",
-        smi.looks_like_nvlink_errors,
+        smi.NVLINK_MARKER,
+        smi.NVLINK_MARKER_WORDS,
         lambda text, _: smi.judge_nvlink_errors(text),
     ),
 ]
 
 
-def recognise(head: str) -> ToolOutput | None:
-    """The kind of tool output `head` (the first part of the input) is, if any."""
-    return next((k for k in KINDS if k.recognise(head)), None)
+def _markers(buf: bytes) -> list[tuple[int, int, int]]:
+    """(start, end, kind) of every marker in `buf`, in order. The markers are line regexes;
+    each is tried only on the lines that hold one of its words (found by memchr-fast `find`):
+    a kernel log of a million lines costs a few `find`s, not a regex over every line."""
+    hits: dict[int, tuple[int, int]] = {}
+    size = len(buf)
+    for i, kind in enumerate(KINDS):
+        tried: set[int] = set()
+        for word in (*kind.words, b""):  # b"": the first line, which no b"\n..." word finds
+            p = buf.find(word) if word else 0
+            while p >= 0:
+                start = buf.rfind(b"\n", 0, p + max(len(word) - 1, 0)) + 1
+                stop = buf.find(b"\n", p + len(word))
+                stop = size if stop < 0 else stop
+                if start not in tried:
+                    tried.add(start)
+                    after = buf.find(b"\n", stop + 1)  # markers may span to the next line
+                    m = kind.marker.search(buf, start, size if after < 0 else after + 1)
+                    if m and m.start() not in hits:
+                        hits[m.start()] = (m.end(), i)
+                if not word or stop >= size:
+                    break
+                p = buf.find(word, stop + 1)
+    return sorted((start, end, i) for start, (end, i) in hits.items())
+
+
+@dataclass
+class Section:
+    kind: ToolOutput
+    start: int
+    end: int
+
+
+def sections(buf: bytes, kernel_line: re.Pattern[bytes]) -> list[Section]:
+    """The tool outputs in `buf`, in order: each from the line its marker is on (or the `{`
+    its JSON document opens with) to the next kernel log line (`kernel_line`) or the next
+    output of another kind."""
+    found: list[Section] = []
+    for at, end, i in _markers(buf):
+        kind = KINDS[i]
+        start = buf.rfind(b"\n", 0, at) + 1
+        if buf[start:at].strip() == b"" and buf[at : at + 1] == b'"':
+            before = buf.rfind(b"\n", 0, max(start - 1, 0)) + 1  # `{` alone on the line above
+            if start and buf[before : start - 1].strip() == b"{":
+                start = before
+        last = found[-1] if found else None
+        if last is not None and start < last.end:
+            if kind is last.kind or last.kind.name in kind.within:
+                continue  # more of the same output
+            last.end = max(start, last.start)
+        nxt = kernel_line.search(buf, buf.find(b"\n", end) + 1 or len(buf))
+        found.append(Section(kind, start, nxt.start() if nxt else len(buf)))
+    return [s for s in found if s.end > s.start]
+
+
+def recognise(text: str) -> ToolOutput | None:
+    """The kind of the first tool output in `text`, if there is one."""
+    found = _markers(text.encode("utf-8", "replace"))
+    return KINDS[found[0][2]] if found else None

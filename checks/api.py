@@ -44,6 +44,19 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
+def move_aside(path: Path) -> Path | None:
+    """Keep an unreadable state file (or a directory where it should be) for a person to look
+    at, out of the way of the next write: `<name>.corrupt`, or, where that is taken,
+    `<name>.corrupt.<ns>`. None when it cannot be moved (a read-only directory)."""
+    for target in (path.with_suffix(".corrupt"), path.with_suffix(f".corrupt.{time.time_ns()}")):
+        try:
+            path.replace(target)
+            return target
+        except OSError:
+            continue
+    return None
+
+
 class Status(enum.StrEnum):
     """What a check saw for one condition on one component."""
 

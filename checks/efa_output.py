@@ -19,9 +19,9 @@ def parse_fi_info(text: str) -> list[str]:
     return devices
 
 
-def looks_like(text: str) -> bool:
-    """Is this `fi_info` output? (For `scan`.)"""
-    return bool(re.search(r"^\s*provider: efa\b|^fi_getinfo: -?\d+", text, re.M))
+# Where a saved `fi_info` output begins (for `scan`).
+MARKER = re.compile(rb"^\s*provider: efa\b|^fi_getinfo: -?\d+", re.M)
+MARKER_WORDS = (b"provider: efa", b"fi_getinfo: ")  # one is in every match: a fast prefilter
 
 
 # fi_getinfo's FI_ENODATA (-61): no provider and device match. An answer, unlike a crash.
@@ -78,8 +78,9 @@ def judge_fi_info(
 
 
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+_FLOAT = r"[0-9]{1,20}(?:\.[0-9]{1,20})?"
 _PINGPONG_ROW = re.compile(
-    r"^\s*(\d+)([kmg]?)\s+\d+\s+=?\d+\s+\S+\s+\S+s\s+([\d.]+)\s+([\d.]+)\s+[\d.]+\s*$"
+    rf"^\s*([0-9]{{1,20}})([kmg]?)\s+\d+\s+=?\d+\s+\S+\s+\S+s\s+({_FLOAT})\s+({_FLOAT})\s+[\d.]+\s*$"
 )
 
 

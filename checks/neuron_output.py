@@ -12,7 +12,7 @@ from typing import Any
 
 from checks.api import Action, Finding, Status
 
-_DEVICE_ROW = re.compile(r"^\|\s*(\d+)\s*\|")
+_DEVICE_ROW = re.compile(r"^\|\s*([0-9]{1,9})\s*\|")
 UNCORRECTED = ("mem_ecc_uncorrected", "sram_ecc_uncorrected")
 CORRECTED = ("mem_ecc_corrected", "sram_ecc_corrected")
 
@@ -55,7 +55,7 @@ def neuron_ls_processes(text: str) -> list[int]:
     pids = set()
     for ln in lines:
         cells = [c.strip() for c in ln.split("|")]
-        if len(cells) > column and cells[column].isdigit():
+        if len(cells) > column and re.fullmatch(r"[0-9]{1,9}", cells[column]):
             pids.add(int(cells[column]))
     return sorted(pids)
 
@@ -74,7 +74,8 @@ class ReportJudge:
         info = report.get("neuron_hardware_info")
         if isinstance(info, dict):
             found += self._hardware(info)
-        counters = (report.get("system_data") or {}).get("neuron_hw_counters")
+        system = report.get("system_data")
+        counters = system.get("neuron_hw_counters") if isinstance(system, dict) else None
         if isinstance(counters, dict):
             found += self._counters(counters)
         return found
@@ -156,6 +157,12 @@ def reports(buffer: str) -> tuple[list[dict[str, Any]], str]:
     while (start := buffer.find("{", pos)) >= 0:
         try:
             doc, pos = decoder.raw_decode(buffer, start)
+        except RecursionError:  # nested deeper than any report: skip it to its line end
+            nl = buffer.find("\n", start)
+            if nl < 0:
+                return found, ""
+            pos = nl + 1
+            continue
         except json.JSONDecodeError as exc:
             if exc.pos >= len(buffer.rstrip()) - 1 or exc.msg.startswith("Unterminated"):
                 return found, buffer[start:]  # the rest of it has not come yet
@@ -169,13 +176,23 @@ def reports(buffer: str) -> tuple[list[dict[str, Any]], str]:
     return found, ""
 
 
-_NCCOM_ROW = re.compile(r"^\s*(\d+)\s+(\d+)\s+\w+\s+[\d.]+\s+([\d.]+)\s+([\d.]+)\b")
-_NCCOM_AVG = re.compile(r"Avg bus bandwidth:\s*([\d.]+)\s*GB/s")
+_FLOAT = r"[0-9]{1,20}(?:\.[0-9]{1,20})?"
+_NCCOM_ROW = re.compile(
+    rf"^\s*([0-9]{{1,20}})\s+([0-9]{{1,20}})\s+\w+\s+{_FLOAT}\s+({_FLOAT})\s+({_FLOAT})\b"
+)
+_NCCOM_AVG = re.compile(rf"Avg bus bandwidth:\s*({_FLOAT})\s*GB/s")
 _NCCOM_FAILED = re.compile(r"^\s*\d+ errors? found - test failed", re.M)
 
 
-def looks_like_nccom(text: str) -> bool:
-    return ("size(B)" in text and "busbw(GB/s)" in text) or "Neuron DKMS Driver" in text
+# Where saved outputs begin (for `scan`): nccom-test's table header or its driver error, the
+# neuron-monitor report's keys, neuron-ls's header.
+NCCOM_MARKER = re.compile(rb"^[^\n]*size\(B\)[^\n]*busbw\(GB/s\)|Neuron DKMS Driver", re.M)
+MONITOR_MARKER = re.compile(rb'"neuron_(?:hw_counters|hardware_info)"\s*:')
+LS_MARKER = re.compile(rb"^\|\s*NEURON\s*\|", re.M)
+# One of these is in every match of the marker: a fast prefilter.
+NCCOM_MARKER_WORDS = (b"size(B)", b"Neuron DKMS Driver")
+MONITOR_MARKER_WORDS = (b'"neuron_h',)
+LS_MARKER_WORDS = (b"NEURON",)
 
 
 def judge_nccom(text: str, returncode: int | None = None) -> Finding:

@@ -103,3 +103,18 @@ def wait_for(predicate, timeout: float = 10.0) -> float:
         assert time.monotonic() - start < timeout, "condition not met in time"
         time.sleep(0.01)
     return time.monotonic() - start
+
+
+def whole_table(tmp_path: Path, name: str) -> Path:
+    """A quoted dcgmi table that ends at a row's value, with the rest of that row and the
+    table's closing border (its first line) that dcgmi prints after it."""
+    text = (REPO / "tests" / "fixtures" / "dcgm" / name).read_text().rstrip("\n")
+    end = "" if text.endswith("|") else " |" if "|" in text.splitlines()[-1][1:] else ""
+    closing = (
+        (REPO / "tests" / "fixtures" / "dcgm" / "deployment-row-remap-pending.txt")
+        .read_text()
+        .split("\n")[0]
+    )
+    path = tmp_path / name
+    path.write_text(text + end + "\n" + closing + "\n")
+    return path

@@ -166,3 +166,84 @@ def test_the_example_config_is_valid(cli_env) -> None:
     example = Path(__file__).parent.parent / "deploy" / "config.example.yaml"
     out = node_health(cli_env, "checks", "list", "--config", str(example))
     assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize(
+    ("listen", "says"),
+    [
+        ("garbage", "http_listen: Value error, 'garbage' is not host:port"),
+        ("127.0.0.1:99999", "http_listen: Value error, port 99999 is out of range (0-65535)"),
+        ("[not:v6]:80", "http_listen: Value error,"),
+    ],
+)
+def test_a_bad_listen_address_is_one_line_and_exit_2(cli_env, listen: str, says: str) -> None:
+    out = node_health(cli_env | {"NODE_HEALTH_HTTP_LISTEN": listen}, "run")
+    assert out.returncode == 2
+    [line] = out.stderr.splitlines()
+    assert line.startswith(f"node-health: configuration error: {says}")
+
+
+def test_a_port_in_use_is_one_line_and_exit_2(cli_env, tmp_path) -> None:
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        cfg = config(tmp_path, "checks:\n  hang: {enabled: false}\n")
+        env = cli_env | {
+            "NODE_HEALTH_HTTP_LISTEN": f"127.0.0.1:{port}",
+            "NODE_HEALTH_LOG_LEVEL": "error",
+        }
+        out = node_health(env, "run", "-c", cfg)
+    assert out.returncode == 2
+    assert out.stderr.splitlines()[-1] == (
+        f"node-health: configuration error: http_listen: cannot listen on 127.0.0.1:{port}: "
+        "address already in use"
+    )
+    assert "Traceback" not in out.stderr + out.stdout
+
+
+def test_a_state_dir_that_is_a_file_is_one_line_and_exit_2(cli_env, tmp_path) -> None:
+    (tmp_path / "file").write_text("")
+    out = node_health(cli_env | {"NODE_HEALTH_STATE_DIR": str(tmp_path / "file")}, "run")
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == [
+        "node-health: configuration error: state_dir: Value error, not a directory "
+        f"(got '{tmp_path / 'file'}')"
+    ]
+
+
+def test_an_internal_error_is_one_line_and_exit_2_never_1(cli_env) -> None:
+    code = (
+        "import sys, agent.cli; agent.cli.main = lambda: 1 / 0; "
+        "sys.argv = ['node-health', 'status']; "
+        "from agent.entry import main; main()"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=cli_env, capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == [
+        "node-health: internal error: ZeroDivisionError: division by zero (at <string>:1)"
+    ]
+
+
+def test_usage_errors_exit_2(cli_env) -> None:
+    assert node_health(cli_env, "run", "--no-such-option").returncode == 2
+    assert node_health(cli_env, "no-such-command").returncode == 2
+
+
+def test_a_full_stdout_is_one_line_and_exit_2(cli_env) -> None:
+    with open("/dev/full", "w") as full:
+        out = subprocess.run(
+            [sys.executable, "-m", "agent", "version"],
+            env=cli_env,
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=30,
+        )
+    assert out.returncode == 2
+    [line] = out.stderr.splitlines()
+    assert line.startswith("node-health: cannot write output: No space left on device")

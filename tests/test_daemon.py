@@ -281,3 +281,50 @@ def test_policy_asks_for_a_deep_check_and_its_findings_decide(cli_env, tmp_path)
     wanted = next(e for e in events if e.get("reason") == "DeepCheckWanted")
     assert wanted["component"] == "gpu:0" and wanted["cause"] == "Xid13"
     assert node_state(state)["labels"][LABEL] == "UnschedulablePendingReboot"
+
+
+def test_a_state_dir_that_cannot_be_written_is_one_clear_error_and_detection_goes_on(
+    cli_env, tmp_path
+):
+    # A path under a file stands for a read-only or full disk: every write there fails.
+    (tmp_path / "file").write_text("")
+    port = free_port()
+    env = cli_env | {
+        "NODE_HEALTH_HTTP_LISTEN": f"127.0.0.1:{port}",
+        "NODE_HEALTH_STATE_DIR": str(tmp_path / "file" / "state"),
+    }
+    proc = start(env, "--config", faulty(tmp_path))
+    try:
+        wait_for(lambda: _answers(port))
+        code, body = get(f"http://127.0.0.1:{port}/healthz")
+        assert code == 200  # a restart would not mend it: the liveness probe must not fire
+        assert body == (
+            f"ok\nwarning: state_dir {tmp_path / 'file' / 'state'}: Not a directory: "
+            "state and events are not kept on disk\n"
+        )
+        time.sleep(1.0)  # twenty more polls, each an event the spool cannot take
+    finally:
+        stop(proc)
+    out, err = proc.stdout.read(), proc.stderr.read()
+    assert '"reason":"XidHardwareFailure"' in out  # detected and decided all the same
+    logged = [json.loads(line)["event"] for line in err.splitlines() if line.startswith("{")]
+    assert logged.count("state_dir_unwritable") == 1
+    assert logged.count("sink_emit_failed") == 1
+
+
+def test_the_state_dir_problem_clears_once_it_can_be_written(tmp_path):
+    from structlog.testing import capture_logs
+
+    from agent.statedir import StateDir
+
+    (tmp_path / "disk").write_text("")  # in the way, until a person removes it
+    now = [0.0]
+    probe = StateDir(tmp_path / "disk" / "state", every=60, clock=lambda: now[0])
+    with capture_logs() as logs:
+        assert probe.check() == "Not a directory"
+        (tmp_path / "disk").unlink()
+        assert probe.check() == "Not a directory"  # asked again within a minute: not probed
+        now[0] = 61
+        assert probe.warnings() == []
+    assert [e["event"] for e in logs] == ["state_dir_unwritable", "state_dir_writable"]
+    assert list((tmp_path / "disk" / "state").iterdir()) == []  # the probe leaves nothing

@@ -18,27 +18,48 @@ def text(name: str) -> str:
     return (FIXTURES / name).read_text()
 
 
+# The line dcgmi ends its table with (each fixture's first line): the quoted tables lack it.
+CLOSING = text("deployment-row-remap-pending.txt").splitlines()[0] + "\n"
+
+
 def verdict(doc: str, exit_code: int | None = None) -> list[tuple[Status, str, Action]]:
     return [(f.status, f.reason, f.action) for f in dcgm.judge(dcgm.parse(doc), exit_code)]
 
 
 @pytest.mark.parametrize(
-    ("fixture", "expected"),
+    ("fixture", "end", "expected"),
     [
         # GPU 0 fails GPU Memory with thermal violations (a MONITOR code): a failed test
-        # with no code that says otherwise is a faulty instance.
-        ("r2-gpu-memory-fail.txt", [(Status.FAULT, "DcgmDiagFailed", Action.REPLACE)]),
-        # Pending row remaps (DCGM_FR_PENDING_ROW_REMAP, RESET): a reboot remaps them.
-        ("deployment-row-remap-pending.txt", [(Status.FAULT, "DcgmDiagFailed", Action.REBOOT)]),
+        # with no code that says otherwise is a faulty instance...
+        (
+            "r2-gpu-memory-fail.txt",
+            "\n" + CLOSING,
+            [(Status.FAULT, "DcgmDiagFailed", Action.REPLACE)],
+        ),
+        # ...but where the table is cut off, a later warning's code could say otherwise.
+        ("r2-gpu-memory-fail.txt", "", [(Status.UNKNOWN, "DcgmDiagCut", Action.NONE)]),
+        # Pending row remaps (DCGM_FR_PENDING_ROW_REMAP, RESET): a reboot remaps them, what
+        # else the cut-off rest says (a replace is no better for the node).
+        (
+            "deployment-row-remap-pending.txt",
+            "",
+            [(Status.FAULT, "DcgmDiagFailed", Action.REBOOT)],
+        ),
         # sm_stress fails with error_id 50 (STRESS_LEVEL, TRIAGE, a performance category).
-        ("nvvs-per-gpu.json", [(Status.FAULT, "DcgmDiagFailed", Action.REBOOT)]),
-        ("r3-3.0.4-skips-truncated.txt", [(Status.OK, "DcgmDiagPassed", Action.NONE)]),
-        ("r2-3.3.1-metadata-truncated.txt", [(Status.OK, "DcgmDiagPassed", Action.NONE)]),
-        ("r-4.2.3-per-gpu-truncated.txt", [(Status.OK, "DcgmDiagPassed", Action.NONE)]),
+        ("nvvs-per-gpu.json", "", [(Status.FAULT, "DcgmDiagFailed", Action.REBOOT)]),
+        # Passes until the quote ends: a cut-off run is not a passed one.
+        ("r3-3.0.4-skips-truncated.txt", "", [(Status.UNKNOWN, "DcgmDiagCut", Action.NONE)]),
+        ("r2-3.3.1-metadata-truncated.txt", "", [(Status.UNKNOWN, "DcgmDiagCut", Action.NONE)]),
+        ("r-4.2.3-per-gpu-truncated.txt", "", [(Status.UNKNOWN, "DcgmDiagCut", Action.NONE)]),
+        (
+            "r2-3.3.1-metadata-truncated.txt",
+            "                                           |\n" + CLOSING,
+            [(Status.OK, "DcgmDiagPassed", Action.NONE)],
+        ),
     ],
 )
-def test_verdicts(fixture: str, expected: list[tuple[Status, str, Action]]) -> None:
-    assert verdict(text(fixture)) == expected
+def test_verdicts(fixture: str, end: str, expected: list[tuple[Status, str, Action]]) -> None:
+    assert verdict(text(fixture).rstrip("\n") + (end or "\n")) == expected
 
 
 def test_text_table_details() -> None:
@@ -167,8 +188,8 @@ def test_the_error_table_is_dcgms() -> None:
 @pytest.mark.parametrize(
     ("fixture", "rc", "reason"),
     [
-        ("r2-gpu-memory-fail.txt", 1, "DcgmDiagFailed"),
-        ("r3-3.0.4-skips-truncated.txt", 0, "DcgmDiagPassed"),
+        ("deployment-row-remap-pending.txt", 1, "DcgmDiagFailed"),
+        ("r3-3.0.4-skips-truncated.txt", 2, "DcgmDiagCut"),
         ("nvvs-per-gpu.json", 1, "DcgmDiagFailed"),
     ],
 )

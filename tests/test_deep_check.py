@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from agent import deepcheck
-from tests.conftest import wait_for
+from tests.conftest import wait_for, whole_table
 from tests.test_cli import node_health
 
 BIN = Path(__file__).parent / "bin"
@@ -34,7 +34,7 @@ def node(cli_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
         (tools / tool).symlink_to(BIN / "fake-tool")
     return cli_env | {
         "PATH": str(tools),
-        "FAKE_DCGMI_OUTPUT": str(FIXTURES / "dcgm" / "r2-3.3.1-metadata-truncated.txt"),
+        "FAKE_DCGMI_OUTPUT": str(whole_table(tmp_path, "r2-3.3.1-metadata-truncated.txt")),
         "FAKE_ALL_REDUCE_PERF_OUTPUT": str(FIXTURES / "nccl" / "p5-2node-mpirun.txt"),
         "FAKE_TOOL_CALLS": str(tmp_path / "calls"),
     }
@@ -73,8 +73,10 @@ def test_a_healthy_node_passes(node: dict[str, str], tmp_path: Path) -> None:
     assert lines(log.read_text())[-1]["deep_health_check_id"] == log.stem
 
 
-def test_a_failed_dcgm_test_fails_the_node_with_its_action(node: dict[str, str]) -> None:
-    node["FAKE_DCGMI_OUTPUT"] = str(FIXTURES / "dcgm" / "r2-gpu-memory-fail.txt")
+def test_a_failed_dcgm_test_fails_the_node_with_its_action(
+    node: dict[str, str], tmp_path: Path
+) -> None:
+    node["FAKE_DCGMI_OUTPUT"] = str(whole_table(tmp_path, "r2-gpu-memory-fail.txt"))
     node["FAKE_DCGMI_RC"] = "226"
     out = deep_check(node, *P5, "--level", "3")
     assert out.returncode == 1
@@ -130,6 +132,39 @@ def test_a_diagnostic_that_crashed_is_unknown_and_labels_go_back(node: dict[str,
     tests = {t["test"]: t["result"] for t in lines(out.stdout)[:-1]}
     assert tests["dcgm-diag"] == "unknown"
     assert node_state(node) == before
+
+
+def test_dcgm_json_of_the_wrong_shape_is_unknown_and_the_record_ends(
+    node: dict[str, str], tmp_path: Path
+) -> None:
+    bad = tmp_path / "dcgmi.json"
+    bad.write_text(json.dumps({"metadata": "4.2.3", "DCGM GPU Diagnostic": {}}))
+    node["FAKE_DCGMI_OUTPUT"] = str(bad)
+    out = deep_check(node, *P5)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert {t["test"]: t["result"] for t in lines(out.stdout)[:-1]}["dcgm-diag"] == "unknown"
+    [log] = (Path(node["NODE_HEALTH_STATE_DIR"]) / "deep-health-check").glob("*.jsonl")
+    assert lines(log.read_text())[-1]["deep_health_check_status"] == "Unknown"
+
+
+def test_an_internal_error_ends_the_record_and_puts_labels_back(node: dict[str, str]) -> None:
+    # Whatever fails in our own code, the run's record must not stay InProgress.
+    code = (
+        "import sys, agent.deepcheck as d\n"
+        "def boom(*a, **k): raise RuntimeError('kaboom')\n"
+        "d.verdict = boom\n"
+        "sys.argv = ['node-health', 'deep-check', '--instance-type', 'p5.48xlarge']\n"
+        "from agent.entry import main; main()\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=node, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 2, out.stderr
+    assert "deep check stopped: internal error: RuntimeError: kaboom" in out.stderr
+    [log] = (Path(node["NODE_HEALTH_STATE_DIR"]) / "deep-health-check").glob("*.jsonl")
+    last = lines(log.read_text())[-1]
+    assert last["deep_health_check_status"] == "Unknown" and "kaboom" in last["msg"]
+    assert node_state(node)["labels"].get(DEEP) != "InProgress"
 
 
 @pytest.mark.parametrize(

@@ -116,6 +116,44 @@ async def test_backlog_since_boot_is_read_and_a_restart_reports_nothing_twice(tm
     assert [f.component for f in again] == ["gpu:0000:ba:00"]  # only the new one
 
 
+@pytest.mark.parametrize(
+    "saved",
+    [
+        "[]",
+        '"boot-1"',
+        '{"boot_id": "boot-1", "kmsg_seq": "2"}',
+        '{"boot_id": "boot-1", "kmsg_seq": true}',
+        '{"boot_id": ["boot-1"], "kmsg_seq": 2}',
+        '{"boot_id": "boot-1", "files": []}',
+        '{"boot_id": "boot-1", "files": {"/var/log/kern.log": {"offset": -1}}}',
+        '{"boot_id": "boot-1", "journal_cursor": 5}',
+        "[" * 100_000,
+        None,  # a directory where the file should be
+    ],
+)
+async def test_a_corrupt_state_is_moved_aside_and_reading_starts_afresh(
+    tmp_path, saved: str | None
+) -> None:
+    from structlog.testing import capture_logs
+
+    root = host(tmp_path)
+    (root / "dev/kmsg").write_text(kmsg_line(1, "Linux version 6.8.0") + kmsg_line(2, XID79))
+    path = tmp_path / "state" / "kernel-log.json"
+    path.parent.mkdir()
+    if saved is None:
+        path.mkdir()
+    else:
+        path.write_text(saved)
+    with capture_logs() as logs:
+        found = await collect(check(root, tmp_path), follow=True, limit=1)
+    assert [f.reason for f in found] == ["Xid79"]
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == [
+        "kernel_log_state_unreadable"
+    ]
+    assert path.with_suffix(".corrupt").exists()
+    assert json.loads(path.read_text())["kmsg_seq"] == 2  # and it is written afresh
+
+
 async def test_a_new_boot_reads_its_own_log_from_the_start(tmp_path) -> None:
     root = host(tmp_path)
     (root / "dev/kmsg").write_text(kmsg_line(7, XID79))

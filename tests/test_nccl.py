@@ -45,7 +45,8 @@ def test_old_layout_and_not_checked_rows() -> None:
         ("p5-2node-mpirun.txt", 250, 0, Status.OK, "NcclTestPassed", Action.NONE),
         ("p5-2node-mpirun.txt", 400, 0, Status.FAULT, "NcclLowBandwidth", Action.REPLACE),
         ("p5-2node-mpirun.txt", None, 0, Status.OK, "NcclTestPassed", Action.NONE),
-        ("p5-2node-srun.txt", 250, None, Status.OK, "NcclTestPassed", Action.NONE),
+        # A paste cut before the summary: no fault in it, and no pass.
+        ("p5-2node-srun.txt", 250, None, Status.UNKNOWN, "NcclTestError", Action.NONE),
         ("p4de-2node-srun.txt", 80, None, Status.FAULT, "NcclLowBandwidth", Action.REPLACE),
         ("all_gather-out-of-bounds.txt", None, 0, Status.FAULT, "NcclWrongResults", Action.REPLACE),
         ("cuda-failure-mid-run.txt", 250, 1, Status.UNKNOWN, "NcclTestError", Action.NONE),

@@ -287,6 +287,60 @@ def test_corrupt_state_is_moved_aside_not_fatal(clock: Clock, tmp_path) -> None:
     assert make(clock, path).verdict is Verdict.SCHEDULABLE
 
 
+def _saved(clock: Clock, tmp_path: Path) -> dict:
+    path = tmp_path / "saved.json"
+    p = make(clock, path)
+    p.observe([poll(Status.FAULT)])
+    p.save()
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda s: [],
+        lambda s: s | {"trackers": {}},
+        lambda s: s | {"hold": "Maybe"},
+        lambda s: s | {"latched_keys": 5},
+        lambda s: s | {"rebooted_for": ["x"]},
+        lambda s: s | {"boot_id": 7},
+        lambda s: s | {"trackers": [5]},
+        lambda s: s | {"trackers": [s["trackers"][0] | {"occurrences": ["soon"]}]},
+        lambda s: s | {"trackers": [s["trackers"][0] | {"changed": "now"}]},
+        lambda s: s | {"trackers": [s["trackers"][0] | {"clean": "1"}]},
+        lambda s: s | {"trackers": [s["trackers"][0] | {"evidence": []}]},
+        lambda s: "[" * 100_000,
+    ],
+)
+def test_state_of_any_wrong_shape_is_moved_aside_and_the_next_start_is_fresh(
+    clock: Clock, tmp_path: Path, damage
+) -> None:
+    path = tmp_path / "policy-state.json"
+    bad = damage(_saved(clock, tmp_path))
+    path.write_text(bad if isinstance(bad, str) else json.dumps(bad))
+    with pytest.raises(StateCorruptError, match=r"moved to policy-state\.corrupt,"):
+        make(clock, path)
+    assert not path.exists() and path.with_suffix(".corrupt").exists()
+    fresh = make(clock, path)
+    assert fresh.verdict is Verdict.SCHEDULABLE and fresh.trackers == {}
+    fresh.observe([poll(Status.FAULT)])
+    fresh.save()
+    assert make(clock, path).verdict is Verdict.PENDING_REBOOT
+
+
+def test_a_directory_in_place_of_the_state_is_moved_aside(clock: Clock, tmp_path: Path) -> None:
+    path = tmp_path / "policy-state.json"
+    path.mkdir()
+    path.with_suffix(".corrupt").mkdir()  # an earlier one, in the way
+    (path.with_suffix(".corrupt") / "x").write_text("")
+    with pytest.raises(StateCorruptError, match=r"moved to policy-state\.corrupt\.\d+"):
+        make(clock, path)
+    p = make(clock, path)
+    p.observe([poll(Status.FAULT)])
+    p.save()
+    assert path.is_file()
+
+
 def test_rules_from_settings_win_over_the_packaged_table(clock: Clock) -> None:
     ps = PolicySettings(
         rules=[PolicyRule(name="ignore-gpu0", match={"component": "gpu:0"}, action=Action.NONE)]

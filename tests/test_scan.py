@@ -142,6 +142,169 @@ def test_bad_input_and_bad_settings_exit_2(cli_env, tmp_path) -> None:
     assert "configuration error" in out.stderr.decode() and "rule 'x'" in out.stderr.decode()
 
 
-def test_garbage_input_is_not_a_crash(cli_env) -> None:
+def test_garbage_input_is_not_a_crash_and_not_node_fine(cli_env) -> None:
     out = scan(cli_env, stdin=bytes(range(256)) * 1000)
-    assert out.returncode == 0 and out.stdout == b""
+    assert out.returncode == 2 and out.stdout == b""
+    assert "could not judge: not a format I know; I read kernel logs" in out.stderr.decode()
+
+
+FIXTURES = KERNEL.parent
+FALLEN = KERNEL / "faults" / "gpu-fallen-off-bus-no-xid-nvsentinel.log"
+
+
+def verdict_line(out: subprocess.CompletedProcess) -> str:
+    return out.stderr.decode().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        None,  # empty
+        FIXTURES / "crictl" / "info-ready.json",
+        FIXTURES / "hosts" / "kernel-doc" / "proc" / "meminfo",
+    ],
+)
+def test_input_in_no_format_i_know_exits_2_never_node_fine(cli_env, path: Path | None) -> None:
+    out = scan(cli_env, stdin=path.read_bytes() if path else b"")
+    assert out.returncode == 2, out.stderr
+    assert "not a format I know; I read kernel logs (/dev/kmsg, " in verdict_line(out)
+    assert "tool outputs (dcgmi diag, " in verdict_line(out)
+
+
+def test_an_nccl_init_failure_is_recognised_and_unknown(cli_env) -> None:
+    out = scan(cli_env, str(FIXTURES / "nccl" / "init-failure.txt"))
+    assert out.returncode == 2
+    assert "(all_reduce_perf)" in out.stderr.decode()
+    assert "could not judge: all_reduce_perf: the NCCL test could not run" in verdict_line(out)
+
+
+def test_gzip_and_utf16_are_read(cli_env, tmp_path) -> None:
+    import gzip
+
+    raw = FALLEN.read_bytes()
+    for data in (
+        gzip.compress(raw),
+        raw.decode().encode("utf-16"),  # with its byte-order mark
+        b"\xef\xbb\xbf" + raw,  # UTF-8 with one (Windows editors write it)
+        gzip.compress(raw.decode().encode("utf-16-be").join([b"\xfe\xff", b""])),
+    ):
+        saved = tmp_path / "saved"
+        saved.write_bytes(data)
+        for out in (scan(cli_env, str(saved)), scan(cli_env, stdin=data)):
+            assert out.returncode == 1, out.stderr
+            assert "(dmesg)" in out.stderr.decode()
+    cut = gzip.compress(raw)[:-20]
+    out = scan(cli_env, stdin=cut)
+    assert out.returncode == 1  # what came before the cut still counts...
+    out = scan(
+        cli_env,
+        stdin=gzip.compress((KERNEL / "benign" / "edac-probe-rebar.log").read_bytes())[:-20],
+    )
+    assert out.returncode == 2  # ...but a cut stream is no healthy node
+    assert "the gzip data is cut off or corrupt" in verdict_line(out)
+
+
+def test_a_kernel_fault_before_a_tool_output_is_not_lost(cli_env, tmp_path) -> None:
+    # A tool output after the dmesg does not make the file that tool's: each is judged.
+    passed = (FIXTURES / "nvidia-smi" / "nvlink-e-h100-elided.txt").read_bytes()
+    both = tmp_path / "both.log"
+    both.write_bytes(FALLEN.read_bytes() + passed)
+    out = scan(cli_env, str(both))
+    assert out.returncode == 1, out.stderr
+    assert "(dmesg, nvidia-smi nvlink -e)" in out.stderr.decode()
+    assert "needs the node out" in verdict_line(out)
+
+
+def test_a_bug_report_shaped_bundle_is_judged_by_each_part(cli_env, tmp_path) -> None:
+    # nvidia-bug-report.sh puts command outputs one after another: nvidia-smi -q, dmesg, ...
+    bundle = tmp_path / "nvidia-bug-report.log"
+    bundle.write_bytes(
+        (FIXTURES / "nvidia-smi" / "q-a100-reset-status-cut.txt").read_bytes()
+        + b"\n"
+        + FALLEN.read_bytes()
+        + (FIXTURES / "efa" / "fi_info-p4de-4-devices.txt").read_bytes()
+    )
+    out = scan(cli_env, str(bundle), "--instance-type", "p4de.24xlarge")
+    assert out.returncode == 1, out.stderr
+    assert "(dmesg, nvidia-smi -q, fi_info)" in out.stderr.decode()
+    assert {e["reason"] for e in events(out)} >= {"GpuHealthy", "EfaDevicesPresent"}
+
+
+def test_one_failed_row_does_not_make_a_dmesg_a_dcgmi_diag(cli_env, tmp_path) -> None:
+    lines = (KERNEL / "benign" / "gpu-node-journal-gpud1209.log").read_bytes().splitlines(True)
+    mixed = tmp_path / "mixed.log"
+    mixed.write_bytes(
+        b"".join(lines[:3]) + b"| x | Fail |\n" + b"".join(lines[3:]) + FALLEN.read_bytes()
+    )
+    out = scan(cli_env, str(mixed))
+    assert out.returncode == 1, out.stderr
+    assert [e["reason"] for e in events(out) if e["check"] == "dcgm"] == ["DcgmDiagCut"]
+    assert "Xid79" in {e["reason"] for e in events(out)}
+
+
+def test_newline_free_input_is_bounded_then_exit_2(cli_env) -> None:
+    out = scan(cli_env, stdin=b"x" * (3 * 1024 * 1024))
+    assert out.returncode == 2
+    assert "a line longer than 1024 KiB: not text we read" in verdict_line(out)
+    out = scan(cli_env, "/dev/zero")
+    assert out.returncode == 2
+    assert "a line longer than 1024 KiB" in verdict_line(out)
+
+
+def test_a_fifo_without_a_writer_is_not_waited_on_forever(tmp_path, monkeypatch, capsys) -> None:
+    import os
+
+    from agent import scan as scan_module
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    monkeypatch.setattr(scan_module, "FIFO_WAIT", 0.2)
+    assert scan_module.main([str(fifo)]) == 2
+    assert capsys.readouterr().err == (
+        f"node-health: cannot read {fifo}: no writer on the FIFO in 0.2s\n"
+    )
+
+
+def test_a_closed_or_full_stdout_is_said_once_and_the_verdict_stands(cli_env) -> None:
+    log = str(KERNEL / "faults" / "xid13-burst-gpud.log")
+    with open("/dev/full", "w") as full:
+        out = subprocess.run(
+            [sys.executable, "-m", "agent", "scan", log],
+            env=cli_env,
+            stdout=full,
+            stderr=subprocess.PIPE,
+            timeout=60,
+        )
+    err = out.stderr.decode()
+    assert out.returncode == 1 and "Traceback" not in err
+    assert err.count("cannot write the events to stdout: No space left on device") == 1
+    reader = subprocess.Popen(
+        [sys.executable, "-m", "agent", "scan", log],
+        env=cli_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    reader.stdout.close()  # as `| head -0` does
+    _, err_bytes = reader.communicate(timeout=60)
+    assert reader.returncode == 1 and b"Traceback" not in err_bytes
+
+
+def test_a_tool_output_across_two_pieces_of_a_stream_is_judged_whole(
+    monkeypatch, tmp_path, capsys
+) -> None:
+    # A pipe is read a piece at a time: an output that runs past a piece's end is carried on.
+    import io
+
+    from agent import scan as scan_module
+    from tests.conftest import whole_table
+
+    monkeypatch.setattr(scan_module, "CHUNK", 2048)
+    monkeypatch.setattr(scan_module, "READ", 512)
+    benign = (KERNEL / "benign" / "gpu-node-journal-gpud1209.log").read_bytes()
+    table = whole_table(tmp_path, "r2-3.3.1-metadata-truncated.txt").read_bytes()
+    data = benign[:1500].rsplit(b"\n", 1)[0] + b"\n" + table + FALLEN.read_bytes()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+    assert scan_module.main([]) == 1
+    reasons = [json.loads(line)["reason"] for line in capsys.readouterr().out.splitlines()]
+    assert "DcgmDiagPassed" in reasons and "Xid79" in reasons
+    assert "DcgmDiagCut" not in reasons

@@ -29,20 +29,28 @@ class Sink(Protocol):
 
 
 class Fanout:
-    """Send each event to every sink; a failing sink is logged and counted, never fatal."""
+    """Send each event to every sink; a failing sink is logged and counted, never fatal. A
+    sink failing the same way event after event (a full disk) is logged once, and again when
+    it recovers; every failure is counted."""
 
     def __init__(self, sinks: list[Sink], on_error: Callable[[str], None] | None = None) -> None:
         self.sinks = sinks
         self.on_error = on_error
+        self._failing: dict[str, str] = {}  # sink -> its last error, while it fails
 
     async def emit(self, event: Event) -> None:
         for sink in self.sinks:
             try:
                 await sink.emit(event)
             except Exception as exc:  # a sink must never take the daemon down
-                log.error("sink_emit_failed", sink=sink.name, error=repr(exc))
+                if self._failing.get(sink.name) != repr(exc):
+                    log.error("sink_emit_failed", sink=sink.name, error=repr(exc))
+                self._failing[sink.name] = repr(exc)
                 if self.on_error is not None:
                     self.on_error(sink.name)
+            else:
+                if self._failing.pop(sink.name, None) is not None:
+                    log.info("sink_recovered", sink=sink.name)
 
     async def flush(self) -> None:
         for sink in self.sinks:

@@ -47,11 +47,17 @@ class SpoolSink:
         return used, self.max_segment_bytes * self.max_segments
 
     async def __aenter__(self) -> Self:
+        try:
+            self._start()
+        except OSError:  # a read-only or full disk: the agent runs on (agent.statedir says it)
+            self._fd = None
+        return self
+
+    def _start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         existing = self.segments()
         self._seq = int(existing[-1].stem) if existing else 1
         self._open()
-        return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.flush()
@@ -61,6 +67,8 @@ class SpoolSink:
 
     async def emit(self, event: Event) -> None:
         data = (dumps(event) + "\n").encode()
+        if self._fd is None:
+            self._start()  # what failed at start may work now (the disk was freed)
         if self._size and self._size + len(data) > self.max_segment_bytes:
             self._rotate()
         assert self._fd is not None, "spool used outside its context"

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import structlog
 from pydantic import BaseModel
 
-from checks.api import Finding, Status, StreamingCheck
+from checks.api import Finding, Status, StreamingCheck, move_aside
 from checks.kernel_log.classifier import Classifier
 from checks.kernel_log.formats import from_kernel
 from checks.kernel_log.options import KernelLogOptions, ruleset
@@ -167,10 +167,26 @@ class KernelLogCheck(StreamingCheck):
         tmp.replace(path)
 
     def _load_state(self) -> dict[str, Any]:
-        path = self._state_path()
+        """The saved positions. A file that is not a state of ours (bad JSON, wrong types, a
+        directory in its place) is moved aside with a warning and reading starts afresh
+        from boot: kept, it would fail this check at every start."""
+        if self.ctx.state_dir is None:
+            return {}
+        path = self.ctx.state_dir / STATE_FILE
         try:
-            return json.loads(path.read_text()) if path else {}
-        except (OSError, ValueError):
+            return _valid_state(json.loads(path.read_text()))
+        except FileNotFoundError:
+            return {}
+        except NotADirectoryError:  # the state directory is not one: agent.statedir says so
+            return {}
+        except (OSError, ValueError, TypeError, RecursionError) as exc:
+            moved = move_aside(path)
+            log.warning(
+                "kernel_log_state_unreadable",
+                path=str(path),
+                error=str(exc)[:200],
+                moved_to=str(moved) if moved else None,
+            )
             return {}
 
     def _state_path(self) -> Path | None:
@@ -194,3 +210,29 @@ class KernelLogCheck(StreamingCheck):
         except (OSError, ValueError):
             pass
         return None
+
+
+def _valid_state(state: Any) -> dict[str, Any]:
+    """`state` if the keys this check reads have the types it wrote; TypeError otherwise."""
+
+    def count(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    if not isinstance(state, dict):
+        raise TypeError("not an object")
+    files = state.get("files", {})
+    checks = {
+        "boot_id": state.get("boot_id") is None or isinstance(state["boot_id"], str),
+        "kmsg_seq": "kmsg_seq" not in state or count(state["kmsg_seq"]),
+        "journal_cursor": isinstance(state.get("journal_cursor", ""), str),
+        "files": isinstance(files, dict)
+        and all(
+            isinstance(pos, dict)
+            and (pos.get("inode") is None or count(pos["inode"]))
+            and count(pos.get("offset", 0))
+            for pos in files.values()
+        ),
+    }
+    if bad := [key for key, ok in checks.items() if not ok]:
+        raise TypeError(f"{', '.join(bad)} of the wrong type")
+    return state

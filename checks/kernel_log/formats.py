@@ -116,7 +116,7 @@ def journal_entry(line: str) -> tuple[str, Stamp, str | None] | None:
     try:
         entry = json.loads(line)
         message = entry["MESSAGE"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return None
     if entry.get("_TRANSPORT", "kernel") != "kernel":  # journald's own, trusted field
         return None

@@ -25,6 +25,7 @@ _ENTITY = re.compile(r"^(?:GPU|gpu)\s*(\d+)\s*:\s*(Pass|Fail|Warn|Skip|Not Run)\
 _GPU_LIST = re.compile(r"GPUs?:\s*([\d,\s]+)")
 _RESULT_ROW = re.compile(r"^\|[^|]+\|\s*(?:Pass|Fail|Warn|Skip)(?: - (?:All|GPUs?:)|\s+\|)", re.M)
 _CATEGORY = re.compile(r"^[|+]-+\s+(\w[\w ]*?)\s+-+\+")
+_CLOSING = re.compile(r"^\+-+\+-+\+$")  # the table's last line; also between categories
 
 
 @dataclass
@@ -48,6 +49,7 @@ class DiagRun:
     version: str | None = None
     errors: list[str] = field(default_factory=list)  # what dcgmi printed instead of results
     layout: str = "text"
+    cut: bool = False  # a text table that does not end with its closing border
 
 
 @dataclass(frozen=True)
@@ -92,13 +94,14 @@ def table() -> Table:
     )
 
 
-def looks_like(text: str) -> bool:
-    return (
-        "DCGM GPU Diagnostic" in text
-        or '"DCGM Diagnostic"' in text
-        or bool(re.search(r"^\|\s*Diagnostic\s+\|\s*Result\s+\|", text, re.M))
-        or bool(_RESULT_ROW.search(text))
-    )
+# Where a saved output begins (for `scan`): the table's header row, the JSON document's key,
+# or, in a paste that lost its header, a result row.
+MARKER = re.compile(
+    rb'^\|\s*Diagnostic\s+\|\s*Result\s+\||"DCGM (?:GPU )?Diagnostic"\s*:|'
+    + _RESULT_ROW.pattern.encode(),
+    re.M,
+)
+MARKER_WORDS = (b"Diagnostic", b"\n|")  # one of these is in every match: a fast prefilter
 
 
 def parse(text: str) -> DiagRun:
@@ -107,7 +110,7 @@ def parse(text: str) -> DiagRun:
     if start >= 0:
         try:
             doc, _ = json.JSONDecoder().raw_decode(text[start:])
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested deeper than any report
             doc = None
         if isinstance(doc, dict):
             return _from_json(doc, text[:start])
@@ -120,31 +123,40 @@ def _from_json(doc: dict[str, Any], before: str) -> DiagRun:
     if not isinstance(root, dict):
         run.errors.append("no diagnostic results in the JSON document")
         return run
-    run.version = root.get("version") or (doc.get("metadata") or {}).get("version")
+    version = root.get("version") or _dict(doc.get("metadata")).get("version")
+    run.version = str(version) if version is not None else None
     for key in ("runtime_error", "warning", "error"):
         if isinstance(root.get(key), str):
             run.errors.append(root[key])
     if before.strip().lower().startswith("error"):
         run.errors.append(before.strip())
-    for cat in root.get("test_categories") or []:
-        if not isinstance(cat, dict):
-            continue
-        for t in cat.get("tests") or []:
+    for cat in _list(root.get("test_categories")):
+        for t in _list(_dict(cat).get("tests")):
             if isinstance(t, dict):
                 run.tests += _json_test(str(cat.get("category", "")), t)
     return run
 
 
+def _dict(value: Any) -> dict[str, Any]:
+    """A JSON object where one is expected; anything else reads as an empty one (its tests
+    then are missing, and the run is unknown)."""
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
 def _json_test(category: str, t: dict[str, Any]) -> list[DiagTest]:
     out = []
-    for r in t.get("results") or []:
+    for r in _list(t.get("results")):
         if not isinstance(r, dict):
             continue
         gpus = r.get("gpu_ids", r.get("gpu_id", r.get("entity_id")))
         if r.get("entity_group") not in (None, "GPU"):
             continue  # CPU and switch entities: not this check's
         ids = [g.strip() for g in str(gpus).split(",") if g.strip()] if gpus is not None else []
-        warnings = [_json_warning(w) for w in r.get("warnings") or []]
+        warnings = [_json_warning(w) for w in _list(r.get("warnings"))]
         out.append(
             DiagTest(category, str(t.get("name", "")), _status(r.get("status")), ids, warnings)
         )
@@ -154,7 +166,8 @@ def _json_test(category: str, t: dict[str, Any]) -> list[DiagTest]:
 def _json_warning(w: Any) -> DiagWarning:
     if isinstance(w, dict):
         eid = w.get("error_id")
-        return DiagWarning(str(w.get("warning", "")), eid if isinstance(eid, int) else None)
+        known = isinstance(eid, int) and not isinstance(eid, bool)
+        return DiagWarning(str(w.get("warning", "")), eid if known else None)
     return DiagWarning(str(w))
 
 
@@ -168,8 +181,11 @@ def _from_text(text: str) -> DiagRun:
     wrapped over several rows with an empty name."""
     run = DiagRun()
     category, test, note = "", None, None
+    last = ""  # the last line of the table seen
     for line in text.splitlines():
         line = line.rstrip()
+        if line.startswith(("|", "+")):
+            last = line
         if m := _CATEGORY.match(line):
             category, test, note = m.group(1).strip(), None, None
             continue
@@ -177,7 +193,7 @@ def _from_text(text: str) -> DiagRun:
             if line.strip().lower().startswith("error"):
                 run.errors.append(line.strip())
             continue
-        name, value = line.strip("|").split("|", 1)
+        name, _, value = line[1:].partition("|")
         name, cell = name.strip(), value.removeprefix(" ").rstrip(" |")
         if category == "Metadata":
             if name == "DCGM Version":
@@ -217,6 +233,7 @@ def _from_text(text: str) -> DiagRun:
     for t in run.tests:
         for w in t.warnings:
             w.message = re.sub(r" {2,}", " ", w.message)
+    run.cut = bool(run.tests) and not (_CLOSING.match(last) and text.endswith("\n"))
     return run
 
 
@@ -243,10 +260,16 @@ def judge(run: DiagRun, exit_code: int | None = None) -> list[Finding]:
     by_name: dict[str, list[DiagTest]] = {}
     for t in run.tests:
         by_name.setdefault(t.name, []).append(t)
+    # In a cut table the last test may lack rows (a "Fail - GPU: 0" under its "Pass", the
+    # warning whose code decides the action): only what its rows so far prove is judged.
+    tail = run.tests[-1].name if run.cut else None
     for name, results in by_name.items():
         statuses = {t.status for t in results}
+        if name == tail and "fail" not in statuses:
+            continue
         if "fail" in statuses:
-            findings.append(_judge_failed(name, [t for t in results if t.status == "fail"]))
+            failed = [t for t in results if t.status == "fail"]
+            findings.append(_judge_failed(name, failed, cut=name == tail))
         elif odd := statuses - set(STATUSES.values()):
             message = f"dcgmi diag test {name}: unrecognised status {sorted(odd)[0]!r}"
             findings.append(_finding(name, Status.UNKNOWN, "DcgmDiagError", message))
@@ -266,6 +289,9 @@ def judge(run: DiagRun, exit_code: int | None = None) -> list[Finding]:
             )
     if any(f.status is not Status.FAULT or f.action is not Action.NONE for f in findings):
         return findings
+    if run.cut:
+        message = "dcgmi diag output is cut off before the end of its table"
+        return [*findings, _finding("DcgmDiag", Status.UNKNOWN, "DcgmDiagCut", message)]
     ran = sorted({t.name for t in run.tests if t.status in ("pass", "warn")})
     skipped = sorted({t.name for t in run.tests if t.status == "skip"} - set(ran))
     evidence = {"passed": ran, "skipped": skipped, "version": run.version}
@@ -288,7 +314,7 @@ def judge(run: DiagRun, exit_code: int | None = None) -> list[Finding]:
     ]
 
 
-def _judge_failed(name: str, failed: list[DiagTest]) -> Finding:
+def _judge_failed(name: str, failed: list[DiagTest], cut: bool = False) -> Finding:
     codes = table()
     warnings = [w for t in failed for w in t.warnings]
     actions = []
@@ -313,6 +339,16 @@ def _judge_failed(name: str, failed: list[DiagTest]) -> Finding:
             Status.UNKNOWN,
             "DcgmDiagInconclusive",
             f"dcgmi diag test {name} could not judge the hardware{where}{detail}",
+            Action.NONE,
+            evidence,
+        )
+    elif cut:  # the rows that would say otherwise may be the ones missing
+        return _finding(
+            name,
+            Status.UNKNOWN,
+            "DcgmDiagCut",
+            f"dcgmi diag test {name} failed{where}{detail}, but the output is cut off "
+            "before the test's last row",
             Action.NONE,
             evidence,
         )

@@ -15,6 +15,7 @@ all parse the same way.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -75,12 +76,23 @@ class BusBandwidth:
     minimum: float
 
 
-def looks_like(text: str) -> bool:
-    """Is this the output of an nccl-tests binary? (For `scan`, which is handed anything.)"""
-    return bool(
-        re.search(r"^\S*\s*#?\s+size\s+count\s+type\b.*\bbusbw\b", text, re.M)
-        or re.search(r"Out of bounds values\s*:|Avg bus bandwidth\s*:|Test NCCL failure", text)
-    )
+# Where a saved output of an nccl-tests binary begins (for `scan`, which is handed anything):
+# its banner, its table's header (the old layout's "bytes N type ... res" too), a failure, or
+# the summary of a paste that lost the rest.
+MARKER = re.compile(
+    rb"^\S*\s*# nThread \d|^\S*\s*#?\s+(?:size\s+count|bytes\s+N)\s+type\b[^\n]*\bbusbw\b|"
+    rb"Out of bounds values\s*:|Avg bus bandwidth\s*:|Test (?:NCCL|CUDA) failure \S|"
+    rb"^\S*\s*NCCL failure \S+:\d+",
+    re.M,
+)
+MARKER_WORDS = (
+    b"nThread",
+    b"busbw",
+    b"Out of bounds",
+    b"Avg bus",
+    b"NCCL failure",
+    b"CUDA failure",
+)
 
 
 def parse(text: str) -> NcclRun:
@@ -106,43 +118,51 @@ def parse(text: str) -> NcclRun:
             columns = tokens
             continue
         layout = columns or DEFAULT_COLUMNS
-        if len(tokens) == len(layout) and tokens[0].isdigit() and (row := _row(layout, tokens)):
+        if len(tokens) == len(layout) and (row := _row(layout, tokens)):
             run.rows.append(row)
     return run
 
 
 def _summary(run: NcclRun, key: str, value: str) -> None:
-    try:
-        if key == "Out of bounds values":
-            run.out_of_bounds = int(value)
-        else:
-            run.avg_busbw = float(value)
-    except ValueError:  # a truncated line: as if it were not there
-        pass
+    # A truncated or garbled value (a cut line, NaN, a negative count): as if it were not there.
+    if key == "Out of bounds values":
+        run.out_of_bounds = _int(value)
+    else:
+        run.avg_busbw = _float(value)
 
 
 def _row(columns: list[str], tokens: list[str]) -> Row | None:
-    busbw = [_float(t) for c, t in zip(columns, tokens, strict=True) if c == "busbw"]
-    wrong = [_int(t) for c, t in zip(columns, tokens, strict=True) if c in WRONG_COLUMNS]
-    if not busbw or any(b is None for b in busbw):
+    """One result row; None when a number in it is not one a run prints (a cut or garbled
+    line is no measurement)."""
+    size = _int(tokens[0])
+    cells = list(zip(columns, tokens, strict=True))
+    busbw = [_float(t) for c, t in cells if c == "busbw"]
+    wrong_cells = [t for c, t in cells if c in WRONG_COLUMNS]
+    wrong = [None if t == "N/A" else _int(t) for t in wrong_cells]
+    if size is None or not busbw or None in busbw:
+        return None
+    if any(w is None and t != "N/A" for w, t in zip(wrong, wrong_cells, strict=True)):
         return None
     pair_bw = (busbw[0], busbw[1] if len(busbw) > 1 else None)
     pair_wrong = (wrong[0] if wrong else None, wrong[1] if len(wrong) > 1 else None)
-    return Row(int(tokens[0]), pair_bw, pair_wrong)
+    return Row(size, pair_bw, pair_wrong)
+
+
+_NUMBER = re.compile(r"\d{1,30}(?:\.\d{0,30})?(?:[eE][+-]?\d{1,3})?")
 
 
 def _float(token: str) -> float | None:
-    try:
-        return float(token)
-    except ValueError:
+    """A finite, non-negative measurement; None for N/A, NaN, inf, a sign or anything else."""
+    if not _NUMBER.fullmatch(token):
         return None
+    value = float(token)
+    return value if math.isfinite(value) else None
 
 
 def _int(token: str) -> int | None:
-    try:
-        return int(float(token))  # "0", also "0e+00" where a build prints it so
-    except ValueError:
-        return None  # N/A: this row's results were not checked
+    """A count ("0", also "0e+00" or "1e+00" where a build prints it so); None otherwise."""
+    value = _float(token)
+    return int(value) if value is not None and value == int(value) else None
 
 
 def judge(
@@ -196,7 +216,7 @@ def judge(
             )
         ]
     if threshold is None:
-        return [
+        return _passed(run, evidence) or [
             _finding(
                 Status.OK,
                 "NcclTestPassed",
@@ -231,7 +251,7 @@ def judge(
                 evidence,
             )
         ]
-    return [
+    return _passed(run, evidence) or [
         _finding(
             Status.OK,
             "NcclTestPassed",
@@ -241,6 +261,15 @@ def judge(
             evidence,
         )
     ]
+
+
+def _passed(run: NcclRun, evidence: dict[str, object]) -> list[Finding]:
+    """Nothing when the run may pass; else why not: a pasted table cut before its summary
+    showed no fault so far, which is no pass either."""
+    if run.complete:
+        return []
+    message = "the NCCL test output ends before the test's summary"
+    return [_finding(Status.UNKNOWN, "NcclTestError", message, Action.NONE, evidence)]
 
 
 def _finding(

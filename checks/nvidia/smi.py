@@ -16,11 +16,15 @@ from checks.api import Action, Finding, Status
 from checks.nvidia.nvml import pci_of
 
 _GPU = re.compile(r"^GPU (\d+): (.*?)(?: \(UUID: ([^)]+)\))?$")
-_LINK = re.compile(r"^\s*Link (\d+): ([A-Za-z ]+? Errors): (\d+|N/A)\s*$")
+# Counters as the driver prints them: ASCII digits, at most 64 bits' worth.
+_LINK = re.compile(r"^\s*Link (\d+): ([A-Za-z ]+? Errors): ([0-9]{1,20}|N/A)\s*$")
 
 
-def looks_like_nvlink_errors(text: str) -> bool:
-    return bool(re.search(r"^\s*Link \d+: [A-Za-z ]+ Errors: ", text, re.M))
+# Where a saved `nvidia-smi nvlink -e` begins (for `scan`): a GPU's line, or its first counter.
+NVLINK_MARKER = re.compile(
+    rb"^GPU \d+: [^\n]*\n\s*Link \d+: [A-Za-z ]+ Errors: |^\s*Link \d+: [A-Za-z ]+ Errors: ", re.M
+)
+NVLINK_MARKER_WORDS = (b"GPU ", b" Errors: ")  # one is in every match: a fast prefilter
 
 
 def parse_nvlink_errors(text: str) -> dict[str, dict[str, dict[str, int]]]:
@@ -31,13 +35,14 @@ def parse_nvlink_errors(text: str) -> dict[str, dict[str, dict[str, int]]]:
         if m := _GPU.match(line.strip()):
             gpu = f"GPU {m.group(1)}"
             out.setdefault(gpu, {})
-        elif gpu is not None and (m := _LINK.match(line)) and m.group(3).isdigit():
+        elif gpu is not None and (m := _LINK.match(line)) and m.group(3) != "N/A":
             out[gpu].setdefault(f"Link {m.group(1)}", {})[m.group(2)] = int(m.group(3))
     return out
 
 
 def judge_nvlink_errors(text: str) -> list[Finding]:
-    gpus = parse_nvlink_errors(text)
+    # A GPU whose counters could not be read (none, or all garbled) says nothing either way.
+    gpus = {gpu: links for gpu, links in parse_nvlink_errors(text).items() if links}
     if not gpus:
         return [
             Finding(
@@ -86,8 +91,14 @@ _SECTION_LINE = re.compile(r"^\s+(?:" + "|".join(_SECTIONS) + r")\s*$", re.M)
 _GPU_Q = re.compile(r"^GPU ([0-9A-Fa-f]{8}:[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2}\.\d)\s*$")
 
 
-def looks_like_smi_q(text: str) -> bool:
-    return "==============NVSMI LOG==============" in text or bool(_SECTION_LINE.search(text))
+# Where a saved `nvidia-smi -q` begins (for `scan`): its banner, a GPU's header, or one of
+# the sections judged, in a paste that has only that.
+SMI_Q_MARKER = re.compile(
+    rb"^=+NVSMI LOG=+$|^GPU [0-9A-Fa-f]{8}:[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2}\.\d\s*$|"
+    + _SECTION_LINE.pattern.encode(),
+    re.M,
+)
+SMI_Q_MARKER_WORDS = (b"NVSMI LOG", b"GPU ", *(s.encode() for s in _SECTIONS))
 
 
 def parse_smi_q(text: str) -> dict[str, dict[str, str]]:
@@ -152,5 +163,5 @@ def judge_smi_q(text: str) -> list[Finding]:
 
 def _matches(value: str, bad: str) -> bool:
     if bad == ">0":
-        return value.isdigit() and int(value) > 0
+        return bool(re.fullmatch(r"[0-9]{1,20}", value)) and int(value) > 0
     return value == bad

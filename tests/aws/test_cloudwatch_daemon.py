@@ -49,10 +49,11 @@ def test_every_spooled_event_reaches_hyperpods_stream(cli_env, tmp_path, moto_ur
 
 
 def test_deep_check_results_go_to_their_own_stream(cli_env, tmp_path, moto_url):
-    from tests.test_daemon import FIX, with_tools
+    from tests.conftest import whole_table
+    from tests.test_daemon import with_tools
 
     env = with_tools(cli_env, tmp_path) | aws_env(moto_url)
-    env["FAKE_DCGMI_OUTPUT"] = str(FIX / "dcgm" / "r2-3.3.1-metadata-truncated.txt")
+    env["FAKE_DCGMI_OUTPUT"] = str(whole_table(tmp_path, "r2-3.3.1-metadata-truncated.txt"))
     cfg = tmp_path / "deep.yaml"
     cfg.write_text(
         "checks:\n  hang: {enabled: false}\n  needs: {enabled: false}\n"

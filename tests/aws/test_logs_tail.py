@@ -143,3 +143,20 @@ def test_colored_levels_on_a_terminal():
     event = {"timestamp": 0, "message": json.dumps(ev("x", level="error"))}
     assert "\x1b[31merror" in lt.render(event, "short", color=True)
     assert "\x1b[" not in lt.render(event, "short", color=False)
+
+
+def test_the_region_comes_from_aws_region_as_the_sdks_read_it(cli_env, seeded, moto_url) -> None:
+    env = cli_env | aws_env(moto_url)
+    del env["AWS_DEFAULT_REGION"]
+    out = node_health(env | {"AWS_REGION": "us-west-2"}, "logs", "tail", "--log-group", GROUP)
+    assert out.returncode == 0 and out.stderr == ""
+
+
+def test_no_region_at_all_is_one_line_and_exit_2(cli_env, tmp_path) -> None:
+    env = {k: v for k, v in cli_env.items() if not k.startswith("AWS_")}
+    env |= {"AWS_CONFIG_FILE": str(tmp_path / "none"), "AWS_EC2_METADATA_DISABLED": "true"}
+    out = node_health(env, "logs", "tail", "--log-group", GROUP)
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == [
+        "node-health: no AWS region: give --region, set cloudwatch.region or AWS_REGION"
+    ]

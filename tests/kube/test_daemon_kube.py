@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.conftest import spooled, wait_for
+from tests.conftest import spooled, wait_for, whole_table
 from tests.kube.fake_api import FakeKubeAPI
 from tests.kube.rbac import denied
 from tests.test_cli import node_health
-from tests.test_daemon import FIX, faulty, start, stop, with_tools
+from tests.test_daemon import faulty, start, stop, with_tools
 from tests.test_deploy import docs
 
 HEALTH = "sagemaker.amazonaws.com/node-health-status"
@@ -59,7 +59,7 @@ def test_a_fault_takes_the_node_out_through_the_api(cli_env, tmp_path, api: Fake
 
 def test_a_deep_check_asked_for_by_annotation_runs(cli_env, tmp_path, api: FakeKubeAPI, kcfg):
     env = with_tools(cli_env, tmp_path) | {
-        "FAKE_DCGMI_OUTPUT": str(FIX / "dcgm" / "r2-3.3.1-metadata-truncated.txt"),
+        "FAKE_DCGMI_OUTPUT": str(whole_table(tmp_path, "r2-3.3.1-metadata-truncated.txt")),
     }
     cfg = tmp_path / "quiet.yaml"
     cfg.write_text(

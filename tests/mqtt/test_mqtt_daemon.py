@@ -162,10 +162,11 @@ def test_a_broker_restart_mid_stream_loses_nothing(cli_env, tmp_path, broker, su
 
 
 def test_a_deep_check_asked_for_over_mqtt_runs(cli_env, tmp_path, broker, sub):
-    from tests.test_daemon import FIX, node_state, with_tools
+    from tests.conftest import whole_table
+    from tests.test_daemon import node_state, with_tools
 
     env = with_tools(cli_env, tmp_path)
-    env["FAKE_DCGMI_OUTPUT"] = str(FIX / "dcgm" / "r2-3.3.1-metadata-truncated.txt")
+    env["FAKE_DCGMI_OUTPUT"] = str(whole_table(tmp_path, "r2-3.3.1-metadata-truncated.txt"))
     cfg = tmp_path / "c.yaml"
     cfg.write_text(
         "checks:\n  hang: {enabled: false}\n  needs: {enabled: false}\ndeep_check: {level: 1}\n"
