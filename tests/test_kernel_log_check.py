@@ -302,7 +302,9 @@ async def test_unreadable_kmsg_becomes_one_unknown_finding(tmp_path) -> None:
     c = planned(KernelLogCheck, CheckContext(host_root=root), source="kmsg")
     runner = Runner([c], handle, Metrics(), stream_backoff=(0.05, 0.05))
     task = asyncio.create_task(runner.serve())
-    await asyncio.sleep(0.3)
+    async with asyncio.timeout(30):  # retried with backoff: three tries, however loaded
+        while len(got) < 3:
+            await asyncio.sleep(0.05)
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     assert len(got) >= 3 and all(f.status is Status.UNKNOWN for f in got)
