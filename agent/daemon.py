@@ -108,7 +108,8 @@ class Agent:
         if settings.mqtt.host:
             from agent.sinks.mqtt import MqttSink
 
-            self.sinks.append(MqttSink(settings.mqtt, identity, self._status, self._command))
+            mqtt = MqttSink(settings.mqtt, identity, self._status, self._command, self.loops)
+            self.sinks.append(mqtt)
         self.writer: NodeWriter = LocalStateFile(state / Paths.node_state)
         if kube is not None:
             from agent.kube.events import KubeEventSink

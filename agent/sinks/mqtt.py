@@ -27,6 +27,7 @@ import structlog
 from agent.events import Event, dumps, rfc3339
 from agent.identity import Identity
 from agent.models import MqttSettings
+from agent.supervise import Supervisor
 
 log = structlog.get_logger("agent.mqtt")
 
@@ -47,8 +48,10 @@ class MqttSink:
         identity: Identity,
         status: Callable[[], dict[str, Any]],
         on_command: Callable[[dict[str, Any]], Awaitable[None]],
+        loops: Supervisor | None = None,
     ) -> None:
         self.settings, self.status, self.on_command = settings, status, on_command
+        self.loops = loops or Supervisor()  # /healthz: the session loop restarted, or dead
         cluster = identity.cluster_name or "default"
         base = f"{settings.prefix}/{cluster}"
         self.node = identity.node_name
@@ -66,7 +69,8 @@ class MqttSink:
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Self:
-        self._task = asyncio.create_task(self._run())
+        # Not `stuck`-timed: a session waits on the broker for as long as it is connected.
+        self._task = self.loops.task("mqtt", lambda heart: self._run(), stuck=None)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

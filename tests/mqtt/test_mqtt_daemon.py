@@ -394,3 +394,42 @@ def test_run_check_of_the_kernel_log_reports_no_finding_twice(cli_env, tmp_path,
     done = [e for e in sub.on(f"{BASE}/events") if "done" in e["msg"]]
     assert all(e["findings_total"] == 1 and e["result"] == "fault" for e in done)
     assert done[0]["findings"][0]["reason"] == "Xid43"
+
+
+def test_the_session_loop_is_supervised(broker, monkeypatch) -> None:
+    """A session loop that dies outright (an error before it could catch anything) is started
+    again by the supervisor behind the health endpoint, and the sink comes online."""
+    from agent.identity import Identity
+    from agent.models import MqttSettings
+    from agent.sinks.mqtt import MqttSink
+    from agent.supervise import Supervisor
+
+    real_run = MqttSink._run
+    starts: list[int] = []
+
+    async def run(self) -> None:
+        starts.append(1)
+        if len(starts) == 1:
+            raise RuntimeError("TLS files unreadable")
+        await real_run(self)
+
+    monkeypatch.setattr(MqttSink, "_run", run)
+    watcher = Subscriber(broker.port, STATUS)
+    loops = Supervisor()
+
+    async def main() -> None:
+        settings = MqttSettings(host="127.0.0.1", port=broker.port, keepalive=2)
+        async with MqttSink(settings, Identity("n", cluster_name="c"), dict, _noop, loops):
+            await until(lambda: bool(watcher.on(STATUS)))
+
+    try:
+        asyncio.run(main())
+    finally:
+        watcher.close()
+    assert len(starts) == 2
+    assert watcher.on(STATUS)[0]["online"] is True
+    assert "mqtt" in loops.hearts
+
+
+async def _noop(cmd: dict) -> None:
+    return None
