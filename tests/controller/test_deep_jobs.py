@@ -17,7 +17,7 @@ from agent.controller.deepjob import APP, GROUP, NODE_ANNOTATION, PLURAL, VERSIO
 from agent.controller.requests import Requests
 from agent.kube.client import KubeClient
 from agent.models import ControllerSettings, DeepCheckSettings, NodeKeys
-from tests.conftest import wait_for
+from tests.conftest import wait_for, whole_table
 from tests.kube.fake_api import FakeKubeAPI
 from tests.kube.fake_workloads import finish_job
 from tests.kube.rbac import denied
@@ -215,10 +215,11 @@ def test_a_jobs_run_is_read_back_by_the_nodes_agent(cli_env, tmp_path, api: Fake
     node's agent labels the node from it."""
     from tests.kube.test_daemon_kube import in_cluster
     from tests.test_cli import node_health
-    from tests.test_daemon import FIX, start, stop, with_tools
+    from tests.test_daemon import start, stop, with_tools
 
     env = with_tools(cli_env, tmp_path) | {
-        "FAKE_DCGMI_OUTPUT": str(FIX / "dcgm" / "r2-3.3.1-metadata-truncated.txt"),
+        # A passing run: the quoted table with the end dcgmi prints (a cut one is unknown).
+        "FAKE_DCGMI_OUTPUT": str(whole_table(tmp_path, "r2-3.3.1-metadata-truncated.txt")),
     }
     cfg = tmp_path / "agent.yaml"
     cfg.write_text(
