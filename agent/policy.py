@@ -75,8 +75,11 @@ class RuleMatch:
     reason: str | None = None
     component: str | None = None
     action: Action | None = None
+    xid: str | int | None = None  # evidence `xid`: reasons name a class (XidHardwareFailure)
 
     def __post_init__(self) -> None:
+        if self.xid is not None:
+            object.__setattr__(self, "xid", str(self.xid))
         if self.action is not None:
             object.__setattr__(self, "action", Action(self.action))
 
@@ -261,8 +264,9 @@ class Policy:
         self.hold: Verdict | None = None  # kept after a reboot until the first round of checks
         self.pending: list[Change] = []  # changes found while loading, for the first caller
         self._dirty = False
-        # (condition, component, reason) of recent fault events -> (check, when)
-        self._recent: dict[tuple[str, str, str], tuple[str, float]] = {}
+        # (condition, component, reason, xid) of recent fault events -> (check, when): the XID
+        # code, since one reason (XidHardwareFailure) covers many codes
+        self._recent: dict[tuple[str, str, str, str], tuple[str, float]] = {}
         if state_path is not None:
             self._load(state_path, boot_id)
 
@@ -314,7 +318,7 @@ class Policy:
         """The same fault event already came from another source just now."""
         if not (f.temporary and f.status is Status.FAULT):
             return False
-        key = (f.condition, f.component, f.reason)
+        key = (f.condition, f.component, f.reason, str(f.evidence.get("xid", "")))
         seen = self._recent.get(key)
         if seen is not None and seen[0] != f.check and abs(now - seen[1]) <= DUPLICATE_WINDOW:
             return True
@@ -454,7 +458,7 @@ class Policy:
 
     def _rule_for(self, f: Finding) -> PolicyRule:
         for rule, pats in zip(self.rules, self._patterns, strict=True):
-            if all(_fits(pat, getattr(f, name)) for name, pat in pats):
+            if all(_fits(pat, _field(f, name)) for name, pat in pats):
                 return rule
         raise LookupError(f"no policy rule matches {f.check}/{f.condition}; add a catch-all")
 
@@ -550,6 +554,10 @@ def write_atomic(path: Path, text: str) -> None:
 
 def _compile(rule: PolicyRule) -> list[tuple[str, str]]:
     return rule.match.patterns()
+
+
+def _field(f: Finding, name: str) -> object:
+    return f.evidence.get("xid", "") if name == "xid" else getattr(f, name)
 
 
 def _fits(pattern: str, value: object) -> bool:
