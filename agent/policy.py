@@ -127,6 +127,18 @@ class PolicyRule:
             raise ValueError(f"rule {self.name!r}: count and clean_polls must be at least 1")
 
 
+# What deploy/config.example.yaml shows for `policy.rules`.
+_EXAMPLE = [
+    {
+        "name": "memory-exhaustion-is-the-nodes-problem",
+        "match": {"check": "memory", "condition": "MemoryExhaustion"},
+        "count": 3,
+        "window": "10m",
+        "action": "reboot",
+    }
+]
+
+
 @dataclass(frozen=True)
 class PolicySettings:
     """`rules` are tried before the packaged table, first match wins; `replace_builtin` uses
@@ -135,10 +147,21 @@ class PolicySettings:
 
     __pydantic_config__ = _STRICT
 
-    rules: list[PolicyRule] = field(default_factory=list)
-    replace_builtin: bool = False
-    temporary_ttl: float | str = 3600.0
-    escalation_window: float | str = 7 * 86400.0
+    # `metadata`: what the settings' documentation shows (agent/settings_doc.py).
+    rules: list[PolicyRule] = field(
+        default_factory=list,
+        metadata={"description": "rules tried before the packaged table", "example": _EXAMPLE},
+    )
+    replace_builtin: bool = field(
+        default=False, metadata={"description": "use only `policy.rules`"}
+    )
+    temporary_ttl: float | str = field(
+        default=3600.0, metadata={"description": "how long an event-only fault counts"}
+    )
+    escalation_window: float | str = field(
+        default=7 * 86400.0,
+        metadata={"description": "how long a reboot is remembered for escalation"},
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(
