@@ -3,10 +3,14 @@ stale copies fail here (`python -m agent.settings_doc` rewrites both)."""
 
 from __future__ import annotations
 
+import importlib
+import re
+
 from pydantic import BaseModel, Field
 
 from agent import settings_doc
 from agent.config import load_settings
+from checks import registry
 from checks.units import Duration
 
 STALE = "stale: run `python -m agent.settings_doc` and commit the result"
@@ -58,3 +62,31 @@ def test_a_new_section_is_rendered_without_touching_the_renderer() -> None:
         "# who (default: unset)\nname: gpu-1\n\n# A section a new feature adds.\ninner:\n"
         "  # how long\n  wait: 90s\n"
     )
+
+
+def documented_check_options() -> set[tuple[str, str]]:
+    """(check, option) of every key the README's hand-kept Check options table names: a row
+    starts with `checks.<name>.<option>`; `.<option>` cells after it are the same check's."""
+    readme = settings_doc.README.read_text()
+    section = readme.split("\n### Check options\n", 1)[1].split("\n## ", 1)[0]
+    found = set()
+    for row in section.splitlines():
+        if not row.startswith("| `checks."):
+            continue
+        name = ""
+        for token in re.findall(r"`([^`]+)`", row.split("|")[1]):
+            if token.startswith("checks."):
+                _, name, option = token.split(".", 2)
+            else:
+                option = token.removeprefix(".")
+            found.add((name, option))
+    return found
+
+
+def test_the_check_options_table_names_every_option_and_no_other() -> None:
+    declared = set()
+    for name, ref in registry.BUILTIN.items():
+        module, cls = ref.split(":")
+        options = getattr(importlib.import_module(module), cls).Options
+        declared |= {(name, option) for option in (options.model_fields if options else ())}
+    assert documented_check_options() == declared
