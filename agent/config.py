@@ -64,32 +64,87 @@ class Settings(BaseSettings):
     )
 
     node_name: str | None = Field(
-        None, validation_alias=AliasChoices("node_name", "NODE_HEALTH_NODE_NAME", "NODE_NAME")
+        None,
+        validation_alias=AliasChoices("node_name", "NODE_HEALTH_NODE_NAME", "NODE_NAME"),
+        description="the Node this agent speaks for (downward API)",
+        json_schema_extra={"default_text": "`$NODE_NAME`, else the hostname"},
     )
-    instance_id: str | None = None
-    instance_type: str | None = None
-    region: str | None = None
-    cluster_name: str | None = None
-    cluster_id: str | None = None
-    node_group: str | None = None
+    instance_id: str | None = Field(
+        None,
+        description="the instance",
+        json_schema_extra={"default_text": "from IMDSv2 on EC2"},
+    )
+    instance_type: str | None = Field(
+        None,
+        description="the instance type: what a healthy node has (checks/instance_types.yaml)",
+        json_schema_extra={"default_text": "from IMDSv2 on EC2"},
+    )
+    region: str | None = Field(
+        None,
+        description="the instance's region",
+        json_schema_extra={"default_text": "from IMDSv2 on EC2"},
+    )
+    cluster_name: str | None = Field(
+        None, description="names the CloudWatch log group", examples=["my-cluster"]
+    )
+    cluster_id: str | None = Field(
+        None, description="names the CloudWatch log group", examples=["abcd1234efgh"]
+    )
+    node_group: str | None = Field(
+        None, description="names the CloudWatch log stream", examples=["gpu-workers"]
+    )
 
-    host_root: Path = Path("/")
-    state_dir: Path = Field(default_factory=default_state_dir)
-    dry_run: bool = False
-    imds: Literal["auto", "on", "off"] = "auto"
-    imds_endpoint: str = "http://169.254.169.254"
-    imds_timeout: Duration = 1.0
-    http_listen: str = Field("127.0.0.1:9870", description="host:port; empty turns it off")
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    host_root: Path = Field(
+        Path("/"),
+        description="every /proc, /sys, /dev and log path is read under it (/host in a container)",
+        examples=["/host"],
+    )
+    state_dir: Path = Field(
+        default_factory=default_state_dir,
+        description="spool, node state, policy state",
+        json_schema_extra={"default_text": "`~/.local/state/node-health`"},
+        examples=["/var/lib/node-health"],
+    )
+    dry_run: bool = Field(False, description="report, change nothing on the node")
+    imds: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="auto asks IMDSv2 only when the host's DMI data says EC2; on; off",
+    )
+    imds_endpoint: str = Field("http://169.254.169.254", description="where IMDS answers")
+    imds_timeout: Duration = Field(1.0, description="how long one IMDS request may take")
+    http_listen: str = Field(
+        "127.0.0.1:9870",
+        description="host:port of /healthz, /readyz, /metrics; empty turns it off",
+        examples=["0.0.0.0:9870"],
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="the agent's own logs (stderr): JSON, or readable on a terminal"
+    )
     stop_timeout: Duration = Field(
         20.0,
         description="SIGTERM to exit at most; keep it under the pod's "
         "terminationGracePeriodSeconds (30s), or the kubelet kills the agent first",
     )
-    stdout_events: bool = True
+    stdout_events: bool = Field(True, description="events on stdout")
     spool: SpoolSettings = SpoolSettings()
-    checks: dict[str, CheckSettings] = Field(default_factory=dict)
-    policy: PolicySettings = PolicySettings()
+    checks: dict[str, CheckSettings] = Field(
+        default_factory=dict,
+        description="per check: enabled, interval, timeout, and the check's own options "
+        "(see Check options)",
+        examples=[
+            {
+                "memory": {
+                    "interval": "30s",
+                    "available_min_percent": 5,
+                    "polls": 3,
+                    "action": "restart_app",
+                }
+            }
+        ],
+    )
+    policy: PolicySettings = Field(
+        PolicySettings(), description="the policy: what findings mean for the node (The policy)"
+    )
     node_keys: NodeKeys = NodeKeys()
     deep_check: DeepCheckSettings = DeepCheckSettings()
     kubernetes: KubernetesSettings = KubernetesSettings()

@@ -111,7 +111,9 @@ class EventBuilder:
 
     def _reported(self, f: Finding, t: Tracker, needed: int, now: float) -> Event:
         status = "True" if t.active else _CONDITION_STATUS[f.status]
-        if f.temporary:
+        # HyperPod's form whenever a node condition is on (an XID that reboots: "Node condition
+        # ... is now: True, reason: XidHardwareFailure"); an event that changes nothing says so.
+        if f.temporary and not t.active:
             text = (
                 f'Event {f.condition} on {f.component}, reason: {f.reason}, message: "{f.message}"'
             )

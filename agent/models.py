@@ -30,44 +30,90 @@ class CheckSettings(BaseModel):
 class NodeKeys(Strict):
     """Label, taint and annotation names the agent writes (HyperPod's by default)."""
 
-    health_status_label: str = "sagemaker.amazonaws.com/node-health-status"
-    deep_health_check_label: str = "sagemaker.amazonaws.com/deep-health-check-status"
-    taint_key: str = "sagemaker.amazonaws.com/node-health-status"
-    fault_details_annotation: str = "sagemaker.amazonaws.com/fault-details"
-    fault_types_label: str = "sagemaker.amazonaws.com/fault-types"
-    fault_reasons_label: str = "sagemaker.amazonaws.com/fault-reasons"
-    # Our own: what the agent wrote last (so it removes only its own keys and knows a label
-    # set by hand), the operator's switch for one node, and a deep check asked for.
-    owned_annotation: str = "node-health-agent.io/owned"
-    remediation_annotation: str = "node-health-agent.io/remediation"  # "off": report only
-    deep_check_request_annotation: str = "node-health-agent.io/deep-check"  # "run" | "force"
-    # A multi-node connectivity check asked of the controller (any value); removed with the
-    # result.
-    connectivity_request_annotation: str = "node-health-agent.io/connectivity-request"
-    connectivity_result_annotation: str = "node-health-agent.io/connectivity"  # JSON
-    # The controller's: where a node is in its remediation (a label, to select on) and the
-    # record that lets a restarted controller carry on (an annotation, JSON).
-    remediation_step_label: str = "node-health-agent.io/remediation-step"
-    remediation_state_annotation: str = "node-health-agent.io/remediation-state"
+    health_status_label: str = Field(
+        "sagemaker.amazonaws.com/node-health-status", description="the verdict's label"
+    )
+    deep_health_check_label: str = Field(
+        "sagemaker.amazonaws.com/deep-health-check-status",
+        description="the deep check's label: InProgress, Passed, Failed",
+    )
+    taint_key: str = Field(
+        "sagemaker.amazonaws.com/node-health-status",
+        description="the NoSchedule taint's key while the node is unschedulable",
+    )
+    fault_details_annotation: str = Field(
+        "sagemaker.amazonaws.com/fault-details",
+        description="the active faults, a JSON array of {timestamp,type,reason,message}",
+    )
+    fault_types_label: str = Field(
+        "sagemaker.amazonaws.com/fault-types", description="the active faults' condition types"
+    )
+    fault_reasons_label: str = Field(
+        "sagemaker.amazonaws.com/fault-reasons", description="the active faults' reasons"
+    )
+    # Our own keys.
+    owned_annotation: str = Field(
+        "node-health-agent.io/owned",
+        description="what the agent wrote last, so it removes only its own keys and knows a "
+        "label set by hand",
+    )
+    remediation_annotation: str = Field(
+        "node-health-agent.io/remediation",
+        description="the operator's switch for one node: `off` reports only",
+    )
+    deep_check_request_annotation: str = Field(
+        "node-health-agent.io/deep-check", description="a deep check asked for: run, force"
+    )
+    connectivity_request_annotation: str = Field(
+        "node-health-agent.io/connectivity-request",
+        description="a multi-node connectivity check asked of the controller (any value); "
+        "removed with the result",
+    )
+    connectivity_result_annotation: str = Field(
+        "node-health-agent.io/connectivity", description="the connectivity check's result, JSON"
+    )
+    remediation_step_label: str = Field(
+        "node-health-agent.io/remediation-step",
+        description="the controller's: where a node is in its remediation",
+    )
+    remediation_state_annotation: str = Field(
+        "node-health-agent.io/remediation-state",
+        description="the controller's record that lets a restarted controller carry on, JSON",
+    )
 
 
 class SpoolSettings(Strict):
-    max_segment_bytes: int = Field(8 * 1024 * 1024, ge=4096)
-    max_segments: int = Field(8, ge=2)
+    """The local spool every event is written to first (what CloudWatch ships from)."""
+
+    max_segment_bytes: int = Field(
+        8 * 1024 * 1024, ge=4096, description="one segment's size; the spool is bounded"
+    )
+    max_segments: int = Field(
+        8, ge=2, description="segments kept; past them the oldest goes, counted and logged"
+    )
 
 
 class DeepCheckSettings(Strict):
     """The deep health check the daemon runs itself (see `node-health deep-check`)."""
 
     on_first_start: bool = Field(
-        False, description="run it once on a node that has never passed or failed one"
+        False,
+        description="the daemon runs the deep check once on a node that has none on record "
+        "(`<state_dir>/deep-health-check`), after its first round of checks and once nothing "
+        "uses the accelerators; a failure goes through the policy like any finding",
     )
     after_remediation: bool = Field(
         False,
-        description="run it after the reboot that remediated a fault, before the node "
-        "returns to Schedulable",
+        description="after the reboot that remediated a fault, the node stays `Unschedulable` "
+        "(deep-health-check-status `InProgress`) until the deep check is done: `Passed` lets "
+        "it back, `Failed` takes it out again; a run that cannot judge leaves it to the policy",
     )
-    suite: str = Field("stress", pattern="^(stress|all)$")
+    suite: str = Field(
+        "stress",
+        pattern="^(stress|all)$",
+        description="what it runs, as `node-health deep-check`: stress, or all (adds the EFA "
+        "devices and loopback)",
+    )
     level: int = Field(2, ge=1, le=4, description="dcgmi diag level")
     deadline: Duration = Field(4 * 3600.0, description="time for the whole run")
     idle_wait: Duration = Field(
@@ -91,16 +137,23 @@ class KubernetesSettings(Strict):
     """The agent's own Node through the API server (the node writer in a cluster)."""
 
     enabled: bool | None = Field(
-        None, description="None: when running in a cluster (KUBERNETES_SERVICE_HOST is set)"
+        None, description="unset: when running in a pod (KUBERNETES_SERVICE_HOST is set)"
     )
     kubeconfig: str | None = Field(None, description="a kubeconfig file; else in-cluster")
     events_namespace: str = Field("default", description="where Node events go, as kubelet's")
     request_timeout: Duration = Field(10.0, description="one API request, connect and read")
     max_unschedulable: int | None = Field(
-        None, ge=0, description="breaker: take no node out beyond this many unschedulable"
+        None,
+        ge=0,
+        description="breaker: take no node out beyond this many unschedulable",
+        examples=[20],
     )
     max_unschedulable_percent: float | None = Field(
-        None, ge=0, le=100, description="breaker: nor beyond this share of the agent's nodes"
+        None,
+        ge=0,
+        le=100,
+        description="breaker: nor beyond this share (percent) of the agent's nodes",
+        examples=[10],
     )
     write_alarm: Duration = Field(
         300.0, description="/readyz fails while the health label and taint fail this long"
@@ -111,7 +164,7 @@ class CloudWatchSettings(Strict):
     """Shipping events to CloudWatch Logs, in HyperPod's log group and streams."""
 
     enabled: bool | None = Field(
-        None, description="None: when cluster_name and cluster_id are known"
+        None, description="unset: when cluster_name and cluster_id are known"
     )
     log_group: str | None = Field(
         None, description="default /aws/sagemaker/Clusters/<cluster_name>/<cluster_id>"
@@ -125,14 +178,14 @@ class MqttSettings(Strict):
     """Events to an MQTT broker, a retained status, and commands from it (aiomqtt)."""
 
     host: str | None = Field(None, description="the broker; unset: no MQTT")
-    port: int = Field(1883, ge=1, le=65535)
+    port: int = Field(1883, ge=1, le=65535, description="the broker's port")
     prefix: str = Field("node-health", description="topics: <prefix>/<cluster>/<node>/...")
-    username: str | None = None
+    username: str | None = Field(None, description="to log in to the broker")
     password: str | None = Field(None, description="better from NODE_HEALTH_MQTT__PASSWORD")
-    tls: bool = False
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
+    tls: bool = Field(False, description="TLS to the broker")
+    ca_file: str | None = Field(None, description="TLS: the CA bundle that signed the broker's")
+    cert_file: str | None = Field(None, description="TLS: a client certificate")
+    key_file: str | None = Field(None, description="TLS: the client certificate's key")
     keepalive: int = Field(30, ge=1, description="seconds; the broker calls us gone after 1.5x")
     buffer: int = Field(10_000, ge=1, description="events kept while the broker is away")
 
@@ -174,6 +227,7 @@ class ConnectivitySettings(Strict):
     command: list[str] = Field(
         default_factory=lambda: list(LAUNCHER),
         description="the launcher's command; {ranks}, {gpus} and {size} are filled in",
+        json_schema_extra={"default_text": "nccl-tests' `all_reduce_perf` by `mpirun` over EFA"},
     )
     namespace: str = Field("node-health", description="where the MPIJobs run")
     max_share: float = Field(
@@ -193,7 +247,7 @@ class ControllerSettings(Strict):
         "none", pattern="^(sagemaker|ec2|none)$", description="who reboots or replaces a node"
     )
     namespace: str = Field("node-health", description="where its Lease lives")
-    lease_name: str = "node-health-controller"
+    lease_name: str = Field("node-health-controller", description="its Lease, for one leader")
     lease_duration: Duration = Field(15.0, description="a leader that stops renewing is gone after")
     renew_deadline: Duration = Field(10.0, description="a leader that cannot renew stops acting")
     retry_period: Duration = Field(2.0, description="between tries to renew or take the Lease")
@@ -210,7 +264,7 @@ class ControllerSettings(Strict):
         False, description="act when the drain deadline passes even though pods remain"
     )
     eviction_grace: int | None = Field(
-        None, ge=0, description="seconds each evicted pod gets; None: the pod's own"
+        None, ge=0, description="seconds each evicted pod gets; unset: the pod's own"
     )
     reboot_timeout: Duration = Field(1800.0, description="no reboot seen after this: failed")
     replace_timeout: Duration = Field(3600.0, description="node still here after this: failed")

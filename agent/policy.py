@@ -75,8 +75,11 @@ class RuleMatch:
     reason: str | None = None
     component: str | None = None
     action: Action | None = None
+    xid: str | int | None = None  # evidence `xid`: reasons name a class (XidHardwareFailure)
 
     def __post_init__(self) -> None:
+        if self.xid is not None:
+            object.__setattr__(self, "xid", str(self.xid))
         if self.action is not None:
             object.__setattr__(self, "action", Action(self.action))
 
@@ -124,6 +127,18 @@ class PolicyRule:
             raise ValueError(f"rule {self.name!r}: count and clean_polls must be at least 1")
 
 
+# What deploy/config.example.yaml shows for `policy.rules`.
+_EXAMPLE = [
+    {
+        "name": "memory-exhaustion-is-the-nodes-problem",
+        "match": {"check": "memory", "condition": "MemoryExhaustion"},
+        "count": 3,
+        "window": "10m",
+        "action": "reboot",
+    }
+]
+
+
 @dataclass(frozen=True)
 class PolicySettings:
     """`rules` are tried before the packaged table, first match wins; `replace_builtin` uses
@@ -132,10 +147,21 @@ class PolicySettings:
 
     __pydantic_config__ = _STRICT
 
-    rules: list[PolicyRule] = field(default_factory=list)
-    replace_builtin: bool = False
-    temporary_ttl: float | str = 3600.0
-    escalation_window: float | str = 7 * 86400.0
+    # `metadata`: what the settings' documentation shows (agent/settings_doc.py).
+    rules: list[PolicyRule] = field(
+        default_factory=list,
+        metadata={"description": "rules tried before the packaged table", "example": _EXAMPLE},
+    )
+    replace_builtin: bool = field(
+        default=False, metadata={"description": "use only `policy.rules`"}
+    )
+    temporary_ttl: float | str = field(
+        default=3600.0, metadata={"description": "how long an event-only fault counts"}
+    )
+    escalation_window: float | str = field(
+        default=7 * 86400.0,
+        metadata={"description": "how long a reboot is remembered for escalation"},
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -261,8 +287,9 @@ class Policy:
         self.hold: Verdict | None = None  # kept after a reboot until the first round of checks
         self.pending: list[Change] = []  # changes found while loading, for the first caller
         self._dirty = False
-        # (condition, component, reason) of recent fault events -> (check, when)
-        self._recent: dict[tuple[str, str, str], tuple[str, float]] = {}
+        # (condition, component, reason, xid) of recent fault events -> (check, when): the XID
+        # code, since one reason (XidHardwareFailure) covers many codes
+        self._recent: dict[tuple[str, str, str, str], tuple[str, float]] = {}
         if state_path is not None:
             self._load(state_path, boot_id)
 
@@ -314,7 +341,7 @@ class Policy:
         """The same fault event already came from another source just now."""
         if not (f.temporary and f.status is Status.FAULT):
             return False
-        key = (f.condition, f.component, f.reason)
+        key = (f.condition, f.component, f.reason, str(f.evidence.get("xid", "")))
         seen = self._recent.get(key)
         if seen is not None and seen[0] != f.check and abs(now - seen[1]) <= DUPLICATE_WINDOW:
             return True
@@ -454,7 +481,7 @@ class Policy:
 
     def _rule_for(self, f: Finding) -> PolicyRule:
         for rule, pats in zip(self.rules, self._patterns, strict=True):
-            if all(_fits(pat, getattr(f, name)) for name, pat in pats):
+            if all(_fits(pat, _field(f, name)) for name, pat in pats):
                 return rule
         raise LookupError(f"no policy rule matches {f.check}/{f.condition}; add a catch-all")
 
@@ -596,6 +623,10 @@ def write_atomic(path: Path, text: str) -> None:
 
 def _compile(rule: PolicyRule) -> list[tuple[str, str]]:
     return rule.match.patterns()
+
+
+def _field(f: Finding, name: str) -> object:
+    return f.evidence.get("xid", "") if name == "xid" else getattr(f, name)
 
 
 def _fits(pattern: str, value: object) -> bool:

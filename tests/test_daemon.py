@@ -267,7 +267,7 @@ def test_policy_asks_for_a_deep_check_and_its_findings_decide(cli_env, tmp_path)
     cfg.write_text(
         "checks:\n  hang: {enabled: false}\n  needs: {enabled: false}\n"
         "  fixed:\n    status: fault\n    action: restart_app\n"
-        "    condition: NvidiaGPUUnhealthy\n    component: gpu:0\n    reason: Xid13\n"
+        "    condition: NvidiaGPUUnhealthy\n    component: gpu:0\n    reason: XidUserAppError\n"
         "deep_check: {level: 1}\n"
         "policy:\n  rules:\n    - {name: look, match: {component: 'gpu:*'}, deep_check: true}\n"
     )
@@ -279,7 +279,7 @@ def test_policy_asks_for_a_deep_check_and_its_findings_decide(cli_env, tmp_path)
         stop(proc)
     events = spooled(state)
     wanted = next(e for e in events if e.get("reason") == "DeepCheckWanted")
-    assert wanted["component"] == "gpu:0" and wanted["cause"] == "Xid13"
+    assert wanted["component"] == "gpu:0" and wanted["cause"] == "XidUserAppError"
     assert node_state(state)["labels"][LABEL] == "UnschedulablePendingReboot"
 
 

@@ -23,7 +23,7 @@ def render_all(findings: list[Finding], dry_run: bool = False) -> list[dict]:
 
 XID71 = Finding(
     "gpu:0000:b9:00",
-    "NvidiaErrorReboot",
+    "NvidiaGPUUnhealthy",
     Status.FAULT,
     "XidHardwareFailure",
     "NVRM: Xid (PCI:0000:b9:00): 71, pid=<unknown>, name=<unknown>, NVLink: fatal "
@@ -57,7 +57,7 @@ def test_detection_event_keeps_hyperpods_shape() -> None:
         "severity": "warn",
         "timestamp": "2024-08-21T23:05:29Z",
         "reason": "XidHardwareFailure",
-        "message": "Node condition NvidiaErrorReboot is now: True, reason: XidHardwareFailure, "
+        "message": "Node condition NvidiaGPUUnhealthy is now: True, reason: XidHardwareFailure, "
         'message: "NVRM: Xid (PCI:0000:b9:00): 71, pid=<unknown>, name=<unknown>, NVLink: '
         'fatal error detected on link 6(0x10000, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0)"',
     }

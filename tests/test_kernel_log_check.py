@@ -93,7 +93,8 @@ async def test_a_line_in_kmsg_becomes_a_finding_within_100_ms(tmp_path) -> None:
         os.write(writer, kmsg_line(seq, XID79.replace("b9", f"b{seq}"), seq * 10_000_000).encode())
         at, finding = await asyncio.wait_for(got.get(), 1)
         latencies.append(at - start)
-        assert finding.reason == "Xid79" and finding.action is Action.REPLACE
+        assert (finding.reason, finding.evidence["xid"]) == ("XidHardwareFailure", "79")
+        assert finding.action is Action.REPLACE
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     os.close(writer)
@@ -109,7 +110,7 @@ async def test_backlog_since_boot_is_read_and_a_restart_reports_nothing_twice(tm
         + kmsg_line(3, "EXT4-fs (nvme0n1p1): mounted")
     )
     first = await collect(check(root, tmp_path), follow=True, limit=1)
-    assert [f.reason for f in first] == ["Xid79"]
+    assert [(f.reason, f.evidence["xid"]) for f in first] == [("XidHardwareFailure", "79")]
     assert first[0].evidence["log_time"] == "2024-08-21T22:40:05Z"  # btime + 5 s
     append(root / "dev/kmsg", kmsg_line(4, XID79.replace("b9", "ba"), 9_000_000))
     again = await collect(check(root, tmp_path), follow=True, limit=1)
@@ -146,7 +147,7 @@ async def test_a_corrupt_state_is_moved_aside_and_reading_starts_afresh(
         path.write_text(saved)
     with capture_logs() as logs:
         found = await collect(check(root, tmp_path), follow=True, limit=1)
-    assert [f.reason for f in found] == ["Xid79"]
+    assert [(f.reason, f.evidence["xid"]) for f in found] == [("XidHardwareFailure", "79")]
     assert [e["event"] for e in logs if e["log_level"] == "warning"] == [
         "kernel_log_state_unreadable"
     ]
@@ -218,7 +219,12 @@ async def test_log_file_is_followed_across_rotation_and_truncation(tmp_path) -> 
     await _until(lambda: len(got) == 4)
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
-    assert [f.reason for f in got] == ["Xid13", "Xid109", "Xid79", "Xid79"]
+    assert [(f.reason, f.evidence["xid"]) for f in got] == [
+        ("XidUserAppError", "13"),
+        ("XidHardwareFailure", "109"),
+        ("XidHardwareFailure", "79"),
+        ("XidHardwareFailure", "79"),
+    ]
     assert got[-1].component == "gpu:0000:bc:00"
 
 
@@ -264,7 +270,7 @@ async def test_journal_source_resumes_after_its_cursor(tmp_path, monkeypatch) ->
         ),
     )
     first = await collect(check(root, tmp_path, source="journal"), follow=True, limit=1)
-    assert [f.reason for f in first] == ["Xid79"]
+    assert [(f.reason, f.evidence["xid"]) for f in first] == [("XidHardwareFailure", "79")]
     assert first[0].evidence["log_time"] == "2024-08-21T23:05:29Z"
     state = json.loads((tmp_path / "state" / "kernel-log.json").read_text())
     assert state["journal_cursor"] == "s=abc;i=1"
@@ -335,7 +341,7 @@ async def test_kmsg_the_kernel_refuses_falls_back_to_the_log_file(tmp_path, monk
         found = await collect(c, follow=True, limit=1)
         with pytest.raises(TimeoutError):  # a restart of the stream: said once, not again
             await collect(c, follow=True, limit=1, timeout=1)
-    assert [f.reason for f in found] == ["Xid79"]
+    assert [(f.reason, f.evidence["xid"]) for f in found] == [("XidHardwareFailure", "79")]
     [said] = [ln for ln in lines if ln["event"] == "kernel_log_source"]
     assert said["source"] == "file"
     assert said["passed_over"] == {

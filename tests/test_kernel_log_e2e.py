@@ -58,10 +58,13 @@ def test_xid_line_to_taint_and_no_repeat_after_restart(cli_env, tmp_path) -> Non
             {"key": LABEL, "value": "UnschedulablePendingReplacement", "effect": "NoSchedule"}
         ]
         events = spooled(state)
-        xid = next(e for e in events if e.get("reason") == "Xid79")
+        xid = next(e for e in events if e.get("evidence", {}).get("xid") == "79")
         assert xid["check"] == "kernel_log" and xid["component"] == "gpu:0000:b9:00"
-        assert xid["action"] == "replace"
-        assert xid["msg"].startswith("NPD caught event: Event NvidiaGPUUnhealthy on gpu:0000:b9:00")
+        assert (xid["reason"], xid["action"]) == ("XidHardwareFailure", "replace")
+        assert xid["msg"].startswith(
+            "NPD caught event: Node condition NvidiaGPUUnhealthy is now: True, "
+            "reason: XidHardwareFailure, "
+        )
         verdict = next(e for e in events if "verdict" in e)
         assert verdict["msg"].startswith("Encountered FaultyInstance. Replace the Instance.")
     finally:
@@ -71,7 +74,9 @@ def test_xid_line_to_taint_and_no_repeat_after_restart(cli_env, tmp_path) -> Non
     assert proc.returncode == 0, proc.stderr.read()
 
     def xid_and_verdicts() -> int:
-        return sum(1 for e in spooled(state) if e.get("reason") == "Xid79" or "verdict" in e)
+        return sum(
+            1 for e in spooled(state) if e.get("reason") == "XidHardwareFailure" or "verdict" in e
+        )
 
     before = xid_and_verdicts()
 

@@ -55,7 +55,7 @@ async def test_a_log_file_judges_only_the_kernels_lines(tmp_path) -> None:
     alone = root / "var/log/messages"
     alone.write_text(TRADITIONAL)
     kernel_only = [f.reason for f in await collect(check(root, tmp_path, source="file"))]
-    assert "Xid79" in kernel_only
+    assert "XidHardwareFailure" in kernel_only
     alone.write_text("\n".join(USER_SPACE) + "\n")
     assert await collect(check(root, tmp_path, source="file")) == []
     alone.write_text("\n".join([*USER_SPACE, *TRADITIONAL.splitlines()]) + "\n")
@@ -73,7 +73,9 @@ async def test_kmsg_records_user_space_wrote_are_not_judged(tmp_path) -> None:
     assert await collect(check(root, tmp_path, source="kmsg")) == []
     kmsg.write_text(user_space + kmsg_line(3, XID79, 30))  # the kernel's: facility 0
     found = await collect(check(root, tmp_path, source="kmsg"))
-    assert [(f.reason, f.evidence["line"]) for f in found] == [("Xid79", XID79)]
+    assert [(f.reason, f.evidence["xid"], f.evidence["line"]) for f in found] == [
+        ("XidHardwareFailure", "79", XID79)
+    ]
 
 
 def test_journal_entries_that_are_not_the_kernels_are_not_judged() -> None:

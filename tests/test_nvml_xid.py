@@ -47,9 +47,9 @@ async def first(check: NvmlXidCheck, n: int) -> list:
 @pytest.mark.parametrize(
     ("xid", "reason", "action"),
     [
-        (79, "Xid79", Action.REPLACE),
-        (48, "Xid48", Action.REBOOT),
-        (13, "Xid13", Action.RESTART_APP),
+        (79, "XidHardwareFailure", Action.REPLACE),
+        (48, "XidHardwareFailure", Action.REBOOT),
+        (13, "XidUserAppError", Action.RESTART_APP),
     ],
 )
 async def test_events_are_judged_as_the_kernel_log_line(
@@ -59,6 +59,7 @@ async def test_events_are_judged_as_the_kernel_log_line(
     check = NvmlXidCheck(CheckContext(), events=lambda: source)
     [f] = await first(check, 1)
     assert (f.component, f.reason, f.action) == ("gpu:0000:b9:00", reason, action)
+    assert f.evidence["xid"] == str(xid)  # HyperPod's reason names the class; the code stays
     assert f.evidence["source"] == "nvml" and f.status is Status.FAULT
     assert source.closed  # the event set is freed when the stream stops
 
@@ -96,3 +97,23 @@ def test_the_same_xid_from_both_sources_counts_once() -> None:
     now[0] += 60
     later = policy.observe([replace(from_nvml, check="nvml_xid")])
     assert any(isinstance(c, Reported) for c in later)
+
+
+def test_two_codes_of_one_reason_from_the_two_sources_both_count() -> None:
+    # XID 48 in the kernel log, then XID 79 through NVML half a second later: both are
+    # XidHardwareFailure on the same GPU, but different faults; the lost GPU must not be
+    # taken for the log's double-bit error seen again.
+    line = "NVRM: Xid (PCI:0000:b9:00): 48, pid=1, name=python, An uncorrectable double bit error"
+    from_log = Classifier(rules_module.build()).record(line)
+    check = NvmlXidCheck(CheckContext(), events=lambda: FakeEvents([]))
+    from_nvml = check.judge(nvml.XidEvent("0000:b9:00", 79))
+    assert from_log is not None and from_nvml is not None
+    assert from_log.reason == from_nvml.reason == "XidHardwareFailure"
+    now = [1000.0]
+    settings = PolicySettings()
+    policy = Policy(rule_table(settings), settings, clock=lambda: now[0])
+    policy.observe([replace(from_log, check="kernel_log")])
+    now[0] += 0.5
+    changes = policy.observe([replace(from_nvml, check="nvml_xid")])
+    assert [c.finding.evidence["xid"] for c in changes if isinstance(c, Reported)] == ["79"]
+    assert policy.verdict is Verdict.PENDING_REPLACEMENT

@@ -42,10 +42,10 @@ def xid(
         gpu,
         "NvidiaXid",
         Status.FAULT,
-        f"Xid{code}",
+        "XidUserAppError" if action is Action.RESTART_APP else "XidHardwareFailure",
         f"NVRM: Xid {code}",
         action,
-        evidence={"pid": pid} if pid else {},
+        evidence={"xid": str(code)} | ({"pid": pid} if pid else {}),
         temporary=True,
         check="kernel-log",
     )

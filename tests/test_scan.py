@@ -55,9 +55,10 @@ def test_node_needing_out_exits_1_with_one_event_per_finding(cli_env) -> None:
     out = scan(cli_env, str(KERNEL / "faults" / "xid13-burst-gpud.log"), "--node", "gpu-7")
     assert out.returncode == 1
     got = events(out)
+    assert [e["evidence"]["xid"] for e in got] == ["13", "109"]
     assert [(e["reason"], e["action"]) for e in got] == [
-        ("Xid13", "restart_app"),
-        ("Xid109", "reboot"),
+        ("XidUserAppError", "restart_app"),
+        ("XidHardwareFailure", "reboot"),
     ]
     assert all(e["node"] == "gpu-7" and list(e)[:3] == ["level", "ts", "msg"] for e in got)
     err = out.stderr.decode()
@@ -79,7 +80,9 @@ def test_events_only_are_no_reason_to_take_the_node_out(cli_env) -> None:
 def test_standard_input_kmsg_and_journal(cli_env) -> None:
     raw = f"6,1,100,-;Linux version 6.8.0\n3,812,1843308145,-;{XID79}\n SUBSYSTEM=pci\n"
     out = scan(cli_env, "-", stdin=raw.encode())
-    assert out.returncode == 1 and [e["reason"] for e in events(out)] == ["Xid79"]
+    assert out.returncode == 1 and [(e["reason"], e["evidence"]["xid"]) for e in events(out)] == [
+        ("XidHardwareFailure", "79")
+    ]
     assert "(kmsg)" in out.stderr.decode()
     journal = json.dumps({"__REALTIME_TIMESTAMP": "1724281529000000", "MESSAGE": XID79}) + "\n"
     out = scan(cli_env, stdin=journal.encode())
@@ -93,7 +96,7 @@ def test_count_rules_run_on_the_logs_own_time(cli_env, tmp_path) -> None:
     # minutes of log time they count, spread out they do not.
     cfg = tmp_path / "count.yaml"
     cfg.write_text(
-        "policy:\n  rules:\n    - {name: xid13-thrice, match: {reason: Xid13}, count: 3,"
+        "policy:\n  rules:\n    - {name: xid13-thrice, match: {xid: 13}, count: 3,"
         " window: 10m, action: reboot}\n"
     )
     line = "[{t:12.6f}] NVRM: Xid (PCI:0000:cb:00): 13, Graphics Exception\n"
@@ -112,7 +115,7 @@ def test_settings_rules_apply_to_a_scan(cli_env, tmp_path) -> None:
     cfg.write_text(
         "checks:\n  kernel_log:\n    disable_rules: [conntrack-full]\n"
         "policy:\n  rules:\n    - name: xid13-is-fatal-here\n"
-        "      match: {reason: Xid13}\n      action: replace\n"
+        "      match: {xid: 13}\n      action: replace\n"
     )
     assert (
         events(
@@ -239,7 +242,7 @@ def test_one_failed_row_does_not_make_a_dmesg_a_dcgmi_diag(cli_env, tmp_path) ->
     out = scan(cli_env, str(mixed))
     assert out.returncode == 1, out.stderr
     assert [e["reason"] for e in events(out) if e["check"] == "dcgm"] == ["DcgmDiagCut"]
-    assert "Xid79" in {e["reason"] for e in events(out)}
+    assert "XidHardwareFailure" in {e["reason"] for e in events(out)}  # fallen off the bus
 
 
 def test_newline_free_input_is_bounded_then_exit_2(cli_env) -> None:
@@ -305,6 +308,7 @@ def test_a_tool_output_across_two_pieces_of_a_stream_is_judged_whole(
     data = benign[:1500].rsplit(b"\n", 1)[0] + b"\n" + table + FALLEN.read_bytes()
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
     assert scan_module.main([]) == 1
-    reasons = [json.loads(line)["reason"] for line in capsys.readouterr().out.splitlines()]
-    assert "DcgmDiagPassed" in reasons and "Xid79" in reasons
-    assert "DcgmDiagCut" not in reasons
+    found = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    reasons = [e["reason"] for e in found]
+    assert "DcgmDiagPassed" in reasons and "DcgmDiagCut" not in reasons
+    assert "XidHardwareFailure" in reasons  # the GPU fallen off the bus

@@ -54,9 +54,9 @@ class Classifier:
     matched: int = 0  # records that matched a rule (reported or de-duplicated)
     engine_name: str = field(init=False)
     _prefilter: engine.Prefilter = field(init=False, repr=False)
-    _last: dict[tuple[str, str, str], float] = field(default_factory=dict, init=False)
+    _last: dict[tuple[str, str, str, Action], float] = field(default_factory=dict, init=False)
     _rates: dict[tuple[str, str], deque[float]] = field(default_factory=dict, init=False)
-    _repeats: dict[tuple[str, str, str], int] = field(default_factory=dict, init=False)
+    _repeats: dict[tuple[str, str, str, Action], int] = field(default_factory=dict, init=False)
     _context: dict[str, _Context] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
@@ -144,7 +144,9 @@ class Classifier:
                 break
 
         window = rule.dedup if rule.dedup is not None else self.rules.dedup
-        key = (rule.condition or "", reason, component)
+        # The action too: reasons name a class (XidHardwareFailure), and a replace-class line
+        # right after a reboot-class one on the same GPU must not fold into it.
+        key = (rule.condition or "", reason, component, action)
         last = self._last.get(key)
         if last is not None and 0 <= now - last < window:
             self._repeats[key] = self._repeats.get(key, 0) + 1

@@ -250,14 +250,16 @@ def _table(name: str, raw: dict[str, Any]) -> dict[str, TableHit]:
 
 
 def _xid_table(buckets: dict[str, Any]) -> dict[str, TableHit]:
-    """NVIDIA's catalog (code -> bucket) through `xid_bucket` (bucket -> action)."""
+    """NVIDIA's catalog (code -> bucket) through `xid_bucket` (bucket -> action and reason)."""
     catalog = load_yaml(resources.files(PACKAGE).joinpath("xid_catalog.yaml").read_text())
+    by_bucket = _table("xid_bucket", buckets)
     out = {}
     for code, (mnemonic, bucket) in catalog["codes"].items():
-        if bucket not in buckets:
+        if bucket not in by_bucket:
             raise RuleError(f"xid_bucket has no action for NVIDIA's bucket {bucket!r}")
+        hit = by_bucket[bucket]
         out[str(code)] = TableHit(
-            Action(buckets[bucket]), None, {"mnemonic": mnemonic, "nvidia_bucket": bucket}
+            hit.action, hit.reason, {"mnemonic": mnemonic, "nvidia_bucket": bucket}
         )
     return out
 

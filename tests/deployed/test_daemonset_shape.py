@@ -356,8 +356,8 @@ def test_the_agent_as_deployed_keeps_a_healthy_node_and_takes_out_a_dead_gpu(pod
     )
     assert pod.stop() == 0
     faults = [e for e in pod.events() if e.get("status") == "fault"]
-    assert [(e["check"], e["reason"], e["action"]) for e in faults] == [
-        ("kernel_log", "Xid79", "replace")
+    assert [(e["check"], e["reason"], e["evidence"]["xid"], e["action"]) for e in faults] == [
+        ("kernel_log", "XidHardwareFailure", "79", "replace")
     ]
     failed = [ln for ln in pod.logs() if ln["event"] in ("check_failed", "stream_failed")]
     assert failed == []

@@ -381,7 +381,9 @@ def test_run_check_of_the_kernel_log_reports_no_finding_twice(cli_env, tmp_path,
         "  fixed: {enabled: false}\n  kernel_log: {source: file}\n"
     )
     proc = start(cli_env, "--config", mqtt(str(cfg), broker.port))
-    xids = lambda: [e for e in sub.on(f"{BASE}/events") if e.get("reason") == "Xid43"]  # noqa: E731
+    xids = lambda: [  # noqa: E731
+        e for e in sub.on(f"{BASE}/events") if e.get("evidence", {}).get("xid") == "43"
+    ]
     try:
         wait_for(lambda: len(xids()) == 1)
         sub.publish(f"{BASE}/cmd", json.dumps({"command": "run-check", "check": "kernel_log"}))
@@ -393,7 +395,7 @@ def test_run_check_of_the_kernel_log_reports_no_finding_twice(cli_env, tmp_path,
     assert len(xids()) == 1
     done = [e for e in sub.on(f"{BASE}/events") if "done" in e["msg"]]
     assert all(e["findings_total"] == 1 and e["result"] == "fault" for e in done)
-    assert done[0]["findings"][0]["reason"] == "Xid43"
+    assert done[0]["findings"][0]["reason"] == "XidInformational"
 
 
 def test_the_session_loop_is_supervised(broker, monkeypatch) -> None:

@@ -104,7 +104,7 @@ class FlakyStream(StreamingCheck):
             "gpu:0",
             "SampleXid",
             Status.FAULT,
-            "Xid13",
+            "XidUserAppError",
             "a line",
             Action.RESTART_APP,
             temporary=True,
