@@ -1,0 +1,160 @@
+"""Link error counters by rate: InfiniBand ports and PCIe AER, the degradation before a failure.
+
+- every InfiniBand port's standard counters (`/sys/class/infiniband/<dev>/ports/<n>/counters/`)
+  and, on non-EFA devices, its driver's `hw_counters/` (the efa check judges EFA's own);
+- every PCI device's correctable AER total (`TOTAL_ERR_COR` in
+  `/sys/bus/pci/devices/<dev>/aer_dev_correctable`, Documentation/ABI/testing/
+  sysfs-bus-pci-devices-aer_stats).
+Each is judged by checks.counters against the limits of counters.yaml (or the settings').
+A breach is a degradation, NetworkDegraded or PcieDegraded, that asks nothing of the node:
+the policy table decides whether a degradation ever means more. A counter that is absent
+is not this hardware's; a file we cannot read is no evidence either way.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from checks.api import CheckContext, Finding, PollingCheck, Status
+from checks.counters import Breach, Limit, Velocity, boot_id, read_counter, table
+from checks.efa import is_efa
+
+STATE_FILE = "counters-links.json"
+
+
+class LinkCountersOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", defer_build=True)
+
+    infiniband: list[dict[str, Any]] | None = Field(
+        None, description="limits for InfiniBand port counters; default: counters.yaml's"
+    )
+    pcie: list[dict[str, Any]] | None = Field(
+        None, description="limits for the AER correctable total; default: counters.yaml's"
+    )
+    aer: bool = Field(True, description="judge PCIe AER correctable counts")
+
+
+class LinkCountersCheck(PollingCheck):
+    name = "link_counters"
+    description = "InfiniBand port error counters and PCIe AER correctable errors, by rate"
+    interval = 60.0
+    timeout = 20.0
+    Options: ClassVar[type[BaseModel]] = LinkCountersOptions
+
+    def __init__(self, ctx: CheckContext, options: BaseModel | None = None) -> None:
+        super().__init__(ctx, options)
+        opts: LinkCountersOptions = self.options  # type: ignore[assignment]
+        ib = [Limit.of(r) for r in opts.infiniband] if opts.infiniband else table("infiniband")
+        pcie = [Limit.of(r) for r in opts.pcie] if opts.pcie else table("pcie")
+        self._ib_names = list(dict.fromkeys(lim.counter for lim in ib))  # in the table's order
+        limits = [*ib, *(lim for lim in pcie if lim.matches("aer_correctable"))]
+        state = ctx.state_dir / STATE_FILE if ctx.state_dir else None
+        self.velocity = Velocity(limits, state, boot_id(ctx.host_root))
+        self.clock = time.monotonic  # since boot: the counters' own lifetime
+        self.files_read = 0  # for the benchmark
+        self._aer_reported: set[str] = set()
+
+    def missing(self) -> list[str]:
+        if not self.ctx.path("/sys/class/infiniband").is_dir() and not self._aer_files():
+            return ["no InfiniBand devices and no PCIe AER counters here"]
+        return []
+
+    def collect(self) -> list[Finding]:
+        now = self.clock()
+        self.files_read = 0
+        found = self._infiniband(now)
+        opts: LinkCountersOptions = self.options  # type: ignore[assignment]
+        if opts.aer:
+            found += self._aer(now)
+        self.velocity.save()
+        return found
+
+    def _infiniband(self, now: float) -> list[Finding]:
+        root = self.ctx.path("/sys/class/infiniband")
+        if not root.is_dir():
+            return []
+        found = []
+        for dev in sorted(root.iterdir()):
+            dirs = ("counters",) if is_efa(dev) else ("counters", "hw_counters")
+            for port in sorted((dev / "ports").glob("*")):
+                comp = f"ib:{dev.name}/{port.name}"
+                breaches, seen = [], 0
+                for sub in dirs:
+                    for counter in self._ib_names:
+                        value = read_counter(port / sub / counter)
+                        self.files_read += 1
+                        if value is None:
+                            continue
+                        seen += 1
+                        key = f"{dev.name}/{port.name}/{counter}"
+                        breaches += self.velocity.observe(now, key, counter, value)
+                if seen:
+                    found.append(_finding(comp, "NetworkDegraded", breaches, "port counters"))
+        return found
+
+    def _aer_files(self) -> list[Path]:
+        return sorted(self.ctx.path("/sys/bus/pci/devices").glob("*/aer_dev_correctable"))
+
+    def _aer(self, now: float) -> list[Finding]:
+        found = []
+        for path in self._aer_files():
+            self.files_read += 1
+            total = aer_total(path)
+            if total is None:
+                continue
+            dev = path.parent.name
+            breaches = self.velocity.observe(now, f"{dev}/aer", "aer_correctable", total)
+            # A host has hundreds of PCI devices: report those that have been in breach only
+            # (and keep reporting them, so that their condition can clear).
+            if breaches:
+                self._aer_reported.add(dev)
+            if dev in self._aer_reported:
+                found.append(_finding(f"pci:{dev}", "PcieDegraded", breaches, "AER"))
+        return found
+
+
+def aer_total(path: Path) -> int | None:
+    """TOTAL_ERR_COR of an `aer_dev_correctable` file ("<name> <count>" lines), or None."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        name, _, count = line.rpartition(" ")
+        if name.strip() == "TOTAL_ERR_COR":
+            try:
+                return int(count)
+            except ValueError:
+                return None
+    return None
+
+
+def _finding(comp: str, condition: str, breaches: list[Breach], what: str) -> Finding:
+    if not breaches:
+        return Finding(
+            comp, condition, Status.OK, "ErrorCountersWithinLimits", f"{what} within limits"
+        )
+    lead = next((b for b in breaches if b.permanent), breaches[0])
+    reason = lead.limit.reason + ("Persistent" if lead.permanent else "")
+    return Finding(
+        comp,
+        condition,
+        Status.FAULT,
+        reason,
+        f"{comp.partition(':')[2]}: {'; '.join(b.describe() for b in breaches)}",
+        evidence={
+            "breaches": [
+                {
+                    "counter": b.counter,
+                    "increase": b.increase,
+                    "limit": b.limit.describe(),
+                    "permanent": b.permanent,
+                }
+                for b in breaches
+            ]
+        },
+    )
