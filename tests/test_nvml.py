@@ -309,3 +309,48 @@ def test_gpus_without_error_counters_report_none_of_them() -> None:
     bare = replace(bare, gpus=[replace(g, nvlink_errors={}, pcie_replays=None) for g in bare.gpus])
     found = check(bare).collect()
     assert not [f for f in found if f.component.endswith(("/nvlink", "/pcie"))]
+
+
+def field_values(counts: dict[tuple[int, int], int], fails: set[int] = frozenset()):
+    """What nvmlDeviceGetFieldValues fills in for (field id, link) requests (pynvml's structs)."""
+    import pynvml
+
+    def get(handle, ids):
+        out = (pynvml.c_nvmlFieldValue_t * len(ids))()
+        for v, (fid, link) in zip(out, ids, strict=True):
+            v.fieldId, v.scopeId = fid, link
+            v.nvmlReturn = pynvml.NVML_ERROR_NOT_SUPPORTED if link in fails else 0
+            v.value.ullVal = counts.get((fid, link), 0)
+        return out
+
+    return get
+
+
+def test_hopper_nvlink_error_counters_are_read_as_field_values_per_link(monkeypatch) -> None:
+    import pynvml
+
+    replay, crc = pynvml.NVML_FI_DEV_NVLINK_ERROR_DL_REPLAY, pynvml.NVML_FI_DEV_NVLINK_ERROR_DL_CRC
+    counts = {(replay, 0): 7, (crc, 1): 12}
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetFieldValues", field_values(counts, fails={2}))
+    assert nvml._nvlink_errors(pynvml, object(), 3) == {
+        0: {"replay": 7, "recovery": 0, "crc": 0},
+        1: {"replay": 0, "recovery": 0, "crc": 12},
+    }
+
+
+def test_older_gpus_answer_the_per_link_counter_call_and_blackwell_neither(monkeypatch) -> None:
+    import pynvml
+
+    def unsupported(*args):
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetFieldValues", unsupported)
+    monkeypatch.setattr(
+        pynvml, "nvmlDeviceGetNvLinkErrorCounter", lambda h, link, counter: 10 * link + counter
+    )
+    assert nvml._nvlink_errors(pynvml, object(), 2) == {
+        0: {"replay": 0, "recovery": 1, "crc": 2},
+        1: {"replay": 10, "recovery": 11, "crc": 12},
+    }
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetNvLinkErrorCounter", unsupported)
+    assert nvml._nvlink_errors(pynvml, object(), 2) == {}

@@ -277,11 +277,9 @@ class NvmlCheck(PollingCheck):
         reasons = sorted(
             {name for bit, name in SLOWDOWNS.items() if (g.clock_event_reasons or 0) & bit}
         )
-        margin = (
-            g.slowdown_temperature - g.temperature
-            if g.slowdown_temperature is not None and g.temperature is not None
-            else None
-        )
+        margin = g.thermal_margin
+        if margin is None and g.slowdown_temperature is not None and g.temperature is not None:
+            margin = g.slowdown_temperature - g.temperature
         if margin is not None and margin <= opts.thermal_margin:
             reasons.append("ThermalMarginLow")
         n = self._slow.get(comp, 0)
@@ -292,6 +290,7 @@ class NvmlCheck(PollingCheck):
             "utilization": g.utilization,
             "temperature": g.temperature,
             "slowdown_temperature": g.slowdown_temperature,
+            "thermal_margin": margin,
             "busy_polls": n,
         }
         if n >= opts.slowdown_polls:

@@ -61,6 +61,7 @@ class GpuReading:
     utilization: int | None = None  # percent of the last sample period a kernel ran
     temperature: int | None = None  # GPU core, degrees C
     slowdown_temperature: int | None = None  # where the hardware starts to slow down
+    thermal_margin: int | None = None  # NVML's own margin to the nearest slowdown threshold
     pcie_replays: int | None = None  # PCIe replay counter (since the driver loaded)
     # link -> {"replay", "recovery", "crc"} -> count: NVLink data-link error counters
     nvlink_errors: dict[int, dict[str, int]] = field(default_factory=dict)
@@ -168,6 +169,8 @@ class PynvmlBackend:
             r.slowdown_temperature = _optional(
                 nv.nvmlDeviceGetTemperatureThreshold, h, nv.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN
             )
+            if (margin := getattr(nv, "nvmlDeviceGetMarginTemperature", None)) is not None:
+                r.thermal_margin = _optional(margin, h)  # driver 555 and later
             r.pcie_replays = _optional(nv.nvmlDeviceGetPcieReplayCounter, h)
             if r.nvlinks_active:
                 r.nvlink_errors = _nvlink_errors(nv, h, r.nvlinks_active + len(r.nvlinks_inactive))
@@ -194,23 +197,26 @@ class PynvmlBackend:
 # log, r525: the per-link NVML_FI_DEV_NVLINK_*_ERROR_COUNT_L<n> fields were replaced by
 # these "with scope as link ID"). Older GPUs answer nvmlDeviceGetNvLinkErrorCounter instead;
 # Blackwell supports neither (r565 change log), and reads as not supported.
-NVLINK_FIELDS = {"replay": 161, "recovery": 162, "crc": 163}  # NVML_FI_DEV_NVLINK_ERROR_DL_*
-NVLINK_COUNTERS = {"replay": 0, "recovery": 1, "crc": 2}  # nvmlNvLinkErrorCounter_t
+# (our name, the field value id, the nvmlNvLinkErrorCounter_t), as pynvml names them
+NVLINK_COUNTERS = (
+    ("replay", "NVML_FI_DEV_NVLINK_ERROR_DL_REPLAY", "NVML_NVLINK_ERROR_DL_REPLAY"),
+    ("recovery", "NVML_FI_DEV_NVLINK_ERROR_DL_RECOVERY", "NVML_NVLINK_ERROR_DL_RECOVERY"),
+    ("crc", "NVML_FI_DEV_NVLINK_ERROR_DL_CRC", "NVML_NVLINK_ERROR_DL_CRC_FLIT"),
+)
 
 
 def _nvlink_errors(nv: Any, h: Any, links: int) -> dict[int, dict[str, int]]:
-    ids = [(fid, link) for link in range(links) for fid in NVLINK_FIELDS.values()]
-    names = {fid: name for name, fid in NVLINK_FIELDS.items()}
+    names = {getattr(nv, field): name for name, field, _ in NVLINK_COUNTERS}
+    ids = [(fid, link) for link in range(links) for fid in names]
     out: dict[int, dict[str, int]] = {}
-    values = _optional(nv.nvmlDeviceGetFieldValues, h, ids)
-    for v in values or ():
-        if v.nvmlReturn == 0:
+    for v in _optional(nv.nvmlDeviceGetFieldValues, h, ids) or ():
+        if v.nvmlReturn == 0:  # per field: a link or counter this GPU lacks fails alone
             out.setdefault(int(v.scopeId), {})[names[v.fieldId]] = int(v.value.ullVal)
     if out:
         return out
     for link in range(links):
-        for name, counter in NVLINK_COUNTERS.items():
-            value = _optional(nv.nvmlDeviceGetNvLinkErrorCounter, h, link, counter)
+        for name, _, counter in NVLINK_COUNTERS:
+            value = _optional(nv.nvmlDeviceGetNvLinkErrorCounter, h, link, getattr(nv, counter))
             if value is not None:
                 out.setdefault(link, {})[name] = int(value)
     return out
