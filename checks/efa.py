@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import time
 from pathlib import Path
@@ -65,6 +66,7 @@ class EfaCheck(PollingCheck):
     def __init__(self, ctx: CheckContext, options: BaseModel | None = None) -> None:
         super().__init__(ctx, options)
         self._velocity: Velocity | None = None
+        self._is_efa: dict[str, bool] = {}
         self.clock = time.monotonic  # since boot: the counters' own lifetime
 
     def _fi_info(self) -> str | None:
@@ -98,12 +100,17 @@ class EfaCheck(PollingCheck):
         now = self.clock()
         velocity = self._velocity_of(opts)
         found = []
-        for dev in sorted(p for p in root.iterdir() if is_efa(p)):
-            for port in sorted((dev / "ports").glob("*")):
+        for dev in sorted(p for p in root.iterdir() if self._efa(p)):
+            for port in ports_of(dev):
                 found.append(self._port(dev.name, port))
                 found.append(self._bursts(dev.name, port, now, opts, velocity))
         velocity.save()
         return found
+
+    def _efa(self, dev: Path) -> bool:
+        if (known := self._is_efa.get(dev.name)) is None:  # a device's vendor never changes
+            known = self._is_efa[dev.name] = is_efa(dev)
+        return known
 
     def _velocity_of(self, opts: EfaOptions) -> Velocity:
         if self._velocity is None:
@@ -153,8 +160,9 @@ class EfaCheck(PollingCheck):
     ) -> Finding:
         comp = f"efa:{dev}"
         breaches = []
+        base = f"{port}/hw_counters/"
         for counter in opts.rate_limits:
-            value = read_counter(port / "hw_counters" / counter)
+            value = read_counter(base + counter)
             if value is None:
                 continue  # not this device generation's counter
             breaches += velocity.observe(now, f"{dev}/{port.name}/{counter}", counter, value)
@@ -180,6 +188,13 @@ class EfaCheck(PollingCheck):
             f"{dev}: error counters within limits",
             evidence=evidence,
         )
+
+
+def ports_of(dev: Path) -> list[Path]:
+    try:
+        return [dev / "ports" / n for n in sorted(os.listdir(dev / "ports"))]
+    except OSError:
+        return []
 
 
 def is_efa(dev: Path) -> bool:

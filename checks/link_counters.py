@@ -13,6 +13,7 @@ is not this hardware's; a file we cannot read is no evidence either way.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any, ClassVar
@@ -21,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from checks.api import CheckContext, Finding, PollingCheck, Status
 from checks.counters import Breach, Limit, Velocity, boot_id, read_counter, table
-from checks.efa import is_efa
+from checks.efa import is_efa, ports_of
 
 STATE_FILE = "counters-links.json"
 
@@ -57,9 +58,11 @@ class LinkCountersCheck(PollingCheck):
         self.clock = time.monotonic  # since boot: the counters' own lifetime
         self.files_read = 0  # for the benchmark
         self._aer_reported: set[str] = set()
+        self._layout: dict[str, list[str]] = {}  # port -> its counter directories
 
     def missing(self) -> list[str]:
-        if not self.ctx.path("/sys/class/infiniband").is_dir() and not self._aer_files():
+        aer = any(os.path.exists(p) for p in self._aer_files())
+        if not self.ctx.path("/sys/class/infiniband").is_dir() and not aer:
             return ["no InfiniBand devices and no PCIe AER counters here"]
         return []
 
@@ -79,13 +82,11 @@ class LinkCountersCheck(PollingCheck):
             return []
         found = []
         for dev in sorted(root.iterdir()):
-            dirs = ("counters",) if is_efa(dev) else ("counters", "hw_counters")
-            for port in sorted((dev / "ports").glob("*")):
-                comp = f"ib:{dev.name}/{port.name}"
+            for port in ports_of(dev):
                 breaches, seen = [], 0
-                for sub in dirs:
+                for base in self._dirs(dev, port):
                     for counter in self._ib_names:
-                        value = read_counter(port / sub / counter)
+                        value = read_counter(f"{base}/{counter}")
                         self.files_read += 1
                         if value is None:
                             continue
@@ -93,20 +94,36 @@ class LinkCountersCheck(PollingCheck):
                         key = f"{dev.name}/{port.name}/{counter}"
                         breaches += self.velocity.observe(now, key, counter, value)
                 if seen:
+                    comp = f"ib:{dev.name}/{port.name}"
                     found.append(_finding(comp, "NetworkDegraded", breaches, "port counters"))
         return found
 
-    def _aer_files(self) -> list[Path]:
-        return sorted(self.ctx.path("/sys/bus/pci/devices").glob("*/aer_dev_correctable"))
+    def _dirs(self, dev: Path, port: Path) -> list[str]:
+        """The port's counter directories: EFA has no counters/, and its hw_counters are the
+        efa check's. Looked up once per port: a driver keeps its layout."""
+        key = str(port)
+        if (dirs := self._layout.get(key)) is None:
+            dirs = [f"{port}/counters"]
+            if not is_efa(dev):
+                dirs.append(f"{port}/hw_counters")
+            dirs = self._layout[key] = [d for d in dirs if os.path.isdir(d)]
+        return dirs
+
+    def _aer_files(self) -> list[str]:
+        base = self.ctx.path("/sys/bus/pci/devices")
+        try:
+            return [f"{base}/{dev}/aer_dev_correctable" for dev in sorted(os.listdir(base))]
+        except OSError:
+            return []
 
     def _aer(self, now: float) -> list[Finding]:
         found = []
         for path in self._aer_files():
-            self.files_read += 1
             total = aer_total(path)
             if total is None:
-                continue
-            dev = path.parent.name
+                continue  # not AER capable (no such file), or not what the kernel writes
+            self.files_read += 1
+            dev = path.rsplit("/", 2)[1]
             breaches = self.velocity.observe(now, f"{dev}/aer", "aer_correctable", total)
             # A host has hundreds of PCI devices: report those that have been in breach only
             # (and keep reporting them, so that their condition can clear).
@@ -117,20 +134,20 @@ class LinkCountersCheck(PollingCheck):
         return found
 
 
-def aer_total(path: Path) -> int | None:
+def aer_total(path: str | Path) -> int | None:
     """TOTAL_ERR_COR of an `aer_dev_correctable` file ("<name> <count>" lines), or None."""
     try:
-        text = path.read_text()
+        with open(path, "rb") as f:
+            text = f.read()
     except OSError:
         return None
-    for line in text.splitlines():
-        name, _, count = line.rpartition(" ")
-        if name.strip() == "TOTAL_ERR_COR":
-            try:
-                return int(count)
-            except ValueError:
-                return None
-    return None
+    at = text.rfind(b"\nTOTAL_ERR_COR ")
+    if at < 0:
+        return None
+    try:
+        return int(text[at + 15 :].split(b"\n", 1)[0])
+    except ValueError:
+        return None
 
 
 def _finding(comp: str, condition: str, breaches: list[Breach], what: str) -> Finding:
