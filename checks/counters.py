@@ -201,19 +201,22 @@ def boot_id(host_path: Path) -> str | None:
         return None
 
 
-def read_counter(path: str) -> int | None:
-    """A sysfs counter file (one decimal number), or None where it is absent or not a number.
-    Plain os calls: a poll reads hundreds of these, and open() costs twice as much."""
+def read_small(path: str, size: int = 4096) -> bytes:
+    """A small sysfs file's bytes, in plain os calls (a poll reads hundreds: open() costs
+    twice as much). Raises OSError as open() would."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        return int(os.read(fd, 64))
-    except (OSError, ValueError):
-        return None
+        return os.read(fd, size)
     finally:
         os.close(fd)
+
+
+def read_counter(path: str) -> int | None:
+    """A sysfs counter file (one decimal number), or None where it is absent or not a number."""
+    try:
+        return int(read_small(path, 64))
+    except (OSError, ValueError):
+        return None
 
 
 def _per(window: float) -> str:

@@ -23,7 +23,7 @@ from typing import ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from checks.api import Action, CheckContext, Finding, PollingCheck, Status
-from checks.counters import Limit, Velocity, boot_id, read_counter
+from checks.counters import Limit, Velocity, boot_id, read_counter, read_small
 from checks.efa_output import judge_fi_info, judge_loopback
 from checks.instance_types import expected
 from checks.proc import run_command
@@ -126,7 +126,7 @@ class EfaCheck(PollingCheck):
     def _port(dev: str, port: Path) -> Finding:
         comp = f"efa:{dev}/{port.name}"
         try:
-            state = (port / "state").read_text().strip()  # e.g. "4: ACTIVE"
+            state = read_small(f"{port}/state").decode(errors="replace").strip()  # 4: ACTIVE
         except OSError as exc:
             return Finding(
                 comp,

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from checks.api import CheckContext, Finding, PollingCheck, Status
-from checks.counters import Breach, Limit, Velocity, boot_id, read_counter, table
+from checks.counters import Breach, Limit, Velocity, boot_id, read_counter, read_small, table
 from checks.efa import is_efa, ports_of
 
 STATE_FILE = "counters-links.json"
@@ -137,8 +137,7 @@ class LinkCountersCheck(PollingCheck):
 def aer_total(path: str | Path) -> int | None:
     """TOTAL_ERR_COR of an `aer_dev_correctable` file ("<name> <count>" lines), or None."""
     try:
-        with open(path, "rb") as f:
-            text = f.read()
+        text = read_small(str(path))
     except OSError:
         return None
     at = text.rfind(b"\nTOTAL_ERR_COR ")
