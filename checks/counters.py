@@ -44,8 +44,17 @@ class Limit:
         known = {"counter", "window", "over", "flaps", "strikes", "reason", "source"}
         if unknown := set(row) - known:
             raise ValueError(f"counter limit {row!r}: unknown field(s) {sorted(unknown)}")
+        if "counter" not in row or "window" not in row:
+            raise ValueError(f"counter limit {row!r}: counter and window are required")
         if (row.get("over") is None) == (row.get("flaps") is None):
             raise ValueError(f"counter limit {row!r}: give exactly one of over, flaps")
+        try:
+            return cls._of(row)
+        except TypeError as exc:
+            raise ValueError(f"counter limit {row!r}: {exc}") from None
+
+    @classmethod
+    def _of(cls, row: Mapping[str, Any]) -> Limit:
         return cls(
             counter=str(row["counter"]),
             window=seconds(row["window"], f"counter limit {row['counter']}: window"),

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from checks.api import CheckContext, Finding, PollingCheck, Status
 from checks.counters import Breach, Limit, Velocity, boot_id, read_counter, read_small, table
@@ -37,6 +37,13 @@ class LinkCountersOptions(BaseModel):
         None, description="limits for the AER correctable total; default: counters.yaml's"
     )
     aer: bool = Field(True, description="judge PCIe AER correctable counts")
+
+    @field_validator("infiniband", "pcie")
+    @classmethod
+    def _rows(cls, rows: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        for row in rows or ():
+            Limit.of(row)  # a bad row is a configuration error, not a crash at the first poll
+        return rows
 
 
 class LinkCountersCheck(PollingCheck):
