@@ -6,6 +6,7 @@ the state file lives in a temporary state dir, and the boot id in the tree's /pr
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from agent.models import NodeKeys
@@ -184,7 +185,7 @@ def test_a_degradation_sets_its_condition_and_labels_and_leaves_the_node_schedul
     c = check(host, tmp_path / "state", [0.0, 60.0])
     c.collect()
     host.ib("mlx5_0", link_error_recovery=40)
-    found = [f.__class__(**{**_fields(f), "check": "link_counters"}) for f in c.collect()]
+    found = [replace(f, check="link_counters") for f in c.collect()]
     policy = Policy(rule_table(PolicySettings()), PolicySettings(), boot_id="b")
     policy.observe(found)
     assert policy.verdict is Verdict.SCHEDULABLE
@@ -196,7 +197,3 @@ def test_a_degradation_sets_its_condition_and_labels_and_leaves_the_node_schedul
     assert not state.taints
     (cond,) = [c for c in state.conditions if c["type"] == "NetworkDegraded"]
     assert cond["status"] == "True" and "link_error_recovery 40/min" in cond["message"]
-
-
-def _fields(f) -> dict:
-    return {name: getattr(f, name) for name in f.__dataclass_fields__}
