@@ -3,15 +3,18 @@
 - `fi_info -p efa -t FI_EP_RDM` must work and list the instance type's number of EFA devices
   (one `<device>-rdm` domain each: 32 on a p5.48xlarge);
 - each EFA port under /sys/class/infiniband must be ACTIVE;
-- the EFA error counters (`ports/N/hw_counters`) are judged by rate over a poll, never by
+- the EFA error counters (`ports/N/hw_counters`) are judged by their increase within a
+  minute (checks.counters, the counter velocity the other error counters use too), never by
   being non-zero: they only ever grow, and a long-lived node has some of each.
-A device missing or a port down asks for a reboot; a burst of errors is an event.
+A device missing or a port down asks for a reboot; a burst of errors is a degradation
+(NetworkDegraded), which leaves the node Schedulable unless the policy says otherwise.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import time
 from pathlib import Path
@@ -20,6 +23,7 @@ from typing import ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from checks.api import Action, CheckContext, Finding, PollingCheck, Status
+from checks.counters import Limit, Velocity, boot_id, read_counter, read_small
 from checks.efa_output import judge_fi_info, judge_loopback
 from checks.instance_types import expected
 from checks.proc import run_command
@@ -61,8 +65,9 @@ class EfaCheck(PollingCheck):
 
     def __init__(self, ctx: CheckContext, options: BaseModel | None = None) -> None:
         super().__init__(ctx, options)
-        self._last: dict[tuple[str, str], tuple[float, int]] = {}  # (dev, counter) -> (t, value)
-        self.clock = time.monotonic
+        self._velocity: Velocity | None = None
+        self._is_efa: dict[str, bool] = {}
+        self.clock = time.monotonic  # since boot: the counters' own lifetime
 
     def _fi_info(self) -> str | None:
         opts: EfaOptions = self.options  # type: ignore[assignment]
@@ -93,18 +98,35 @@ class EfaCheck(PollingCheck):
         if not root.is_dir():
             return []
         now = self.clock()
+        velocity = self._velocity_of(opts)
         found = []
-        for dev in sorted(p for p in root.iterdir() if _is_efa(p)):
-            for port in sorted((dev / "ports").glob("*")):
+        for dev in sorted(p for p in root.iterdir() if self._efa(p)):
+            for port in ports_of(dev):
                 found.append(self._port(dev.name, port))
-                found.append(self._bursts(dev.name, port, now, opts))
+                found.append(self._bursts(dev.name, port, now, opts, velocity))
+        velocity.save()
         return found
+
+    def _efa(self, dev: Path) -> bool:
+        if (known := self._is_efa.get(dev.name)) is None:  # a device's vendor never changes
+            known = self._is_efa[dev.name] = is_efa(dev)
+        return known
+
+    def _velocity_of(self, opts: EfaOptions) -> Velocity:
+        if self._velocity is None:
+            limits = [
+                Limit(counter, 60.0, over=limit, reason="EfaErrorBurst")
+                for counter, limit in opts.rate_limits.items()
+            ]
+            state = self.ctx.state_dir / "counters-efa.json" if self.ctx.state_dir else None
+            self._velocity = Velocity(limits, state, boot_id(self.ctx.host_root))
+        return self._velocity
 
     @staticmethod
     def _port(dev: str, port: Path) -> Finding:
         comp = f"efa:{dev}/{port.name}"
         try:
-            state = (port / "state").read_text().strip()  # e.g. "4: ACTIVE"
+            state = read_small(f"{port}/state").decode(errors="replace").strip()  # 4: ACTIVE
         except OSError as exc:
             return Finding(
                 comp,
@@ -133,37 +155,34 @@ class EfaCheck(PollingCheck):
             evidence={"state": state},
         )
 
-    def _bursts(self, dev: str, port: Path, now: float, opts: EfaOptions) -> Finding:
+    def _bursts(
+        self, dev: str, port: Path, now: float, opts: EfaOptions, velocity: Velocity
+    ) -> Finding:
         comp = f"efa:{dev}"
-        rates, over = {}, []
-        for counter, limit in opts.rate_limits.items():
-            try:
-                value = int((port / "hw_counters" / counter).read_text())
-            except (OSError, ValueError):
+        breaches = []
+        base = f"{port}/hw_counters/"
+        for counter in opts.rate_limits:
+            value = read_counter(base + counter)
+            if value is None:
                 continue  # not this device generation's counter
-            key = (f"{dev}/{port.name}", counter)
-            before = self._last.get(key)
-            self._last[key] = (now, value)
-            if before is None or value < before[1] or now <= before[0]:
-                continue  # first look, or the counter was reset (driver reload)
-            per_minute = (value - before[1]) * 60.0 / (now - before[0])
-            rates[counter] = round(per_minute, 2)
-            if per_minute > limit:
-                over.append(counter)
-        evidence = {"per_minute": rates, "limits": opts.rate_limits}
-        if over:
+            breaches += velocity.observe(now, f"{dev}/{port.name}/{counter}", counter, value)
+        evidence = {
+            "over_limit": {b.counter: b.increase for b in breaches},
+            "per_minute_limits": opts.rate_limits,
+        }
+        if breaches:
             return Finding(
                 comp,
-                "EfaErrors",
+                "NetworkDegraded",
                 Status.FAULT,
                 "EfaErrorBurst",
-                f"{dev}: {', '.join(f'{c} {rates[c]:g}/min' for c in over)}",
+                f"{dev}: {', '.join(b.describe() for b in breaches)}",
                 opts.burst_action,
                 evidence,
             )
         return Finding(
             comp,
-            "EfaErrors",
+            "NetworkDegraded",
             Status.OK,
             "EfaErrorsWithinLimits",
             f"{dev}: error counters within limits",
@@ -171,7 +190,14 @@ class EfaCheck(PollingCheck):
         )
 
 
-def _is_efa(dev: Path) -> bool:
+def ports_of(dev: Path) -> list[Path]:
+    try:
+        return [dev / "ports" / n for n in sorted(os.listdir(dev / "ports"))]
+    except OSError:
+        return []
+
+
+def is_efa(dev: Path) -> bool:
     """An Amazon device (EFA) in /sys/class/infiniband; by name where no vendor file exists."""
     try:
         return (dev / "device" / "vendor").read_text().strip() == AMAZON_VENDOR

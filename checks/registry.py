@@ -25,6 +25,7 @@ BUILTIN: dict[str, str] = {
     "nvml_xid": "checks.nvidia.xid:NvmlXidCheck",
     "dcgm_health": "checks.nvidia.dcgm_health:DcgmHealthCheck",
     "efa": "checks.efa:EfaCheck",
+    "link_counters": "checks.link_counters:LinkCountersCheck",
     "neuron": "checks.neuron:NeuronCheck",
     "neuron_monitor": "checks.neuron:NeuronMonitorCheck",
 }

@@ -89,6 +89,7 @@ def test_checks_list_shows_state_interval_and_what_is_missing(cli_env, tmp_path)
         "nvml_xid",
         "dcgm_health",
         "efa",
+        "link_counters",
         "neuron",
         "neuron_monitor",
         "fixed",
@@ -114,6 +115,7 @@ def test_a_check_that_cannot_run_says_so_once_and_the_rest_runs(cli_env, tmp_pat
         ("check_skipped", "disk"),
         ("check_skipped", "efa"),
         ("check_skipped", "kernel_log"),
+        ("check_skipped", "link_counters"),
         ("check_skipped", "needs"),
         ("check_skipped", "neuron"),
         ("check_skipped", "neuron_monitor"),
@@ -124,7 +126,8 @@ def test_a_check_that_cannot_run_says_so_once_and_the_rest_runs(cli_env, tmp_pat
     assert logs[2]["missing"] == ["/proc/1/mountinfo not found"]
     assert logs[3]["missing"][0].startswith("no EFA here")
     assert "dev/kmsg: No such file or directory" in logs[4]["missing"][0]
-    assert logs[5]["missing"] == [
+    assert logs[5]["missing"] == ["no InfiniBand devices and no PCIe AER counters here"]
+    assert logs[6]["missing"] == [
         "dcgmi-not-on-this-machine not found",
         "/dev/nvidia-not-here not found",
     ]

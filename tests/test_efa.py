@@ -165,3 +165,28 @@ def test_pingpong_tables_and_the_loopback_verdict() -> None:
         "fi_pingpong was killed by SIGKILL",
     )
     assert judge_loopback("rdmap0s29", "\x00garbage\n", 0).status is Status.UNKNOWN
+
+
+async def test_a_burst_while_the_agent_restarted_counts_and_a_reboot_starts_afresh(
+    tmp_path, fake_fi_info
+) -> None:
+    fake_fi_info("fi_info-p4de-4-devices.txt")
+    sysfs(tmp_path, P4DE, rdma_write_wr_err=10)
+    (tmp_path / "proc/sys/kernel/random").mkdir(parents=True)
+    boot = tmp_path / "proc/sys/kernel/random/boot_id"
+    boot.write_text("boot-1\n")
+
+    def restarted(now: float) -> EfaCheck:
+        ctx = CheckContext(tmp_path, "p4de.24xlarge", state_dir=tmp_path / "state")
+        check = EfaCheck(ctx, EfaOptions())
+        check.clock = lambda: now
+        return check
+
+    assert faults(await restarted(0.0).poll()) == []
+    sysfs(tmp_path, ["rdmap32s27"], rdma_write_wr_err=14)
+    assert faults(await restarted(30.0).poll()) == [
+        ("efa:rdmap32s27", "EfaErrorBurst", Action.NONE)
+    ]
+    boot.write_text("boot-2\n")
+    sysfs(tmp_path, ["rdmap32s27"], rdma_write_wr_err=90)
+    assert faults(await restarted(5.0).poll()) == []

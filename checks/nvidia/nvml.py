@@ -58,6 +58,13 @@ class GpuReading:
     pcie_max_gen: int | None = None
     clock_event_reasons: int | None = None
     compute_processes: int | None = None  # processes using the GPU now (deep-check waits)
+    utilization: int | None = None  # percent of the last sample period a kernel ran
+    temperature: int | None = None  # GPU core, degrees C
+    slowdown_temperature: int | None = None  # where the hardware starts to slow down
+    thermal_margin: int | None = None  # NVML's own margin to the nearest slowdown threshold
+    pcie_replays: int | None = None  # PCIe replay counter (since the driver loaded)
+    # link -> {"replay", "recovery", "crc"} -> count: NVLink data-link error counters
+    nvlink_errors: dict[int, dict[str, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -156,6 +163,17 @@ class PynvmlBackend:
             r.clock_event_reasons = _optional(nv.nvmlDeviceGetCurrentClocksEventReasons, h)
             procs = _optional(nv.nvmlDeviceGetComputeRunningProcesses, h)
             r.compute_processes = None if procs is None else len(procs)
+            util = _optional(nv.nvmlDeviceGetUtilizationRates, h)
+            r.utilization = None if util is None else int(util.gpu)
+            r.temperature = _optional(nv.nvmlDeviceGetTemperature, h, nv.NVML_TEMPERATURE_GPU)
+            r.slowdown_temperature = _optional(
+                nv.nvmlDeviceGetTemperatureThreshold, h, nv.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN
+            )
+            if (margin := getattr(nv, "nvmlDeviceGetMarginTemperature", None)) is not None:
+                r.thermal_margin = _optional(margin, h)  # driver 555 and later
+            r.pcie_replays = _optional(nv.nvmlDeviceGetPcieReplayCounter, h)
+            if r.nvlinks_active:
+                r.nvlink_errors = _nvlink_errors(nv, h, r.nvlinks_active + len(r.nvlinks_inactive))
         except nv.NVMLError as exc:
             r.error = NvmlError(exc.value, str(exc))
         return r
@@ -173,6 +191,35 @@ class PynvmlBackend:
                 inactive.append(link)
         if active or inactive:
             r.nvlinks_active, r.nvlinks_inactive = active, inactive
+
+
+# NVLink error counters by field value, scoped to a link: what Hopper reports (NVML's change
+# log, r525: the per-link NVML_FI_DEV_NVLINK_*_ERROR_COUNT_L<n> fields were replaced by
+# these "with scope as link ID"). Older GPUs answer nvmlDeviceGetNvLinkErrorCounter instead;
+# Blackwell supports neither (r565 change log), and reads as not supported.
+# (our name, the field value id, the nvmlNvLinkErrorCounter_t), as pynvml names them
+NVLINK_COUNTERS = (
+    ("replay", "NVML_FI_DEV_NVLINK_ERROR_DL_REPLAY", "NVML_NVLINK_ERROR_DL_REPLAY"),
+    ("recovery", "NVML_FI_DEV_NVLINK_ERROR_DL_RECOVERY", "NVML_NVLINK_ERROR_DL_RECOVERY"),
+    ("crc", "NVML_FI_DEV_NVLINK_ERROR_DL_CRC", "NVML_NVLINK_ERROR_DL_CRC_FLIT"),
+)
+
+
+def _nvlink_errors(nv: Any, h: Any, links: int) -> dict[int, dict[str, int]]:
+    names = {getattr(nv, field): name for name, field, _ in NVLINK_COUNTERS}
+    ids = [(fid, link) for link in range(links) for fid in names]
+    out: dict[int, dict[str, int]] = {}
+    for v in _optional(nv.nvmlDeviceGetFieldValues, h, ids) or ():
+        if v.nvmlReturn == 0:  # per field: a link or counter this GPU lacks fails alone
+            out.setdefault(int(v.scopeId), {})[names[v.fieldId]] = int(v.value.ullVal)
+    if out:
+        return out
+    for link in range(links):
+        for name, _, counter in NVLINK_COUNTERS:
+            value = _optional(nv.nvmlDeviceGetNvLinkErrorCounter, h, link, getattr(nv, counter))
+            if value is not None:
+                out.setdefault(link, {})[name] = int(value)
+    return out
 
 
 def _optional(fn: Any, *args: Any) -> Any:

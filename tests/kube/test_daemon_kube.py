@@ -196,11 +196,13 @@ def test_readyz_says_when_the_node_decision_keeps_failing(cli_env, tmp_path, api
         # The alarm may go off on the start's write (a label, no taint yet), before the fault
         # is in: wait for the write that takes the node out to have failed too.
         wait_for(
-            lambda: metric(
-                get(f"http://127.0.0.1:{port}/metrics")[1],
-                'node_health_kube_write_errors_total{kind="taint"}',
+            lambda: (
+                metric(
+                    get(f"http://127.0.0.1:{port}/metrics")[1],
+                    'node_health_kube_write_errors_total{kind="taint"}',
+                )
+                >= 1
             )
-            >= 1
         )
         code, body = get(f"http://127.0.0.1:{port}/readyz")
         metrics = get(f"http://127.0.0.1:{port}/metrics")[1]

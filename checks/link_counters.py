@@ -1,0 +1,183 @@
+"""Link error counters by rate: InfiniBand ports and PCIe AER, the degradation before a failure.
+
+- every InfiniBand port's standard counters (`/sys/class/infiniband/<dev>/ports/<n>/counters/`)
+  and, on non-EFA devices, its driver's `hw_counters/` (the efa check judges EFA's own);
+- every PCI device's correctable AER total (`TOTAL_ERR_COR` in
+  `/sys/bus/pci/devices/<dev>/aer_dev_correctable`, Documentation/ABI/testing/
+  sysfs-bus-pci-devices-aer_stats).
+Each is judged by checks.counters against the limits of counters.yaml (or the settings').
+A breach is a degradation, NetworkDegraded or PcieDegraded, that asks nothing of the node:
+the policy table decides whether a degradation ever means more. A counter that is absent
+is not this hardware's; a file we cannot read is no evidence either way.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from checks.api import CheckContext, Finding, PollingCheck, Status
+from checks.counters import Breach, Limit, Velocity, boot_id, read_counter, read_small, table
+from checks.efa import is_efa, ports_of
+
+STATE_FILE = "counters-links.json"
+
+
+class LinkCountersOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", defer_build=True)
+
+    infiniband: list[dict[str, Any]] | None = Field(
+        None, description="limits for InfiniBand port counters; default: counters.yaml's"
+    )
+    pcie: list[dict[str, Any]] | None = Field(
+        None, description="limits for the AER correctable total; default: counters.yaml's"
+    )
+    aer: bool = Field(True, description="judge PCIe AER correctable counts")
+
+    @field_validator("infiniband", "pcie")
+    @classmethod
+    def _rows(cls, rows: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        for row in rows or ():
+            Limit.of(row)  # a bad row is a configuration error, not a crash at the first poll
+        return rows
+
+
+class LinkCountersCheck(PollingCheck):
+    name = "link_counters"
+    description = "InfiniBand port error counters and PCIe AER correctable errors, by rate"
+    interval = 60.0
+    timeout = 20.0
+    Options: ClassVar[type[BaseModel]] = LinkCountersOptions
+
+    def __init__(self, ctx: CheckContext, options: BaseModel | None = None) -> None:
+        super().__init__(ctx, options)
+        opts: LinkCountersOptions = self.options  # type: ignore[assignment]
+        ib = [Limit.of(r) for r in opts.infiniband] if opts.infiniband else table("infiniband")
+        pcie = [Limit.of(r) for r in opts.pcie] if opts.pcie else table("pcie")
+        self._ib_names = list(dict.fromkeys(lim.counter for lim in ib))  # in the table's order
+        limits = [*ib, *(lim for lim in pcie if lim.matches("aer_correctable"))]
+        state = ctx.state_dir / STATE_FILE if ctx.state_dir else None
+        self.velocity = Velocity(limits, state, boot_id(ctx.host_root))
+        self.clock = time.monotonic  # since boot: the counters' own lifetime
+        self.files_read = 0  # for the benchmark
+        self._aer_reported: set[str] = set()
+        self._layout: dict[str, list[str]] = {}  # port -> its counter directories
+
+    def missing(self) -> list[str]:
+        aer = any(os.path.exists(p) for p in self._aer_files())
+        if not self.ctx.path("/sys/class/infiniband").is_dir() and not aer:
+            return ["no InfiniBand devices and no PCIe AER counters here"]
+        return []
+
+    def collect(self) -> list[Finding]:
+        now = self.clock()
+        self.files_read = 0
+        found = self._infiniband(now)
+        opts: LinkCountersOptions = self.options  # type: ignore[assignment]
+        if opts.aer:
+            found += self._aer(now)
+        self.velocity.save()
+        return found
+
+    def _infiniband(self, now: float) -> list[Finding]:
+        root = self.ctx.path("/sys/class/infiniband")
+        if not root.is_dir():
+            return []
+        found = []
+        for dev in sorted(root.iterdir()):
+            for port in ports_of(dev):
+                breaches, seen = [], 0
+                for base in self._dirs(dev, port):
+                    for counter in self._ib_names:
+                        value = read_counter(f"{base}/{counter}")
+                        self.files_read += 1
+                        if value is None:
+                            continue
+                        seen += 1
+                        key = f"{dev.name}/{port.name}/{counter}"
+                        breaches += self.velocity.observe(now, key, counter, value)
+                if seen:
+                    comp = f"ib:{dev.name}/{port.name}"
+                    found.append(_finding(comp, "NetworkDegraded", breaches, "port counters"))
+        return found
+
+    def _dirs(self, dev: Path, port: Path) -> list[str]:
+        """The port's counter directories: EFA has no counters/, and its hw_counters are the
+        efa check's. Looked up once per port: a driver keeps its layout."""
+        key = str(port)
+        if (dirs := self._layout.get(key)) is None:
+            dirs = [f"{port}/counters"]
+            if not is_efa(dev):
+                dirs.append(f"{port}/hw_counters")
+            dirs = self._layout[key] = [d for d in dirs if os.path.isdir(d)]
+        return dirs
+
+    def _aer_files(self) -> list[str]:
+        base = self.ctx.path("/sys/bus/pci/devices")
+        try:
+            return [f"{base}/{dev}/aer_dev_correctable" for dev in sorted(os.listdir(base))]
+        except OSError:
+            return []
+
+    def _aer(self, now: float) -> list[Finding]:
+        found = []
+        for path in self._aer_files():
+            total = aer_total(path)
+            if total is None:
+                continue  # not AER capable (no such file), or not what the kernel writes
+            self.files_read += 1
+            dev = path.rsplit("/", 2)[1]
+            breaches = self.velocity.observe(now, f"{dev}/aer", "aer_correctable", total)
+            # A host has hundreds of PCI devices: report those that have been in breach only
+            # (and keep reporting them, so that their condition can clear).
+            if breaches:
+                self._aer_reported.add(dev)
+            if dev in self._aer_reported:
+                found.append(_finding(f"pci:{dev}", "PcieDegraded", breaches, "AER"))
+        return found
+
+
+def aer_total(path: str | Path) -> int | None:
+    """TOTAL_ERR_COR of an `aer_dev_correctable` file ("<name> <count>" lines), or None."""
+    try:
+        text = read_small(str(path))
+    except OSError:
+        return None
+    at = text.rfind(b"\nTOTAL_ERR_COR ")
+    if at < 0:
+        return None
+    try:
+        return int(text[at + 15 :].split(b"\n", 1)[0])
+    except ValueError:
+        return None
+
+
+def _finding(comp: str, condition: str, breaches: list[Breach], what: str) -> Finding:
+    if not breaches:
+        return Finding(
+            comp, condition, Status.OK, "ErrorCountersWithinLimits", f"{what} within limits"
+        )
+    lead = next((b for b in breaches if b.permanent), breaches[0])
+    reason = lead.limit.reason + ("Persistent" if lead.permanent else "")
+    return Finding(
+        comp,
+        condition,
+        Status.FAULT,
+        reason,
+        f"{comp.partition(':')[2]}: {'; '.join(b.describe() for b in breaches)}",
+        evidence={
+            "breaches": [
+                {
+                    "counter": b.counter,
+                    "increase": b.increase,
+                    "limit": b.limit.describe(),
+                    "permanent": b.permanent,
+                }
+                for b in breaches
+            ]
+        },
+    )
