@@ -164,6 +164,7 @@ class Agent:
             }
         )
         self._stop = asyncio.Event()
+        self._save_failing = False  # the policy state's last save failed
         self._deadline: float | None = None  # the loop's time by which a stop is done
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
@@ -291,8 +292,14 @@ class Agent:
         try:
             self.policy.save()
         except OSError as exc:
-            log.error("policy_state_save_failed", error=str(exc))
             self.metrics.state_save_errors.labels("policy-state").inc()
+            if not self._save_failing:  # said once a failing spell, not at every event
+                log.error("policy_state_save_failed", error=str(exc))
+            self._save_failing = True
+        else:
+            if self._save_failing:
+                log.info("policy_state_saved")
+            self._save_failing = False
 
     def _live(self) -> str | None:
         """Why the agent is not alive: stopping, or a loop dead or stuck (kubelet restarts it)."""
