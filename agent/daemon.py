@@ -34,8 +34,10 @@ from agent.policy import (
     StateCorruptError,
     Verdict,
     check_results,
+    coalesce,
     read_boot_id,
     rule_table,
+    write_atomic,
 )
 from agent.runner import CHECK_ERROR, Runner
 from agent.server import serve_health
@@ -155,6 +157,7 @@ class Agent:
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._ready = False
+        self._saving: asyncio.Future[None] | None = None  # the state file's write, in a thread
         # deep-health-check-status: the last run's, kept in its record across restarts
         record = deeprecord.latest_record(state / Paths.deep_check)
         self.deep_status: str | None = record.status if record else None
@@ -271,13 +274,22 @@ class Agent:
     def _kube_write_failed(self, kind: str) -> None:
         self.metrics.kube_write_errors.labels(kind).inc()
 
-    def _save(self) -> None:
-        """The policy's state to its file; a full or read-only state directory is logged and
-        counted, and never stops the node decision (the save is tried again at the next
-        change)."""
+    async def _save(self) -> None:
+        """The policy's state to its file, once per batch of findings, written (and fsynced)
+        in a thread so that the loop goes on. Shielded: a stop while it is written waits for
+        it (serve), so an older state never lands after the last one."""
+        text, path = self.policy.dump(), self.policy.state_path
+        if text is not None and path is not None:
+            self._saving = asyncio.ensure_future(self._write_state(path, text))
+            await asyncio.shield(self._saving)
+
+    async def _write_state(self, path: Path, text: str) -> None:
+        """A full or read-only state directory is logged and counted, and never stops the node
+        decision (the save is tried again at the next change)."""
         try:
-            self.policy.save()
+            await asyncio.to_thread(write_atomic, path, text)
         except OSError as exc:
+            self.policy.mark_dirty()
             log.error("policy_state_save_failed", error=str(exc))
             self.metrics.state_save_errors.labels("policy-state").inc()
 
@@ -305,7 +317,7 @@ class Agent:
         self._wake.set()
 
     async def _publish(self, changes: Iterable[Change]) -> None:
-        changes = list(changes)
+        changes = coalesce(list(changes))
         for change in changes:
             event = self.builder.render(change)
             self.metrics.events.labels(event["level"]).inc()
@@ -314,7 +326,7 @@ class Agent:
         self.metrics.set_verdict(self.policy.verdict)
         if changes:
             await self._reconcile()  # the node decision first: the state file must not hold it
-        self._save()
+        await self._save()
         if any(isinstance(c, DeepCheckWanted) for c in changes):
             await self._deep_requested("policy")  # run once the accelerators are free
 
@@ -463,7 +475,9 @@ class Agent:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self.fanout.flush()
-            self._save()  # a failed save is logged; the exit stays 0
+            if self._saving is not None:  # one a cancelled batch left running
+                await asyncio.gather(self._saving, return_exceptions=True)
+            await self._save()  # a failed save is logged; the exit stays 0
         log.info("agent_stopped")
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import structlog
 
 from checks.kernel_log.formats import KMSG, Stamp, journal_entry, kmsg_from_kernel, unescape_kmsg
+from checks.kernel_log.watch import FileWatch
 from checks.proc import reap
 
 log = structlog.get_logger("checks.kernel_log")
@@ -196,7 +197,8 @@ class JournalSource:
 
 
 class FileSource:
-    """A log file followed like `tail -F`: through rotation (the renamed file is read to its
+    """A log file followed like `tail -F`, woken by inotify (polled where there is none):
+    through rotation (the renamed file is read to its
     end before the new one), truncation (copytruncate, also when the file has grown past where
     we were: the bytes before our position are compared) and re-creation.
 
@@ -218,6 +220,7 @@ class FileSource:
 
     async def items(self, follow: bool) -> AsyncIterator[Item]:
         fh = self._open(resume=True)
+        watch = FileWatch(self.path) if follow else None
         try:
             while True:
                 if self._truncated(fh):
@@ -225,10 +228,11 @@ class FileSource:
                     self._mark, self._skipping = b"", False
                 if (chunk := self._read(fh)) is not None:
                     yield chunk
+                    await asyncio.sleep(0)  # a backlog is read chunk by chunk, not at once
                     continue
-                if not follow:
+                if watch is None:
                     return
-                await asyncio.sleep(POLL_SECONDS * 5)
+                await watch.changed()
                 if self._rotated():
                     while (chunk := self._read(fh, last=True)) is not None:
                         yield chunk  # what was written to the old file since the last read
@@ -236,6 +240,8 @@ class FileSource:
                     fh = self._open(resume=False)
         finally:
             fh.close()
+            if watch is not None:
+                watch.close()
 
     def _read(self, fh: Any, last: bool = False) -> Chunk | None:
         """The next whole lines, long ones cut; None at the end of what is there. `last`: the
