@@ -136,7 +136,6 @@ def test_metrics_count_runs_by_result() -> None:
     assert sample("node_health_check_success", {"check": "boom"}) == 0
 
 
-
 class BurstStream(StreamingCheck):
     """A stream with a backlog: `n` faults ready at once, as a log file's first read is."""
 
