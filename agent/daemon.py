@@ -313,15 +313,37 @@ class Agent:
 
     async def handle(self, findings: list[Finding]) -> None:
         async with self._lock:
-            await self._publish(self.policy.observe(findings))
+            marks = self._checkpoints(findings)
+            await self._publish(self.policy.observe(findings), marks)
+            for check, state in marks.values():
+                check.committed(state)
         self._wake.set()
 
-    async def _publish(self, changes: Iterable[Change]) -> None:
+    def _checkpoints(self, findings: list[Finding]) -> dict[str, tuple[StreamingCheck, dict]]:
+        """Where each streaming check resumes after these findings (the last one's position)."""
+        last = {f.check: f.position for f in findings if f.position is not None}
+        out = {}
+        for pc in self.runner.checks:
+            if pc.name in last and isinstance(pc.check, StreamingCheck):
+                state = pc.check.checkpoint(last[pc.name])  # type: ignore[arg-type]
+                if state is not None:
+                    out[pc.name] = (pc.check, state)
+        return out
+
+    async def _publish(
+        self, changes: Iterable[Change], marks: dict[str, tuple[StreamingCheck, dict]] | None = None
+    ) -> None:
         changes = coalesce(list(changes))
-        for change in changes:
-            event = self.builder.render(change)
-            self.metrics.events.labels(event["level"]).inc()
-            await self.fanout.emit(event)
+        if marks:
+            self.spool.hold()  # the events and where their source resumes: one write
+        try:
+            for change in changes:
+                event = self.builder.render(change)
+                self.metrics.events.labels(event["level"]).inc()
+                await self.fanout.emit(event)
+        finally:
+            if marks:
+                self.spool.release({name: state for name, (_, state) in marks.items()})
         self.metrics.spool_dropped.set(self.spool.dropped_events)
         self.metrics.set_verdict(self.policy.verdict)
         if changes:
@@ -458,6 +480,10 @@ class Agent:
                 checks=[c.name for c in self.runner.checks],
                 dry_run=self.settings.dry_run,
             )
+            resumed = self.spool.last_checkpoints()
+            for pc in self.runner.checks:
+                if isinstance(pc.check, StreamingCheck):
+                    pc.check.resume(resumed.get(pc.name))
             tasks = [
                 self.loops.task("checks", lambda heart: self.runner.serve(), stuck=None),
                 self.loops.task("expiry", self._expiry_loop),

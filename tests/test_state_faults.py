@@ -19,12 +19,12 @@ def test_a_policy_state_that_cannot_be_saved_never_holds_the_node_state(cli_env,
         wait_for(lambda: (state / "node-state.json").exists())
         wait_for(lambda: any("verdict" in e for e in spooled(state)))
         wait_for(lambda: _answers(port))
-        metrics = get(f"http://127.0.0.1:{port}/metrics")[1]
+        failed = 'node_health_state_save_errors_total{file="policy-state"}'
+        wait_for(lambda: failed in get(f"http://127.0.0.1:{port}/metrics")[1])  # in a thread
     finally:
         assert stop(proc) < 10
     assert proc.returncode == 0
     node = json.loads((state / "node-state.json").read_text())
     assert node["labels"][LABEL] == "UnschedulablePendingReplacement"
     assert "policy_state_save_failed" in proc.stderr.read()
-    assert 'node_health_state_save_errors_total{file="policy-state"}' in metrics
     assert not (state / "policy-state.json").exists()

@@ -40,7 +40,14 @@ class Record:
 @dataclass(frozen=True, slots=True)
 class Chunk:
     data: bytes
-    position: dict[str, Any]
+    position: dict[str, Any]  # after the chunk
+    start: int | None = None  # the file offset of data[0], when data is the file's own bytes
+
+    def at(self, end: int) -> dict[str, Any]:
+        """The position after data[:end]: where to resume after a record that ends there."""
+        if self.start is None or end >= len(self.data):
+            return self.position  # a line was cut in it: only its end is known
+        return self.position | {"offset": self.start + end}
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +253,7 @@ class FileSource:
     def _read(self, fh: Any, last: bool = False) -> Chunk | None:
         """The next whole lines, long ones cut; None at the end of what is there. `last`: the
         file will not grow, so an unfinished last line counts as a line."""
+        start = fh.tell()
         raw = fh.read(CHUNK)
         if not raw:
             return None
@@ -256,11 +264,13 @@ class FileSource:
                 data = b""
             else:
                 data, self._skipping = data[end + 1 :], False
+                start += end + 1
+        exact = True
         cut = data.rfind(b"\n") + 1
         body, tail = data[:cut], data[cut:]
         if len(tail) > self.max_line:  # no end in sight: keep its start, skip the rest
             body += tail + b"\n"
-            self._skipping, tail = True, b""
+            self._skipping, tail, exact = True, b"", False
         elif last and tail:
             body, tail = body + tail + b"\n", b""
         if tail:
@@ -268,9 +278,11 @@ class FileSource:
             if not body and len(raw) == len(tail):
                 return None
         if len(body) > self.max_line:
-            body = self._cut_long(body)
+            cut = self._cut_long(body)
+            exact, body = exact and cut is body, cut
         self._mark = (self._mark + raw[: len(raw) - len(tail)])[-FINGERPRINT:]
-        return Chunk(body, {"inode": self.inode, "offset": fh.tell()})
+        position = {"inode": self.inode, "offset": fh.tell()}
+        return Chunk(body, position, start if exact else None)
 
     def _cut_long(self, body: bytes) -> bytes:
         # A line over max_line holds a whole aligned window of half that without a newline;
