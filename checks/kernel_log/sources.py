@@ -24,7 +24,7 @@ from checks.proc import reap
 log = structlog.get_logger("checks.kernel_log")
 
 POLL_SECONDS = 0.05  # for what cannot be waited on (a regular file, a FIFO with no writer)
-CHUNK = 4 * 1024 * 1024
+CHUNK = 1024 * 1024  # bytes read at a time: a storm costs little memory
 MAX_LINE = 64 * 1024  # bytes of a log line kept; the rest of a longer one is skipped
 FINGERPRINT = 64  # bytes before the read position compared, to see a file truncated
 JOURNAL_LINE_LIMIT = 1 << 20  # bytes of one `journalctl -o json` entry
