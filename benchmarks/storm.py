@@ -246,15 +246,11 @@ def main() -> int:
         rate = r["spooled"] / max(r["catch_up"], 1e-9)
         print(f"  events spooled        {r['spooled']:7d}  ({rate:,.0f}/s)")
         ship_rate = r["shipped"] / max(r["shipped_at"], 1e-9)
-        print(
-            f"  events shipped        {r['shipped']:7d}  ({ship_rate:,.0f}/s, all by {r['shipped_at']:.1f} s)"
-        )  # noqa: E501
+        by = f"all by {r['shipped_at']:.1f} s"
+        print(f"  events shipped        {r['shipped']:7d}  ({ship_rate:,.0f}/s, {by})")
         first = r["first_put"]
-        print(
-            f"  first PutLogEvents    {first:7.2f} s"
-            if first is not None
-            else "  first PutLogEvents    none in 60 s"
-        )  # noqa: E501
+        said = f"{first:7.2f} s" if first is not None else "none in 60 s"
+        print(f"  first PutLogEvents    {said}")
         over = r["rss_over_idle_mib"]
         rss = f"+{over:.1f} MiB over idle, " if over is not None else ""
         print(f"  peak RSS              {rss}{r['peak_rss_mib']:.1f} MiB")
