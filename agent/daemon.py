@@ -39,8 +39,10 @@ from agent.policy import (
     StateCorruptError,
     Verdict,
     check_results,
+    coalesce,
     read_boot_id,
     rule_table,
+    write_atomic,
 )
 from agent.runner import CHECK_ERROR, Runner
 from agent.server import serve_health
@@ -169,6 +171,7 @@ class Agent:
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._ready = False
+        self._saving: asyncio.Future[None] | None = None  # the state file's write, in a thread
         # deep-health-check-status: the last run's, kept in its record across restarts
         record = deeprecord.latest_record(state / Paths.deep_check)
         self.deep_status: str | None = record.status if record else None
@@ -285,13 +288,22 @@ class Agent:
     def _kube_write_failed(self, kind: str) -> None:
         self.metrics.kube_write_errors.labels(kind).inc()
 
-    def _save(self) -> None:
-        """The policy's state to its file; a full or read-only state directory is logged and
-        counted, and never stops the node decision (the save is tried again at the next
-        change)."""
+    async def _save(self) -> None:
+        """The policy's state to its file, once per batch of findings, written (and fsynced)
+        in a thread so that the loop goes on. Shielded: a stop while it is written waits for
+        it (serve), so an older state never lands after the last one."""
+        text, path = self.policy.dump(), self.policy.state_path
+        if text is not None and path is not None:
+            self._saving = asyncio.ensure_future(self._write_state(path, text))
+            await asyncio.shield(self._saving)
+
+    async def _write_state(self, path: Path, text: str) -> None:
+        """A full or read-only state directory is logged and counted, and never stops the node
+        decision (the save is tried again at the next change)."""
         try:
-            self.policy.save()
+            await asyncio.to_thread(write_atomic, path, text)
         except OSError as exc:
+            self.policy.mark_dirty()
             self.metrics.state_save_errors.labels("policy-state").inc()
             if not self._save_failing:  # said once a failing spell, not at every event
                 log.error("policy_state_save_failed", error=str(exc))
@@ -321,20 +333,42 @@ class Agent:
 
     async def handle(self, findings: list[Finding]) -> None:
         async with self._lock:
-            await self._publish(self.policy.observe(findings))
+            marks = self._checkpoints(findings)
+            await self._publish(self.policy.observe(findings), marks)
+            for check, state in marks.values():
+                check.committed(state)
         self._wake.set()
 
-    async def _publish(self, changes: Iterable[Change]) -> None:
-        changes = list(changes)
-        for change in changes:
-            event = self.builder.render(change)
-            self.metrics.events.labels(event["level"]).inc()
-            await self.fanout.emit(event)
+    def _checkpoints(self, findings: list[Finding]) -> dict[str, tuple[StreamingCheck, dict]]:
+        """Where each streaming check resumes after these findings (the last one's position)."""
+        last = {f.check: f.position for f in findings if f.position is not None}
+        out = {}
+        for pc in self.runner.checks:
+            if pc.name in last and isinstance(pc.check, StreamingCheck):
+                state = pc.check.checkpoint(last[pc.name])  # type: ignore[arg-type]
+                if state is not None:
+                    out[pc.name] = (pc.check, state)
+        return out
+
+    async def _publish(
+        self, changes: Iterable[Change], marks: dict[str, tuple[StreamingCheck, dict]] | None = None
+    ) -> None:
+        changes = coalesce(list(changes))
+        if marks:
+            self.spool.hold()  # the events and where their source resumes: one write
+        try:
+            for change in changes:
+                event = self.builder.render(change)
+                self.metrics.events.labels(event["level"]).inc()
+                await self.fanout.emit(event)
+        finally:
+            if marks:
+                self.spool.release({name: state for name, (_, state) in marks.items()})
         self.metrics.spool_dropped.set(self.spool.dropped_events)
         self.metrics.set_verdict(self.policy.verdict)
         if changes:
             await self._reconcile()  # the node decision first: the state file must not hold it
-        self._save()
+        await self._save()
         if any(isinstance(c, DeepCheckWanted) for c in changes):
             await self._deep_requested("policy")  # run once the accelerators are free
 
@@ -474,6 +508,10 @@ class Agent:
                 checks=[c.name for c in self.runner.checks],
                 dry_run=self.settings.dry_run,
             )
+            resumed = self.spool.last_checkpoints()
+            for pc in self.runner.checks:
+                if isinstance(pc.check, StreamingCheck):
+                    pc.check.resume(resumed.get(pc.name))
             tasks = [
                 self.loops.task("checks", lambda heart: self.runner.serve(), stuck=None),
                 self.loops.task("expiry", self._expiry_loop),
@@ -492,7 +530,9 @@ class Agent:
             for task in tasks:
                 task.cancel()
             await self._bounded("checks", asyncio.gather(*tasks, return_exceptions=True))
-            self._save()  # a failed save is logged and counted; the exit stays 0
+            if self._saving is not None:  # one a cancelled batch left running
+                await self._bounded("state", asyncio.gather(self._saving, return_exceptions=True))
+            await self._bounded("state", self._save())  # a failure is logged; the exit stays 0
             # Then the exit stack: the health server, every sink but the spool at once (each
             # a last bounded try; what is left stays in the spool for the next start, where
             # CloudWatch's cursor resumes), the spool, the node writer.

@@ -501,8 +501,22 @@ class Policy:
     # ---- persistence ---------------------------------------------------------------------
 
     def save(self) -> None:
-        if self.state_path is None or not self._dirty:
-            return
+        if self.state_path is not None and (text := self.dump()) is not None:
+            try:
+                write_atomic(self.state_path, text)
+            except OSError:
+                self.mark_dirty()
+                raise
+
+    def mark_dirty(self) -> None:
+        """A dump that could not be written: the next save writes the state again."""
+        self._dirty = True
+
+    def dump(self) -> str | None:
+        """The state as its file holds it, when it changed since the last dump; taken on the
+        event loop, so that the write (with its fsync) can go to a thread."""
+        if not self._dirty:
+            return None
         state = {
             "version": 1,
             "boot_id": self.boot_id,
@@ -513,8 +527,8 @@ class Policy:
             "rebooted_for": self.rebooted_for,
             "trackers": [dataclasses.asdict(t) for t in self.trackers.values()],
         }
-        write_atomic(self.state_path, json.dumps(state, indent=1))
         self._dirty = False
+        return json.dumps(state, indent=1)
 
     def _load(self, path: Path, boot_id: str | None) -> None:
         """The state a previous run saved. Any file that is not one (bad JSON, wrong types, a
@@ -550,6 +564,47 @@ class Policy:
         self.latched, self.latched_keys = None, []
         self.pending.append(RebootSeen(boot_id, cleared))
         self._dirty = True
+
+
+def coalesce(changes: list[Change]) -> list[Change]:
+    """One event for the findings of one rule on one component that a batch reported alike
+    (same reason, status and action): the first finding's, with the last one's counts, and
+    `repeated` (the classifier's count of lines folded in) raised by the findings it stands for.
+    The policy has counted each of them already; only the reporting is folded. A change of the
+    condition in between (cleared, a new verdict) starts a new event."""
+    out: list[Change] = []
+    open_: dict[tuple[str, ...], int] = {}  # group -> index in out
+    lines: dict[int, int] = {}  # index in out -> lines it stands for
+    for change in changes:
+        if not isinstance(change, Reported):
+            out.append(change)
+            key = getattr(change, "tracker", None)
+            if key is not None:
+                open_ = {g: i for g, i in open_.items() if g[0] != key.key}
+            else:
+                open_.clear()
+            continue
+        f, t = change.finding, change.tracker
+        group = (t.key, t.rule, f.reason, str(f.status), str(f.action))
+        n = 1 + _repeated(f)
+        if (i := open_.get(group)) is None:
+            open_[group], lines[len(out)] = len(out), n
+            out.append(change)
+            continue
+        lines[i] += n
+        first = out[i]
+        assert isinstance(first, Reported)
+        evidence = dict(first.finding.evidence) | {"repeated": str(lines[i] - 1)}
+        folded = dataclasses.replace(first.finding, evidence=evidence)
+        out[i] = Reported(folded, t, change.needed)
+    return out
+
+
+def _repeated(f: Finding) -> int:
+    try:
+        return max(0, int(f.evidence.get("repeated") or 0))
+    except (TypeError, ValueError):
+        return 0
 
 
 class StateCorruptError(RuntimeError):

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
 
 import structlog
 
@@ -21,6 +21,9 @@ from checks.api import Action, Finding, PollingCheck, Status, StreamingCheck
 log = structlog.get_logger("agent.runner")
 
 CHECK_ERROR = "CheckError"  # the condition of a check that could not decide
+# Findings of a stream handled together: one decision, one state save, events shipped, then
+# the loop's other tasks (the health endpoint, the shipper) get their turn.
+BATCH = 512
 Handler = Callable[[list[Finding]], Awaitable[None]]
 
 
@@ -154,8 +157,8 @@ class Runner:
         said = ""
         while True:
             try:
-                async for finding in pc.check.stream(follow=True):
-                    await self._deliver(self._stamp(pc.name, [finding]))
+                async for batch in self._batches(pc.check):
+                    await self._deliver(self._stamp(pc.name, batch))
                     delay = self.stream_backoff[0]
                 reason, message = "StreamEnded", f"{pc.name}: its source ended"
             except Exception as exc:
@@ -168,3 +171,43 @@ class Runner:
             await self._deliver(self._stamp(pc.name, [unknown(pc.name, reason, message)]))
             await asyncio.sleep(delay)
             delay = min(delay * 2, ceiling)
+
+    @staticmethod
+    async def _batches(check: StreamingCheck) -> AsyncIterator[list[Finding]]:
+        """The stream's findings in batches: what it has yielded while the last batch was being
+        handled, at most BATCH. A backlog is read on while a batch is decided and saved, and a
+        live finding alone is handled at once. The stream's own error is raised here."""
+        queue: asyncio.Queue[Finding | _End] = asyncio.Queue(BATCH)
+
+        async def produce() -> None:
+            try:
+                async for finding in check.stream(follow=True):
+                    await queue.put(finding)
+            except Exception as exc:
+                await queue.put(_End(exc))
+            else:
+                await queue.put(_End(None))
+
+        producer = asyncio.create_task(produce(), name=f"stream:{check.name}")
+        try:
+            while True:
+                items = [await queue.get()]
+                while len(items) < BATCH and not queue.empty():
+                    items.append(queue.get_nowait())
+                end = items.pop() if isinstance(items[-1], _End) else None
+                if items:
+                    yield items  # type: ignore[misc]  # only the last item can be the end
+                if end is not None:
+                    if end.error is not None:
+                        raise end.error
+                    return
+        finally:
+            producer.cancel()
+            await asyncio.gather(producer, return_exceptions=True)
+
+
+@dataclass(frozen=True, slots=True)
+class _End:
+    """A stream ended, with its error if it failed."""
+
+    error: Exception | None

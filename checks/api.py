@@ -101,6 +101,8 @@ class Finding:
     ts: float = field(default_factory=time.time)
     clock: float | None = None  # the source's own time (a log's, since boot), for windows
     severity: str | None = None  # info, warn or error; None: from status and action
+    # A streaming check's: where in its source the finding's record ends (StreamingCheck.commit)
+    position: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +178,20 @@ class StreamingCheck(Check):
     def stream(self, follow: bool = True) -> AsyncIterator[Finding]:
         """Yield findings from the source; with `follow=False`, only what it holds now."""
         raise NotImplementedError
+
+    def checkpoint(self, position: Mapping[str, Any]) -> dict[str, Any] | None:
+        """What to remember to resume after `position` (a finding's). The agent writes it in
+        one write with the events of the findings up to there, and hands the last one back with
+        `resume` at its next start, so that a crash neither loses nor repeats an event. None:
+        the check keeps its place itself."""
+        return None
+
+    def resume(self, state: Mapping[str, Any] | None) -> None:
+        """The agent commits this check's place from now on; `state`: the last checkpoint it
+        committed (None: none was found)."""
+
+    def committed(self, state: Mapping[str, Any]) -> None:
+        """A checkpoint is on disk with its events: the check may keep a copy of its own."""
 
 
 class CheckBusyError(RuntimeError):

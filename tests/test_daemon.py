@@ -73,11 +73,13 @@ def test_fault_reaches_spool_stdout_and_node_state_and_sigterm_exits_0(cli_env, 
 def test_restart_keeps_the_verdict_and_reports_nothing_twice(cli_env, tmp_path):
     state = tmp_path / "state"
     cfg = faulty(tmp_path, action="replace")
-    proc = start(cli_env, "--config", cfg)
+    port = free_port()
+    proc = start(cli_env | {"NODE_HEALTH_HTTP_LISTEN": f"127.0.0.1:{port}"}, "--config", cfg)
     wait_for(lambda: any("verdict" in e for e in spooled(state)))
+    # Every check's first round in (a stop cuts short what is still being decided).
+    wait_for(lambda: _answers(port) and get(f"http://127.0.0.1:{port}/readyz")[0] == 200)
     stop(proc)
     first = len(spooled(state))
-    port = free_port()
     proc = start(cli_env | {"NODE_HEALTH_HTTP_LISTEN": f"127.0.0.1:{port}"}, "--config", cfg)
     wait_for(lambda: _answers(port) and get(f"http://127.0.0.1:{port}/readyz")[0] == 200)
     time.sleep(1.0)  # twenty more polls of the same fault

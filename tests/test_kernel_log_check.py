@@ -455,3 +455,45 @@ async def test_a_journal_entry_over_4_kib_is_parsed_whole(tmp_path, monkeypatch)
     append(path, journal(tmp_path / "more", [XID79.replace("b9", "bb")]).read_text())
     found = await collect(check(root, tmp_path, source="journal"))
     assert [f.component for f in found] == ["gpu:0000:b9:00", "gpu:0000:ba:00", "gpu:0000:bb:00"]
+
+
+async def test_a_followed_file_wakes_on_its_own_writes_not_on_its_neighbours(tmp_path) -> None:
+    from checks.kernel_log import watch
+
+    (tmp_path / "kern.log").write_text("")
+    w = watch.FileWatch(tmp_path / "kern.log")
+    assert w.kind == "inotify"  # Linux, as every node is
+    try:
+        waiting = asyncio.create_task(w.changed())
+        await asyncio.sleep(0.05)
+        append(tmp_path / "syslog", "another program's line\n")
+        await asyncio.sleep(0.3)
+        assert not waiting.done()  # a neighbour's write is no reason to read
+        append(tmp_path / "kern.log", syslog(XID79))
+        await asyncio.wait_for(waiting, watch.SAFETY_SECONDS / 2)  # woken, not timed out
+    finally:
+        w.close()
+
+
+async def test_without_inotify_the_file_is_polled_and_rotation_still_followed(
+    tmp_path, monkeypatch
+) -> None:
+    from checks.kernel_log import watch
+
+    monkeypatch.setattr(watch, "_libc", lambda: None)  # no inotify here (not Linux)
+    assert watch.FileWatch(tmp_path / "kern.log").kind == "poll"
+    root = host(tmp_path)
+    (root / "var/log").mkdir(parents=True)
+    kern = root / "var/log/kern.log"
+    kern.write_text(xid79(0x10))
+    got: list[Finding] = []
+    task = await follower(check(root, tmp_path, source="file"), got)
+    try:
+        await _until(lambda: len(got) == 1)
+        kern.rename(root / "var/log/kern.log.1")
+        kern.write_text(xid79(0x20))
+        await _until(lambda: len(got) == 2)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert got[1].component == "gpu:0000:20:00"

@@ -19,6 +19,7 @@ from agent.policy import (
     Verdict,
     VerdictChanged,
     builtin_rules,
+    coalesce,
     rule_table,
 )
 from checks.api import Action, Finding, Status
@@ -382,3 +383,32 @@ def test_bad_policy_rules_are_refused() -> None:
     ):
         with pytest.raises(ValidationError):
             TypeAdapter(PolicyRule).validate_python(bad)
+
+
+def test_a_batch_of_one_rule_on_one_component_is_one_event_with_a_count(clock) -> None:
+    policy = make(clock)
+    burst = [xid(13, pid=str(i)) for i in range(40)] + [xid(13, gpu="gpu:0000:ba:00")]
+    burst[5] = Finding(**{**_fields(burst[5]), "evidence": {"pid": "5", "repeated": "9"}})
+    changes = coalesce(policy.observe(burst))
+    reported = [c for c in changes if isinstance(c, Reported)]
+    assert [c.tracker.component for c in reported] == ["gpu:0000:b9:00", "gpu:0000:ba:00"]
+    first = reported[0]
+    assert first.finding.evidence["pid"] == "0"  # the first line's, as it was printed
+    assert first.finding.evidence["repeated"] == str(39 + 9)  # the others, and their folds
+    # Only the reporting is folded: the policy counted each as it would one by one.
+    alone = make(clock)
+    for f in burst:
+        alone.observe([f])
+    assert alone.trackers == policy.trackers
+
+
+def test_a_change_in_between_keeps_the_events_apart(clock) -> None:
+    policy = make(clock)
+    fault, ok = poll(Status.FAULT), poll(Status.OK)
+    changes = coalesce(policy.observe([fault, ok, ok, ok, fault]))
+    kinds = [type(c).__name__ for c in changes if not isinstance(c, VerdictChanged)]
+    assert kinds == ["Reported", "Cleared", "Reported"]  # not folded across the clearing
+
+
+def _fields(f: Finding) -> dict:
+    return {name: getattr(f, name) for name in Finding.__slots__}

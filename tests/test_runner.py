@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
+from collections.abc import AsyncIterator
 
 from agent.metrics import Metrics
-from agent.runner import CHECK_ERROR, Runner
-from checks.api import Action, Finding, Status
+from agent.runner import BATCH, CHECK_ERROR, Runner
+from checks.api import Action, Finding, Status, StreamingCheck
 from tests.conftest import planned
 from tests.plugins.sample_checks import (
     BlockingCheck,
@@ -132,3 +134,40 @@ def test_metrics_count_runs_by_result() -> None:
     assert sample("node_health_check_runs_total", {"check": "boom", "result": "unknown"}) == 1
     assert sample("node_health_check_runs_total", {"check": "fixed", "result": "ok"}) == 1
     assert sample("node_health_check_success", {"check": "boom"}) == 0
+
+
+class BurstStream(StreamingCheck):
+    """A stream with a backlog: `n` faults ready at once, as a log file's first read is."""
+
+    name = "burst"
+    n = 5 * BATCH + 3
+
+    async def stream(self, follow: bool = True) -> AsyncIterator[Finding]:
+        for i in range(self.n):
+            yield Finding(
+                f"gpu:{i % 7}", "SampleXid", Status.FAULT, "Xid13", "a line", temporary=True
+            )
+        await asyncio.Event().wait()  # then follows: nothing more
+
+
+async def test_a_backlog_is_handled_in_bounded_batches_that_let_the_loop_run() -> None:
+    calls: list[int] = []
+    seen: list[int] = []  # what another task saw, each time it ran
+
+    async def handle(findings: list[Finding]) -> None:
+        calls.append(len(findings))
+        await asyncio.sleep(0)  # as the daemon awaits a batch's save in a thread
+
+    async def other() -> None:
+        while True:
+            seen.append(sum(calls))
+            await asyncio.sleep(0)
+
+    runner = Runner([planned(BurstStream)], handle, Metrics())
+    task = asyncio.create_task(other())
+    await serve_for(runner, 0.3)
+    task.cancel()
+    assert sum(calls) == BurstStream.n  # nothing lost
+    assert 1 < len(calls) < BurstStream.n and max(calls) <= BATCH  # batches, bounded
+    between = set(seen) & set(itertools.accumulate(calls))
+    assert len(between) >= 3  # the loop ran between the batches, not only after them

@@ -41,3 +41,22 @@ async def test_a_restart_appends_after_what_is_there(tmp_path: Path) -> None:
     async with SpoolSink(tmp_path, 4096, 4) as spool:
         await spool.emit({"msg": "after"})
     assert [e["msg"] for e in lines(tmp_path)] == ["before", "after"]
+
+
+async def test_a_batch_and_its_checkpoint_land_whole_or_not_at_all(tmp_path: Path) -> None:
+    async with SpoolSink(tmp_path, 1 << 20, 4) as spool:
+        spool.hold()
+        await spool.emit({"msg": "a"})
+        spool.release({"kernel_log": {"commit": 1}})
+        spool.hold()
+        for msg in ("b", "c", "d"):
+            await spool.emit({"msg": msg})
+        spool.release({"kernel_log": {"commit": 2}})
+    seg = spool.segments()[-1]
+    whole = seg.read_bytes()
+    seg.write_bytes(whole[: whole.rindex(b'{"msg":"c"') + 5])  # killed mid-write
+    async with SpoolSink(tmp_path, 1 << 20, 4) as spool:
+        # The torn batch is gone, and with it its checkpoint: its events come again from
+        # the source, from the last whole checkpoint.
+        assert spool.last_checkpoints() == {"kernel_log": {"commit": 1}}
+    assert [e["msg"] for e in lines(tmp_path) if "msg" in e] == ["a"]

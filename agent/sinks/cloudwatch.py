@@ -30,6 +30,7 @@ from agent.metrics import Metrics
 from agent.models import CloudWatchSettings
 from agent.ship.batch import Batch, LogEvent, fit, parse_line, timestamp_ms
 from agent.ship.spoolreader import SpoolReader
+from agent.sinks.spool import is_checkpoint
 from agent.supervise import Heart, Supervisor
 from agent.threads import in_daemon_thread
 
@@ -148,6 +149,9 @@ class CloudWatchSink:
                     self._unreadable.add(end)
                     log.warning("spool_line_unreadable", at=end)
                     self.metrics.cw_rejected.inc()
+                skipped = end
+                continue
+            if is_checkpoint(event):  # where a check resumes: the agent's, not an event
                 skipped = end
                 continue
             stream = self.stream

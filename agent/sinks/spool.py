@@ -4,14 +4,20 @@ Segments `<seq>.jsonl` rotate at `max_segment_bytes`; at most `max_segments` are
 the bound is hit the oldest segment goes, its events counted and logged. Each event is one
 `write` to an O_APPEND descriptor, so a `kill -9` loses at most the line being written; `flush`
 (and close, on SIGTERM) fsyncs.
+
+Exactly once across a crash: the events of a batch of a streaming check's findings are held
+and written in one `write` with a checkpoint line (`{"checkpoint": {"check": ..., "state":
+...}}`: where the check resumes), so the events and the source position they came from land
+together or not at all. The shipper skips checkpoint lines; `last_checkpoints` reads them back.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 import structlog
 
@@ -19,6 +25,12 @@ from agent.events import Event, dumps
 
 log = structlog.get_logger("agent.spool")
 SUFFIX = ".jsonl"
+CHECKPOINT = "checkpoint"
+MARK = b'{"checkpoint"'  # how a checkpoint line begins
+
+
+def is_checkpoint(line: dict[str, Any]) -> bool:
+    return CHECKPOINT in line and len(line) == 1
 
 
 class SpoolSink:
@@ -32,6 +44,7 @@ class SpoolSink:
         self._fd: int | None = None
         self._seq = 0
         self._size = 0
+        self._held: list[bytes] | None = None  # a batch's events, until its checkpoint
 
     def segments(self) -> list[Path]:
         """Segment files, oldest first."""
@@ -57,6 +70,7 @@ class SpoolSink:
         self.directory.mkdir(parents=True, exist_ok=True)
         existing = self.segments()
         self._seq = int(existing[-1].stem) if existing else 1
+        self._repair()
         self._open()
 
     async def __aexit__(self, *exc: object) -> None:
@@ -67,6 +81,78 @@ class SpoolSink:
 
     async def emit(self, event: Event) -> None:
         data = (dumps(event) + "\n").encode()
+        if self._held is not None:
+            self._held.append(data)
+            return
+        self._write(data)
+
+    def hold(self) -> None:
+        """Keep the events emitted from now until `release`."""
+        self._held = []
+
+    def release(self, checkpoints: dict[str, dict[str, Any]]) -> None:
+        """The held events after a checkpoint line that says how many follow, in one write.
+        A `kill -9` can cut even one write short: `_repair` then drops the whole batch, so
+        that its events come again from where the last whole checkpoint resumes."""
+        held, self._held = self._held or [], None
+        if not checkpoints:
+            if held:
+                self._write(b"".join(held))
+            return
+        marks = [
+            {CHECKPOINT: {"check": check, "state": state, "events": len(held)}}
+            for check, state in checkpoints.items()
+        ]
+        lines = [(json.dumps(m, separators=(",", ":")) + "\n").encode() for m in marks]
+        self._write(b"".join(lines[::-1] + held))  # the first line counts what follows it
+
+    def _repair(self) -> None:
+        """Cut off what a crash left half-written at the end of the newest segment: a torn
+        line, or a batch with fewer events after its checkpoint than the checkpoint counts."""
+        segments = self.segments()
+        if not segments:
+            return
+        path = segments[-1]
+        data = path.read_bytes()
+        keep = data.rfind(b"\n") + 1  # a torn last line goes
+        lines = data[:keep].split(b"\n")[:-1]
+        last = next((i for i in range(len(lines) - 1, -1, -1) if lines[i].startswith(MARK)), None)
+        if last is not None:
+            first = last
+            while first > 0 and lines[first - 1].startswith(MARK):
+                first -= 1
+            try:
+                counted = int(json.loads(lines[last])[CHECKPOINT]["events"])
+            except (ValueError, KeyError, TypeError):
+                counted = 0
+            if len(lines) - last - 1 < counted:
+                keep = sum(len(line) + 1 for line in lines[:first])
+        if keep < len(data):
+            log.warning("spool_torn_write_dropped", segment=path.name, bytes=len(data) - keep)
+            with open(path, "r+b") as fh:
+                fh.truncate(keep)
+
+    def last_checkpoints(self) -> dict[str, dict[str, Any]]:
+        """Each check's last checkpoint: from the newest segment that holds any."""
+        for path in reversed(self.segments()):
+            found: dict[str, dict[str, Any]] = {}
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue
+            for raw in data.splitlines():
+                if not raw.startswith(MARK):
+                    continue
+                try:
+                    mark = json.loads(raw)[CHECKPOINT]
+                    found[str(mark["check"])] = dict(mark["state"])
+                except (ValueError, KeyError, TypeError):
+                    continue  # cut short by a crash: its events are not whole either
+            if found:
+                return found
+        return {}
+
+    def _write(self, data: bytes) -> None:
         if self._fd is None:
             self._start()  # what failed at start may work now (the disk was freed)
         if self._size and self._size + len(data) > self.max_segment_bytes:
@@ -91,7 +177,8 @@ class SpoolSink:
         self._seq += 1
         self._open()
         for old in self.segments()[: -self.max_segments]:
-            lost = old.read_bytes().count(b"\n")
+            data = old.read_bytes()
+            lost = data.count(b"\n") - data.count(MARK)
             old.unlink()
             self.dropped_events += lost
             log.warning(

@@ -4,8 +4,10 @@ Source `auto` takes /dev/kmsg where it can be opened (not as a non-root user, no
 CAP_SYSLOG under `kernel.dmesg_restrict=1`), else the journal where journalctl and the host's
 journal files are there, else the first log file that exists, and says once which, and why
 the ones before it were passed over. At start it reads what the source holds since boot, so a
-fault from before the agent started is seen; the position of the last reported record is kept
-under the state directory, so an agent restart does not report it twice.
+fault from before the agent started is seen. Each finding carries where its record ends; the
+agent commits that place in one write with the finding's events (`checkpoint`), and a copy
+is kept under the state directory, so a restart, even after a `kill -9`, reports each record
+once. Run on its own (no agent), the check keeps its place itself.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import asyncio
 import json
 import os
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -31,7 +34,6 @@ from checks.kernel_log.sources import (
     Gap,
     JournalSource,
     KmsgSource,
-    Record,
     SourceError,
 )
 
@@ -50,6 +52,10 @@ class KernelLogCheck(StreamingCheck):
         self.rules = ruleset(opts)  # a bad rule is a configuration error, found at start
         self._said_source = False
         self._passed_over: dict[str, str] = {}  # source: why `auto` did not take it
+        self._agent_commits = False  # the agent commits our place with its events (resume)
+        self._resumed: dict[str, Any] | None = None  # the last checkpoint the agent committed
+        self._kind: str | None = None
+        self._state: dict[str, Any] = {}  # of the stream being followed
 
     def missing(self) -> list[str]:
         opts: KernelLogOptions = self.options  # type: ignore[assignment]
@@ -92,9 +98,13 @@ class KernelLogCheck(StreamingCheck):
             raise SourceError(self.missing()[0])
         # A one-off run (follow=False) reports everything since boot and remembers nothing.
         state = self._load_state() if follow else {}
+        if follow and self._resumed is not None:
+            state = max(state, self._resumed, key=lambda s: s.get("commit", 0))
         boot_id = self._boot_id()
         if state.get("boot_id") != boot_id:
-            state = {"boot_id": boot_id}
+            state = {"boot_id": boot_id, "commit": state.get("commit", 0)}
+        if follow:
+            self._kind, self._state = kind, state
         source = self._source(kind, opts, state)
         if not self._said_source:
             log.info(
@@ -122,19 +132,36 @@ class KernelLogCheck(StreamingCheck):
                 continue
             found = (
                 [  # a log file: what other programs wrote in it is not the kernel's
-                    f
-                    for text in classifier.candidate_records(item.data)
+                    replace(f, position=item.at(end))
+                    for text, end in classifier.candidate_spans(item.data)
                     if from_kernel(text) and (f := classifier.record(text))
                 ]
                 if isinstance(item, Chunk)
-                else [f]
+                else [replace(f, position=item.position)]
                 if (f := classifier.record(item.text, item.when))
                 else []
             )
             for finding in found:
                 yield finding
-            if found and follow:
-                self._save_state(kind, state, item)
+            if found and follow and not self._agent_commits:
+                self._advance(kind, state, item.position)
+                self._write_state(state)
+
+    def resume(self, state: Mapping[str, Any] | None) -> None:
+        self._agent_commits = True
+        self._resumed = dict(state) if state else None
+
+    def checkpoint(self, position: Mapping[str, Any]) -> dict[str, Any] | None:
+        if self._kind is None:
+            return None
+        state = json.loads(json.dumps(self._state))  # a copy: the last one may be in flight
+        self._advance(self._kind, state, position)
+        state["commit"] = state.get("commit", 0) + 1
+        self._state = self._resumed = state  # a restarted stream resumes here
+        return state
+
+    def committed(self, state: Mapping[str, Any]) -> None:
+        self._write_state(state)
 
     def _classifier(self) -> Classifier:
         opts: KernelLogOptions = self.options  # type: ignore[assignment]
@@ -151,14 +178,16 @@ class KernelLogCheck(StreamingCheck):
         pos = state.get("files", {}).get(str(path), {})
         return FileSource(path, pos.get("inode"), pos.get("offset", 0))
 
-    def _save_state(self, kind: str, state: dict[str, Any], item: Record | Chunk) -> None:
+    def _advance(self, kind: str, state: dict[str, Any], position: Mapping[str, Any]) -> None:
         if kind == "kmsg":
-            state["kmsg_seq"] = item.position["seq"]
-        elif kind == "journal" and item.position.get("cursor"):
-            state["journal_cursor"] = item.position["cursor"]
+            state["kmsg_seq"] = position["seq"]
+        elif kind == "journal" and position.get("cursor"):
+            state["journal_cursor"] = position["cursor"]
         elif kind == "file":
             opts: KernelLogOptions = self.options  # type: ignore[assignment]
-            state.setdefault("files", {})[str(self._first_file(opts))] = item.position
+            state.setdefault("files", {})[str(self._first_file(opts))] = dict(position)
+
+    def _write_state(self, state: Mapping[str, Any]) -> None:
         path = self._state_path()
         if path is None:
             return

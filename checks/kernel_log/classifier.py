@@ -79,6 +79,11 @@ class Classifier:
 
     def candidate_records(self, buf: bytes) -> Iterator[str]:
         """The records (a line and its indented continuation lines) that hold an anchor."""
+        for text, _ in self.candidate_spans(buf):
+            yield text
+
+    def candidate_spans(self, buf: bytes) -> Iterator[tuple[str, int]]:
+        """Each candidate record, with where it ends in `buf` (after its newline)."""
         last_start = -1
         size = len(buf)
         for end in self._prefilter(buf):
@@ -97,7 +102,7 @@ class Classifier:
             if start <= last_start:
                 continue
             last_start = start
-            yield buf[start : min(stop, start + MAX_LINE)].decode("utf-8", "replace")
+            yield buf[start : min(stop, start + MAX_LINE)].decode("utf-8", "replace"), stop + 1
 
     # ---- deciding -----------------------------------------------------------------------------
 

@@ -18,12 +18,13 @@ from typing import Any
 import structlog
 
 from checks.kernel_log.formats import KMSG, Stamp, journal_entry, kmsg_from_kernel, unescape_kmsg
+from checks.kernel_log.watch import FileWatch
 from checks.proc import reap, spawn
 
 log = structlog.get_logger("checks.kernel_log")
 
 POLL_SECONDS = 0.05  # for what cannot be waited on (a regular file, a FIFO with no writer)
-CHUNK = 4 * 1024 * 1024
+CHUNK = 1024 * 1024  # bytes read at a time: a storm costs little memory
 MAX_LINE = 64 * 1024  # bytes of a log line kept; the rest of a longer one is skipped
 FINGERPRINT = 64  # bytes before the read position compared, to see a file truncated
 JOURNAL_LINE_LIMIT = 1 << 20  # bytes of one `journalctl -o json` entry
@@ -39,7 +40,14 @@ class Record:
 @dataclass(frozen=True, slots=True)
 class Chunk:
     data: bytes
-    position: dict[str, Any]
+    position: dict[str, Any]  # after the chunk
+    start: int | None = None  # the file offset of data[0], when data is the file's own bytes
+
+    def at(self, end: int) -> dict[str, Any]:
+        """The position after data[:end]: where to resume after a record that ends there."""
+        if self.start is None or end >= len(self.data):
+            return self.position  # a line was cut in it: only its end is known
+        return self.position | {"offset": self.start + end}
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +197,8 @@ class JournalSource:
 
 
 class FileSource:
-    """A log file followed like `tail -F`: through rotation (the renamed file is read to its
+    """A log file followed like `tail -F`, woken by inotify (polled where there is none):
+    through rotation (the renamed file is read to its
     end before the new one), truncation (copytruncate, also when the file has grown past where
     we were: the bytes before our position are compared) and re-creation.
 
@@ -211,6 +220,7 @@ class FileSource:
 
     async def items(self, follow: bool) -> AsyncIterator[Item]:
         fh = self._open(resume=True)
+        watch = FileWatch(self.path) if follow else None
         try:
             while True:
                 if self._truncated(fh):
@@ -218,10 +228,11 @@ class FileSource:
                     self._mark, self._skipping = b"", False
                 if (chunk := self._read(fh)) is not None:
                     yield chunk
+                    await asyncio.sleep(0)  # a backlog is read chunk by chunk, not at once
                     continue
-                if not follow:
+                if watch is None:
                     return
-                await asyncio.sleep(POLL_SECONDS * 5)
+                await watch.changed()
                 if self._rotated():
                     while (chunk := self._read(fh, last=True)) is not None:
                         yield chunk  # what was written to the old file since the last read
@@ -229,10 +240,13 @@ class FileSource:
                     fh = self._open(resume=False)
         finally:
             fh.close()
+            if watch is not None:
+                watch.close()
 
     def _read(self, fh: Any, last: bool = False) -> Chunk | None:
         """The next whole lines, long ones cut; None at the end of what is there. `last`: the
         file will not grow, so an unfinished last line counts as a line."""
+        start = fh.tell()
         raw = fh.read(CHUNK)
         if not raw:
             return None
@@ -243,11 +257,13 @@ class FileSource:
                 data = b""
             else:
                 data, self._skipping = data[end + 1 :], False
+                start += end + 1
+        exact = True
         cut = data.rfind(b"\n") + 1
         body, tail = data[:cut], data[cut:]
         if len(tail) > self.max_line:  # no end in sight: keep its start, skip the rest
             body += tail + b"\n"
-            self._skipping, tail = True, b""
+            self._skipping, tail, exact = True, b"", False
         elif last and tail:
             body, tail = body + tail + b"\n", b""
         if tail:
@@ -255,9 +271,11 @@ class FileSource:
             if not body and len(raw) == len(tail):
                 return None
         if len(body) > self.max_line:
-            body = self._cut_long(body)
+            cut = self._cut_long(body)
+            exact, body = exact and cut is body, cut
         self._mark = (self._mark + raw[: len(raw) - len(tail)])[-FINGERPRINT:]
-        return Chunk(body, {"inode": self.inode, "offset": fh.tell()})
+        position = {"inode": self.inode, "offset": fh.tell()}
+        return Chunk(body, position, start if exact else None)
 
     def _cut_long(self, body: bytes) -> bytes:
         # A line over max_line holds a whole aligned window of half that without a newline;
