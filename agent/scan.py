@@ -358,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         default="-",
         help="a saved kernel log (dmesg, dmesg -T, journalctl -k, syslog, /dev/kmsg), tool "
         "output (dcgmi diag, all_reduce_perf, nccom-test, neuron-monitor, neuron-ls, fi_info, "
-        "nvidia-smi -q, nvidia-smi nvlink -e), or several in one file, gzipped or not; "
+        "nvidia-smi -q, nvidia-smi nvlink -e, nvidia-smi nvlink -s, nvidia-smi), or several in "
+        "one file, gzipped or not; "
         "- or nothing for standard input",
     )
     ap.add_argument(

@@ -110,6 +110,18 @@ KINDS = [
         smi.NVLINK_MARKER_WORDS,
         lambda text, _: smi.judge_nvlink_errors(text),
     ),
+    ToolOutput(
+        "nvidia-smi nvlink -s",
+        smi.NVLINK_STATUS_MARKER,
+        smi.NVLINK_STATUS_MARKER_WORDS,
+        lambda text, itype: smi.judge_nvlink_status(text, expected(itype)),
+    ),
+    ToolOutput(
+        "nvidia-smi",
+        smi.SMI_MARKER,
+        smi.SMI_MARKER_WORDS,
+        lambda text, itype: smi.judge_smi(text, expected(itype)),
+    ),
 ]
 
 

@@ -1,13 +1,17 @@
-"""Score the agent on the corpus of real kernel logs (tests/corpus/cases.yaml): each log runs
-through the packaged rules and policy as `node-health scan` would judge it, and the node's
-verdict must be the expected one. The table is printed (pytest -s shows it)."""
+"""Score the agent on the corpus of real kernel logs and tool outputs (tests/corpus/cases.yaml):
+each log runs through the packaged rules and policy as `node-health scan` would judge it, each
+tool output (a case with `tool`) through `scan` itself, which must recognise it as that kind;
+the node's verdict must be the expected one. The table is printed (pytest -s shows it)."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
 
+from agent import scan
+from agent.identity import Identity
 from agent.policy import DeepCheckWanted, Policy, PolicySettings, rule_table
 from checks.api import load_yaml
 from checks.kernel_log import rules
@@ -31,6 +35,22 @@ def judge(ruleset: rules.RuleSet, data: bytes) -> tuple[str, bool]:
     return str(policy.verdict), any(isinstance(c, DeepCheckWanted) for c in changes)
 
 
+def judge_tool(ruleset: rules.RuleSet, case: dict) -> tuple[str, bool]:
+    """The verdict `scan` gives a saved tool output, with the case's instance type."""
+    with path_of(case).open("rb") as fh:
+        result = scan.scan(
+            fh,
+            ruleset,
+            PolicySettings(),
+            Identity("corpus"),
+            io.StringIO(),
+            engine="re",
+            instance_type=case.get("instance_type"),
+        )
+    assert case["tool"] in result.recognised, (path_of(case).name, result.recognised)
+    return str(result.verdict), False
+
+
 def test_every_case_has_a_source_and_its_log() -> None:
     for case in CASES:
         assert path_of(case).is_file(), case
@@ -43,7 +63,10 @@ def test_corpus_score() -> None:
     ruleset = rules.build()
     rows, wrong = [], []
     for case in CASES:
-        verdict, wanted = judge(ruleset, path_of(case).read_bytes())
+        if "tool" in case:
+            verdict, wanted = judge_tool(ruleset, case)
+        else:
+            verdict, wanted = judge(ruleset, path_of(case).read_bytes())
         ok = verdict == case["expect"] and wanted == case.get("deep_check", False)
         rows.append((path_of(case).name, case["class"], case["expect"], verdict, wanted, ok))
         if not ok:

@@ -199,3 +199,49 @@ def test_scan_recognises_and_judges_dcgm_output(
     assert scan_module.main([str(FIXTURES / fixture)]) == rc
     out, err = capsys.readouterr()
     assert f'"reason":"{reason}"' in out and "(dcgmi diag)" in err
+
+
+def test_a_gpu_the_environment_kept_busy_is_inconclusive_never_replaced() -> None:
+    # go-dcgm#52: GPU Memory fails on GPU 0 with "Error using CUDA API cuCtxCreate ...
+    # 'CUDA-capable device(s) is/are busy or unavailable'", the Diagnostic test with "API call
+    # cuMemGetInfo failed: 'context is destroyed'", and the quote ends under Targeted Stress.
+    found = dcgm.judge(dcgm.parse(text("r2-cuda-busy-go-dcgm52-cut.txt")))
+    assert {f.status for f in found} == {Status.UNKNOWN}
+    by_test = {f.component: f.reason for f in found}
+    assert by_test["dcgm:gpu_memory"] == by_test["dcgm:diagnostic"] == "DcgmDiagInconclusive"
+    # Closed after the Hardware tests, it says the same: a busy GPU, not a faulty one.
+    closed = text("r2-cuda-busy-go-dcgm52-cut.txt").split("+-----  Stress")[0] + CLOSING
+    assert {f.status for f in dcgm.judge(dcgm.parse(closed))} == {Status.UNKNOWN}
+
+
+@pytest.mark.parametrize(
+    ("error_id", "warning", "action"),
+    [
+        # A hardware code, but the text says the environment failed the test: inconclusive.
+        (
+            50,
+            "GPU 0 API call cudaEventCreate failed for GPU0: 'CUDA-capable device(s) "
+            "is/are busy or unavailable' Check DCGM and system logs for errors.",
+            "unknown",
+        ),
+        (
+            None,
+            "Error using CUDA API cuInit: CUDA driver version is insufficient for CUDA "
+            "runtime version",
+            "unknown",
+        ),
+        (None, "Error calling NVML API nvmlInit: Insufficient Permissions", "unknown"),
+        # CUDA_API (51) is MONITOR: for a failed test it still says the software failed it.
+        (51, "Error using CUDA API cudaMalloc", "unknown"),
+        # A CUDA error that is the hardware's stays one (cudaErrorECCUncorrectable).
+        (
+            None,
+            "API call cudaMemcpy failed for GPU 0: 'uncorrectable ECC error encountered'",
+            "replace",
+        ),
+    ],
+)
+def test_environment_failures_by_their_words(
+    error_id: int | None, warning: str, action: str
+) -> None:
+    assert dcgm.table().test_action(dcgm.DiagWarning(warning, error_id)) == action

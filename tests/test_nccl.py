@@ -133,3 +133,42 @@ def test_scan_of_a_kernel_log_is_not_taken_for_nccl_output(
     first = sorted(log.glob("*.log"))[0]
     scan_module.main([str(first)])
     assert "all_reduce_perf" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("fixture", "rc", "reason"),
+    [
+        # NCCL's NVLS (multicast) transport could not set the GPUs up: cuMulticastAddDevice's
+        # "operation cannot be performed in the present state" (nccl#1788), "invalid
+        # argument" (nccl#1672), "initialization error" on one worker of two (nccl#1029).
+        ("nvls-present-state-nccl1788.txt", 1, "NcclCudaSetupFailure"),
+        ("nvls-invalid-argument-nccl1672.txt", 1, "NcclCudaSetupFailure"),
+        ("nvls-init-error-k8s-nccl1029.txt", 1, "NcclCudaSetupFailure"),
+        # A CUDA failure at launch (a build without the GPU's kernels, nccl#1372): the
+        # program's, not the node's.
+        ("enqueue-named-symbol-nccl1372.txt", 2, "NcclTestError"),
+    ],
+)
+def test_nccl_cuda_failures_in_setup_are_the_nodes(
+    fixture: str, rc: int, reason: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = scan_module.main([str(FIXTURES / fixture)])
+    out, _ = capsys.readouterr()
+    assert code == rc and f'"reason":"{reason}"' in out
+    if rc == 1:
+        assert '"action":"reboot"' in out
+
+
+def test_a_setup_failure_the_environment_caused_is_no_node_fault() -> None:
+    # nccl#1788's line with the error an idle GPU never gives: another process holds it.
+    line = text("nvls-present-state-nccl1788.txt").splitlines()[0]
+    busy = line.replace(
+        "401 'the operation cannot be performed in the present state'",
+        "46 'CUDA-capable device(s) is/are busy or unavailable'",
+    )
+    [f] = nccl.judge(nccl.parse(busy + "\n"), None)
+    assert f.status is Status.UNKNOWN
+    # Wrong results still say more than a setup failure (replace).
+    table = text("all_gather-out-of-bounds.txt") + line + "\n"
+    [f] = nccl.judge(nccl.parse(table), None)
+    assert f.reason == "NcclWrongResults" and f.action is Action.REPLACE

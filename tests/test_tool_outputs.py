@@ -10,6 +10,7 @@ import pytest
 from agent import scan as scan_module
 from agent import tool_outputs
 from checks.api import Status
+from checks.instance_types import expected
 from checks.nvidia import smi
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -35,6 +36,14 @@ def scan(capsys: pytest.CaptureFixture[str], path: Path, *args: str) -> tuple[in
         ("neuron/nccom-test-failed.txt", "nccom-test"),
         ("nvidia-smi/q-remapped-rows-pending.txt", "nvidia-smi -q"),
         ("nvidia-smi/q-gtx960m-header-cut.txt", "nvidia-smi -q"),
+        ("nvidia-smi/q-retired-pages-pending-blacklist-mle.txt", "nvidia-smi -q"),
+        ("nvidia-smi/table-err-gpu-operator559-cut.txt", "nvidia-smi"),
+        ("nvidia-smi/table-inforom-corrupted-gpu-operator-docs.txt", "nvidia-smi"),
+        ("nvidia-smi/no-handle-xxd3vin19.txt", "nvidia-smi"),
+        ("nvidia-smi/no-devices-pytorch167118.txt", "nvidia-smi"),
+        ("nvidia-smi/nvlink-s-inactive-azhpc73.txt", "nvidia-smi nvlink -s"),
+        ("nvidia-smi/nvlink-s-all-inactive-gpud1085.txt", "nvidia-smi nvlink -s"),
+        ("nccl/nvls-present-state-nccl1788.txt", "all_reduce_perf"),
     ],
 )
 def test_each_kind_is_recognised(fixture: str, kind: str) -> None:
@@ -58,6 +67,23 @@ def test_a_kernel_log_is_no_tool_output() -> None:
         ("efa/fi_info-p4de-4-devices.txt", "p5.48xlarge", 2, "SavedListShort"),
         ("efa/fi_info-no-efa.txt", None, 2, "NoEfaProvider"),
         ("nvidia-smi/nvlink-e-h100-elided.txt", None, 0, "NvlinkClean"),
+        # The default table: a GPU whose cells read ERR! (a query of it failed), reboot...
+        ("nvidia-smi/table-err-gpu-operator559-cut.txt", None, 1, "GpuQueryFailed"),
+        # ...a corrupted infoROM, replace (NVIDIA's GPU Operator troubleshooting)...
+        ("nvidia-smi/table-inforom-corrupted-gpu-operator-docs.txt", None, 1, "InfoROMCorrupted"),
+        # ...a GPU nvidia-smi has no handle for, reboot.
+        ("nvidia-smi/no-handle-nvidia-docker1553.txt", None, 1, "GpuUnreachable"),
+        ("nvidia-smi/no-handle-xxd3vin19.txt", None, 1, "GpuUnreachable"),
+        # No GPU at all: a fault only where the instance type has GPUs.
+        ("nvidia-smi/no-devices-pytorch167118.txt", "p5.48xlarge", 1, "NoGpusFound"),
+        ("nvidia-smi/no-devices-pytorch167118.txt", None, 2, "NoGpusFound"),
+        # nvlink -s: an inactive link among active ones is a fault whatever the type...
+        ("nvidia-smi/nvlink-s-inactive-azhpc73.txt", None, 1, "NvlinkInactive"),
+        # ...all of a GPU's links inactive, only where the type has NVLink (a PCIe GPU has none).
+        ("nvidia-smi/nvlink-s-all-inactive-gpud1085.txt", "p5.48xlarge", 1, "NvlinkInactive"),
+        ("nvidia-smi/nvlink-s-all-inactive-gpud1085.txt", None, 2, "NvlinkInactive"),
+        ("nvidia-smi/q-retired-pages-pending-blacklist-mle.txt", None, 1, "PageRetirementPending"),
+        ("nvidia-smi/q-a100-sram-row-remap-pending-mle.txt", None, 1, "RowRemapPending"),
     ],
 )
 def test_verdicts(
@@ -115,6 +141,61 @@ def test_smi_q_remapped_rows(change, reason: str, action: str) -> None:
         text = text.replace(*change)
     [f] = smi.judge_smi_q(text)
     assert (f.status, f.reason, f.action.value) == (Status.FAULT, reason, action)
+
+
+def test_smi_q_volatile_sram_uncorrectable_means_reboot() -> None:
+    text = (FIXTURES / "nvidia-smi" / "q-a100-sram-row-remap-pending-mle.txt").read_text()
+    text = text.replace(
+        "Pending                           : Yes", "Pending                           : No"
+    )
+    [clean] = smi.judge_smi_q(text)
+    assert clean.status is Status.OK
+    volatile, aggregate = text.split("        Aggregate\n")
+    counted = volatile.replace(
+        "SRAM Uncorrectable            : 0", "SRAM Uncorrectable            : 2"
+    )
+    [f] = smi.judge_smi_q(counted + "        Aggregate\n" + aggregate)
+    assert (f.reason, f.action.value) == ("VolatileUncorrectableEcc", "reboot")
+    # Counted since the GPU was first used, not since the driver loaded: no action.
+    old = aggregate.replace(
+        "SRAM Uncorrectable            : 0", "SRAM Uncorrectable            : 2"
+    )
+    [f] = smi.judge_smi_q(volatile + "        Aggregate\n" + old)
+    assert f.status is Status.OK
+
+
+def test_smi_table_details() -> None:
+    err = (FIXTURES / "nvidia-smi" / "table-err-gpu-operator559-cut.txt").read_text()
+    [f] = smi.judge_smi(err, expected(None))
+    assert f.component == "gpu:0000:19:00" and f.action.value == "reboot"  # GPU 1 is fine
+    inforom = FIXTURES / "nvidia-smi" / "table-inforom-corrupted-gpu-operator-docs.txt"
+    head = inforom.read_text().split("WARNING")[0]
+    [ok] = smi.judge_smi(head, expected(None))
+    assert (ok.status, ok.reason) == (Status.OK, "GpuHealthy")
+
+
+def test_nvlink_status_gaps_and_short_lists() -> None:
+    text = (FIXTURES / "nvidia-smi" / "nvlink-s-inactive-azhpc73.txt").read_text()
+    up = text.replace("<inactive>", "25.781 GB/s")
+    [ok] = smi.judge_nvlink_status(up, expected(None))
+    assert (ok.status, ok.reason) == (Status.OK, "NvlinkActive")
+    # One V100's links of an 8-GPU type: the list may be cut, so it is said, not acted on.
+    [short] = smi.judge_nvlink_status(up, expected("p4d.24xlarge"))
+    assert (short.status, short.reason) == (Status.UNKNOWN, "SavedListShort")
+    # GPU 3 then GPU 5 with nothing between: GPU 4 is missing.
+    block = up.split("....\n")[1]
+    gap = block + block.replace("GPU 3:", "GPU 5:")
+    [missing] = smi.judge_nvlink_status(gap, expected(None))
+    assert (missing.reason, missing.component, missing.action.value) == (
+        "GpuMissing",
+        "gpu:4",
+        "reboot",
+    )
+    # An elision between them ("....") is a paste, not a missing GPU.
+    [elided] = smi.judge_nvlink_status(
+        block + "....\n" + block.replace("GPU 3:", "GPU 5:"), expected(None)
+    )
+    assert elided.status is Status.OK
 
 
 def test_smi_q_reset_status_and_gpu_headers() -> None:

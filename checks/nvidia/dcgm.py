@@ -4,7 +4,9 @@
 - A failed test is a faulty instance (replace), unless its warnings carry DCGM error codes that
   say otherwise (checks/nvidia/dcgm_errors.yaml: DCGM's own severity and category per code):
   a pending row remap asks for a reboot; a busy GPU, a setting or a library problem make the
-  test inconclusive (unknown), never a fault.
+  test inconclusive (unknown), never a fault. So does a warning in the words of a CUDA or NVML
+  error that says the environment failed the test (the device busy or unavailable, a driver
+  and runtime that do not match, permissions, a missing library): re-run it on an idle GPU.
 - A diagnostic that crashed, printed an error instead of results, or was cut off is unknown.
 """
 
@@ -65,6 +67,7 @@ class Table:
     actions: dict[str, dict[str, str]]
     overrides: dict[int, str]
     phrases: dict[str, int]
+    environment: tuple[str, ...]
 
     def action(self, error_id: int | None) -> str | None:
         """replace, reboot, none, unknown; None for a code this table does not know."""
@@ -79,8 +82,27 @@ class Table:
         return self.actions[code.severity][kind]
 
     def code_of(self, message: str) -> int | None:
-        flat = re.sub(r"\s+", "", message).lower()
-        return next((i for p, i in self.phrases.items() if p.replace(" ", "") in flat), None)
+        flat = _flat(message)
+        return next((i for p, i in self.phrases.items() if _flat(p) in flat), None)
+
+    def test_action(self, warning: DiagWarning) -> str | None:
+        """What one warning of a failed test asks of the node. A CUDA or NVML error that says
+        the environment failed the test, or a software code whose severity asks nothing
+        (a CUDA API call that failed), makes it inconclusive: replace only on hardware."""
+        flat = _flat(warning.message)
+        if any(_flat(p) in flat for p in self.environment):
+            return "unknown"
+        eid = warning.error_id if warning.error_id is not None else self.code_of(warning.message)
+        action = self.action(eid)
+        code = self.errors.get(eid) if eid is not None else None
+        if action == "none" and code and not code.category.startswith(("HARDWARE", "PERF")):
+            return "unknown"
+        return action
+
+
+def _flat(text: str) -> str:
+    """Without case or spaces: the text table wraps messages anywhere."""
+    return re.sub(r"\s+", "", text).lower()
 
 
 @cache
@@ -91,6 +113,7 @@ def table() -> Table:
         actions=raw["actions"],
         overrides={int(k): v for k, v in raw["overrides"].items()},
         phrases=raw["phrases"],
+        environment=tuple(raw["environment"]),
     )
 
 
@@ -317,10 +340,7 @@ def judge(run: DiagRun, exit_code: int | None = None) -> list[Finding]:
 def _judge_failed(name: str, failed: list[DiagTest], cut: bool = False) -> Finding:
     codes = table()
     warnings = [w for t in failed for w in t.warnings]
-    actions = []
-    for w in warnings:
-        eid = w.error_id if w.error_id is not None else codes.code_of(w.message)
-        actions.append(codes.action(eid))
+    actions = [codes.test_action(w) for w in warnings]
     gpus = sorted({g for t in failed for g in t.gpus})
     evidence = {
         "gpus": gpus,

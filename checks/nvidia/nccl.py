@@ -1,6 +1,11 @@
 """NCCL `all_reduce_perf` (nccl-tests) output: the result table read, then judged.
 
 What a run says, in the order it matters:
+- NCCL's own warning that a CUDA call failed while it set the GPUs up (`NCCL WARN Cuda
+  failure ...` from its NVLS / multicast transport or its communicator init) is the node's
+  GPU or NVLink fabric state, not the application: reboot. An error that says the
+  environment failed instead (the device busy, out of memory, a driver that does not match
+  the runtime) stays a test that could not run;
 - a test that failed (`Test NCCL failure`, `Test CUDA failure`, `NCCL failure`) or stopped
   before its summary proves nothing about the hardware: unknown, never a fault;
 - wrong results (`#wrong` above zero in any row, `Out of bounds values : N FAILED`) mean the
@@ -28,6 +33,23 @@ _TAG = re.compile(r"^(?:\[\d+,\d+\]<std(?:out|err)>:|\d+: )")
 _SUMMARY = re.compile(r"^#?\s*(Out of bounds values|Avg bus bandwidth)\s*:\s*(\S+)")
 _FAILURE = re.compile(r"(?:Test (?:NCCL|CUDA) failure|NCCL failure|Test failure) \S+")
 _WARN = re.compile(r"\bNCCL WARN\b")
+# NCCL's WARN line (src/debug.cc: "[%d] %s:%d NCCL WARN %s", newer builds add " (%s)", the
+# function) for a failed CUDA call: CUDACHECK's "Cuda failure '%s'" (src/include/checks.h) and
+# CUCHECK's "Cuda failure %d '%s'" (src/include/cudawrap.h), NVIDIA/nccl @ 5067397.
+_CUDA_WARN = re.compile(r"(\S+\.cc):\d+(?: \([^)]*\))? NCCL WARN Cuda failure (?:\d+ )?'(.*)'")
+# Where those mean the node: the NVLS (NVLink SHARP, multicast) transport's setup and the
+# communicator's init. Elsewhere (enqueue.cc: a kernel the build lacks) it is the program's.
+_SETUP_FILES = ("transport/nvls.cc", "/src/init.cc")
+# CUDA's error strings (cudaGetErrorString / cuGetErrorString) that say the environment, not
+# the GPU, failed: another process holds the GPU or its memory, or the driver and runtime
+# do not match.
+_ENVIRONMENT = (
+    "busy or unavailable",
+    "out of memory",
+    "driver version is insufficient",
+    "unsupported display driver",
+    "forward compatibility was attempted",
+)
 WRONG_COLUMNS = ("#wrong", "wrong")
 # nccl-tests' own layout, for a pasted piece of table that lost its header line.
 DEFAULT_COLUMNS = ["size", "count", "type", "redop", "root"] + 2 * [
@@ -56,6 +78,19 @@ class NcclRun:
     warnings: list[str] = field(default_factory=list)
 
     @property
+    def setup_failures(self) -> list[str]:
+        """NCCL's warnings that a CUDA call failed in its NVLS or init setup for a reason of
+        the GPU's state (not the environment's)."""
+        out = []
+        for line in self.warnings:
+            m = _CUDA_WARN.search(line)
+            if not m or not _setup_file(m.group(1)):
+                continue
+            if not any(e in m.group(2).lower() for e in _ENVIRONMENT):
+                out.append(line)
+        return out
+
+    @property
     def complete(self) -> bool:
         """The run printed its summary: it got to the end."""
         return self.avg_busbw is not None
@@ -66,6 +101,10 @@ class NcclRun:
     @property
     def wrong(self) -> int:
         return sum(w for r in self.rows for w in r.wrong if w)
+
+
+def _setup_file(path: str) -> bool:
+    return path == "init.cc" or path.endswith(_SETUP_FILES)
 
 
 @dataclass(frozen=True)
@@ -82,7 +121,7 @@ class BusBandwidth:
 MARKER = re.compile(
     rb"^\S*\s*# nThread \d|^\S*\s*#?\s+(?:size\s+count|bytes\s+N)\s+type\b[^\n]*\bbusbw\b|"
     rb"Out of bounds values\s*:|Avg bus bandwidth\s*:|Test (?:NCCL|CUDA) failure \S|"
-    rb"^\S*\s*NCCL failure \S+:\d+",
+    rb"^\S*\s*NCCL failure \S+:\d+|\.cc:\d+(?: \([^)\n]*\))? NCCL WARN Cuda failure ",
     re.M,
 )
 MARKER_WORDS = (
@@ -92,6 +131,7 @@ MARKER_WORDS = (
     b"Avg bus",
     b"NCCL failure",
     b"CUDA failure",
+    b"NCCL WARN",
 )
 
 
@@ -185,6 +225,16 @@ def judge(
                 f"the NCCL test returned wrong results: {count} values out of bounds",
                 Action.REPLACE,
                 evidence | {"wrong": count},
+            )
+        ]
+    if setup := run.setup_failures:
+        return [
+            _finding(
+                Status.FAULT,
+                "NcclCudaSetupFailure",
+                f"NCCL could not set up the node's GPUs: {setup[0]}",
+                Action.REBOOT,
+                evidence | {"failures": (setup + run.failures)[:5]},
             )
         ]
     # A pasted table may lack its summary and still be judged; a run of ours must finish.
