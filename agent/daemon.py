@@ -18,7 +18,7 @@ from pathlib import Path
 
 import structlog
 
-from agent import __version__, deeprecord
+from agent import __version__, deeprecord, hardware
 from agent.config import Settings
 from agent.events import EventBuilder, dumps, rfc3339
 from agent.identity import Identity
@@ -43,6 +43,7 @@ from agent.sinks import Fanout, Sink
 from agent.sinks.spool import SpoolSink
 from agent.sinks.stdout import StdoutSink
 from agent.supervise import Heart, Supervisor
+from agent.threads import in_daemon_thread
 from checks.api import Action, Finding, Status, StreamingCheck
 
 RECORD_POLL = 2.0  # seconds between looks at the deep-check record (one stat)
@@ -59,6 +60,7 @@ class Paths:
     spool: str = "spool"
     deep_check: str = deeprecord.DIRECTORY  # one <run id>.jsonl per run
     cloudwatch_cursor: str = "cloudwatch.cursor"  # how far the spool has shipped
+    hardware_history: str = "hardware-history.json"  # faults and reboots per GPU / NIC
 
 
 class Agent:
@@ -133,11 +135,19 @@ class Agent:
         self.builder = EventBuilder(identity, dry_run=settings.dry_run)
         boot_id = read_boot_id(settings.host_root / "proc/sys/kernel/random/boot_id")
         rules = rule_table(settings.policy)
+        # GPUs' UUIDs come from NVML when the agent starts (serve), NIC GUIDs from sysfs now.
+        self.inventory = hardware.Inventory(nics=hardware.read_nics(settings.host_root / "sys"))
+        self.history = hardware.History(
+            state / Paths.hardware_history, hardware.builtin_history_rules(), self.inventory
+        )
+        policy = lambda: Policy(  # noqa: E731
+            rules, settings.policy, state / Paths.policy_state, boot_id, history=self.history
+        )
         try:
-            self.policy = Policy(rules, settings.policy, state / Paths.policy_state, boot_id)
+            self.policy = policy()
         except StateCorruptError as exc:
             log.error("policy_state_unreadable", error=str(exc))
-            self.policy = Policy(rules, settings.policy, state / Paths.policy_state, boot_id)
+            self.policy = policy()
         failed = {
             t.check
             for t in self.policy.trackers.values()
@@ -197,6 +207,9 @@ class Agent:
     def _node_state(self) -> NodeState:
         """What the node should look like: the policy's state with the deep check's label."""
         state = desired(self.policy, self.settings.node_keys)
+        if self.inventory.serials() or self.history.devices:
+            summary = self.history.summary(self.policy.clock())
+            state.annotations[self.settings.node_keys.hardware_annotation] = summary
         return with_deep_check(state, self.deep_status, self.settings)
 
     async def _command(self, cmd: dict[str, object]) -> None:
@@ -318,6 +331,16 @@ class Agent:
         if any(isinstance(c, DeepCheckWanted) for c in changes):
             await self._deep_requested("policy")  # run once the accelerators are free
 
+    async def _read_gpus(self) -> None:
+        """The GPUs' UUIDs and serials for the hardware history; without them (no NVML, or it
+        hangs) GPUs are known by PCI address."""
+        try:
+            gpus = await asyncio.wait_for(in_daemon_thread(hardware.read_gpus), 30)
+        except Exception as exc:
+            log.warning("gpu_identities_unread", error=repr(exc))
+            return
+        self.inventory.gpus.update(gpus)
+
     async def _reconcile(self) -> None:
         if self.settings.dry_run:
             return
@@ -436,6 +459,7 @@ class Agent:
             await serve_health(
                 stack, self.settings.http_listen, self.metrics, self._live, self._readiness
             )
+            await self._read_gpus()
             async with self._lock:
                 await self._publish(self.policy.observe([]))  # what loading found (a reboot)
                 await self._reconcile()  # level-triggered: make the node match on start

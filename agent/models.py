@@ -45,10 +45,15 @@ class NodeKeys(Strict):
     # result.
     connectivity_request_annotation: str = "node-health-agent.io/connectivity-request"
     connectivity_result_annotation: str = "node-health-agent.io/connectivity"  # JSON
+    # The hardware history's summary (JSON): GPU UUIDs/serials and NIC GUIDs with their fault
+    # and reboot counts; the controller matches `serials` against hardware it replaced.
+    hardware_annotation: str = "node-health-agent.io/hardware"
     # The controller's: where a node is in its remediation (a label, to select on) and the
     # record that lets a restarted controller carry on (an annotation, JSON).
     remediation_step_label: str = "node-health-agent.io/remediation-step"
     remediation_state_annotation: str = "node-health-agent.io/remediation-state"
+    # The controller's: the node carries hardware it had replaced for a fault elsewhere.
+    replaced_hardware_label: str = "node-health-agent.io/replaced-hardware"
 
 
 class SpoolSettings(Strict):
@@ -231,5 +236,9 @@ class ControllerSettings(Strict):
     )
     new_within: Duration = Field(
         3600.0, description="a node this young is new (and never checked: no result on it)"
+    )
+    replaced_record: str = Field(
+        "node-health-replaced-hardware",
+        description="the ConfigMap (in `namespace`) of hardware replaced for a fault",
     )
     connectivity: ConnectivitySettings = ConnectivitySettings()

@@ -30,9 +30,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from checks.api import Action, Finding, Status, load_yaml, seconds
+
+if TYPE_CHECKING:
+    from agent.hardware import History
 
 
 class Verdict(enum.StrEnum):
@@ -245,8 +248,10 @@ class Policy:
         state_path: Path | None = None,
         boot_id: str | None = None,
         clock: Callable[[], float] = time.time,
+        history: History | None = None,
     ) -> None:
         self.rules = rules
+        self.history = history  # the hardware history: its rules, and what they read
         self.settings = settings
         self.state_path = state_path
         self.clock = clock
@@ -364,7 +369,9 @@ class Policy:
                 self._deactivate(t, now)
                 return [Cleared(t.snapshot(), why)]
             return [Reported(f, t.snapshot(), rule.count)] if report_all else []
-        t.status, t.reason, t.message, t.evidence = f.status, f.reason, f.message, dict(f.evidence)
+        if f.status is not Status.FAULT:  # a fault's are set by _fault (with the history's why)
+            t.status, t.reason, t.message = f.status, f.reason, f.message
+            t.evidence = dict(f.evidence)
         report = report_all or changed or f.temporary or t.active != was_active
         return [*([Reported(f, t.snapshot(), rule.count)] if report else []), *wanted]
 
@@ -391,9 +398,17 @@ class Policy:
         ):
             action, t.escalated = Action.REPLACE, True
         t.status, t.reason, t.message, t.evidence = f.status, f.reason, f.message, dict(f.evidence)
+        if action is Action.REBOOT and self.history is not None:
+            why = self.history.replace_why(t.component, f.reason, now)
+            if why is not None:  # a repeat offender: a reboot did not fix it before
+                action, t.escalated = Action.REPLACE, True
+                t.message = f"{f.message}; {why}"
+                t.evidence["history"] = why
         if len(t.occurrences) < rule.count:
             return False
         turned_on = not t.active
+        if turned_on and self.history is not None and t.component != "node":
+            self.history.fault(t.component, t.reason, str(action), now)
         if turned_on:
             t.active, t.changed, t.action = True, now, action
         elif action.rank > t.action.rank:
@@ -516,6 +531,13 @@ class Policy:
         now = self.clock()
         if self.latched is Verdict.PENDING_REBOOT:
             self.rebooted_for.update({k: now for k in self.latched_keys})
+            if self.history is not None:
+                faults = [self.trackers[k] for k in self.latched_keys if k in self.trackers]
+                self.history.remediated(
+                    "reboot",
+                    [(t.component, t.reason) for t in faults if t.component != "node"],
+                    now,
+                )
         window = self.settings.escalation_window
         self.rebooted_for = {k: ts for k, ts in self.rebooted_for.items() if now - ts <= window}
         cleared = len(self.trackers)

@@ -22,6 +22,7 @@ import structlog
 
 from agent.controller.backends import Action, Backend, Result
 from agent.controller.budget import Budget
+from agent.controller.replaced import ReplacedHardware
 from agent.controller.view import NodeView, Record, Step, pod_name, to_evict, wanted_action
 from agent.events import Event, rfc3339
 from agent.kube.client import MERGE, KubeClient, KubeError
@@ -47,11 +48,12 @@ class Remediator:
         record_start: Callable[[float, float | None], bool],
         starts: Callable[[], list[float]],
         wall: Callable[[], float] = time.time,
+        replaced: ReplacedHardware | None = None,
     ) -> None:
         self.client, self.keys, self.cfg, self.backend = client, keys, cfg, backend
         self.percent = fleet_percent
         self.is_leader, self.record_start, self.starts = is_leader, record_start, starts
-        self.wall = wall
+        self.wall, self.replaced = wall, replaced
         self.events: list[Event] = []
         self._fleet: int | None = None  # the agents' nodes, counted once a pass when needed
         self._noted: dict[str, str] = {}  # node -> the last "not now" said about it
@@ -225,6 +227,8 @@ class Remediator:
         if outcome.result is Result.SKIPPED:
             rec.step = Step.REPORTED
             self._write(view, rec)
+            if rec.action is Action.REPLACE:  # an operator replaces it
+                self._record_replaced(view)
             self._say(
                 view,
                 rec,
@@ -238,6 +242,8 @@ class Remediator:
         else:
             rec.step = _NEXT[rec.action]
             self._write(view, rec)
+            if rec.action is Action.REPLACE:
+                self._record_replaced(view)
             already = " (already in progress)" if outcome.result is Result.IN_PROGRESS else ""
             self._say(
                 view,
@@ -246,6 +252,18 @@ class Remediator:
                 f"Remediation{rec.step}",
                 f"{_WORD[rec.action]} of {view.instance_id} asked of {self.backend.name}{already}",
             )
+
+    def _record_replaced(self, view: NodeView) -> None:
+        """The node's faulty hardware on the cluster's record; a failure is logged: the
+        replacement goes on regardless."""
+        if self.replaced is None or not view.faulty_hardware:
+            return
+        try:
+            self.replaced.record(
+                view.faulty_hardware, view.name, view.uid, view.instance_id, view.health or ""
+            )
+        except KubeError as exc:
+            log.warning("replaced_hardware_unrecorded", node=view.name, error=str(exc))
 
     def _failed(self, view: NodeView, rec: Record, now: float, why: str) -> None:
         rec.step, rec.since = Step.FAILED, now

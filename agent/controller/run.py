@@ -31,6 +31,7 @@ from agent.controller.backends import backend
 from agent.controller.connectivity import Interrupted
 from agent.controller.lease import Elector
 from agent.controller.remediator import Remediator
+from agent.controller.replaced import ReplacedHardware
 from agent.controller.requests import Requests
 from agent.events import Event, rfc3339
 from agent.identity import Identity
@@ -69,6 +70,9 @@ class Controller:
             cfg.lease_duration,
             cfg.renew_deadline,
         )
+        self.replaced = ReplacedHardware(
+            client, cfg.namespace, cfg.replaced_record, settings.node_keys
+        )
         self.remediator = Remediator(
             client,
             settings.node_keys,
@@ -80,6 +84,7 @@ class Controller:
             is_leader=lambda: self.elector.leader,
             record_start=self.elector.record_start,
             starts=self.elector.starts,
+            replaced=self.replaced,
         )
         self._stop, self._halt = asyncio.Event(), threading.Event()  # the halt: for threads
         self.requests = Requests(
@@ -221,9 +226,20 @@ class Controller:
                     log.info("connectivity_interrupted", reason=str(exc))
                 except Exception as exc:  # the API server away, say: try again next time
                     log.warning("scan_failed", error=str(exc))
+                await self._replaced_scan()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(cfg.scan if leading else cfg.retry_period):
                     await self._stop.wait()
+
+    async def _replaced_scan(self) -> None:
+        """Nodes carrying hardware replaced elsewhere for a fault: flagged, and said."""
+        try:
+            events = await in_daemon_thread(lambda: self.replaced.scan(self.client.list_nodes("")))
+        except Exception as exc:  # the API server away, say: try again next time
+            log.warning("replaced_hardware_scan_failed", error=str(exc))
+            return
+        for event in events:
+            await self.fanout.emit(event)
 
     def _live(self) -> str | None:
         if self._stop.is_set():
