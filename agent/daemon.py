@@ -138,7 +138,9 @@ class Agent:
         # GPUs' UUIDs come from NVML when the agent starts (serve), NIC GUIDs from sysfs now.
         self.inventory = hardware.Inventory(nics=hardware.read_nics(settings.host_root / "sys"))
         self.history = hardware.History(
-            state / Paths.hardware_history, hardware.builtin_history_rules(), self.inventory
+            state / Paths.hardware_history,
+            settings.policy.history or hardware.builtin_history_rules(),
+            self.inventory,
         )
         policy = lambda: Policy(  # noqa: E731
             rules, settings.policy, state / Paths.policy_state, boot_id, history=self.history

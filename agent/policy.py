@@ -32,6 +32,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent.hardware import HistoryRules
 from checks.api import Action, Finding, Status, load_yaml, seconds
 
 if TYPE_CHECKING:
@@ -131,7 +132,8 @@ class PolicyRule:
 class PolicySettings:
     """`rules` are tried before the packaged table, first match wins; `replace_builtin` uses
     only them. `temporary_ttl`: how long an event-only fault counts; `escalation_window`: how
-    long a reboot is remembered."""
+    long a reboot is remembered; `history`: the repeat-offender rules, instead of the packaged
+    table's `history` block."""
 
     __pydantic_config__ = _STRICT
 
@@ -139,11 +141,14 @@ class PolicySettings:
     replace_builtin: bool = False
     temporary_ttl: float | str = 3600.0
     escalation_window: float | str = 7 * 86400.0
+    history: HistoryRules | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(
             self, "rules", [PolicyRule(**r) if isinstance(r, dict) else r for r in self.rules]
         )
+        if isinstance(self.history, dict):
+            object.__setattr__(self, "history", HistoryRules(**self.history))
         for name in ("temporary_ttl", "escalation_window"):
             object.__setattr__(self, name, seconds(getattr(self, name), f"policy.{name}"))
 
