@@ -191,6 +191,26 @@ class ConnectivitySettings(Strict):
     )
 
 
+class TopologySettings(Strict):
+    """Several nodes under one network node with network faults: the network is suspected,
+    and their remediation held."""
+
+    labels: list[str] = Field(
+        default_factory=lambda: [
+            "topology.k8s.aws/network-node-layer-4",
+            "topology.k8s.aws/network-node-layer-3",
+        ],
+        description="the nodes' network-node labels, most selective first (EKS's bottom "
+        "layers); [] turns this off",
+    )
+    min_nodes: int = Field(3, ge=2, description="nodes with network faults under one network node")
+    window: Duration = Field(3600.0, description="how recent their faults must be")
+    fault_types: list[str] = Field(
+        default_factory=lambda: ["Efa*", "Network*", "InfiniBand*", "InstanceConnectivity"],
+        description="fault types (fnmatch patterns) that are network-class",
+    )
+
+
 class ControllerSettings(Strict):
     """`node-health controller`: acts on the health labels (drain, then reboot or replace)."""
 
@@ -242,3 +262,4 @@ class ControllerSettings(Strict):
         description="the ConfigMap (in `namespace`) of hardware replaced for a fault",
     )
     connectivity: ConnectivitySettings = ConnectivitySettings()
+    topology: TopologySettings = TopologySettings()

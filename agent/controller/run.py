@@ -206,6 +206,7 @@ class Controller:
                 except Exception as exc:  # the API server away, say: try again next time
                     log.warning("pass_failed", error=str(exc))
                     events = []
+                self.metrics.suspect_network_nodes.set(len(self.remediator.suspects))
                 for event in events:
                     self.metrics.remediation_steps.labels(event.get("reason", "")).inc()
                     await self.fanout.emit(event)
