@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import os
 import signal
 from collections.abc import Iterable
@@ -209,6 +210,10 @@ class Agent:
     def _node_state(self) -> NodeState:
         """What the node should look like: the policy's state with the deep check's label."""
         state = desired(self.policy, self.settings.node_keys)
+        figures = deeprecord.latest_figures(self.settings.state_dir / Paths.deep_check)
+        if figures is not None:
+            text = json.dumps(figures, separators=(",", ":"))
+            state.annotations[self.settings.node_keys.performance_annotation] = text
         if self.inventory.serials() or self.history.devices:
             summary = self.history.summary(self.policy.clock())
             state.annotations[self.settings.node_keys.hardware_annotation] = summary

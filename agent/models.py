@@ -48,12 +48,17 @@ class NodeKeys(Strict):
     # The hardware history's summary (JSON): GPU UUIDs/serials and NIC GUIDs with their fault
     # and reboot counts; the controller matches `serials` against hardware it replaced.
     hardware_annotation: str = "node-health-agent.io/hardware"
+    # The last deep check's performance figures (JSON), compared by the controller with the
+    # node's peers of its instance type.
+    performance_annotation: str = "node-health-agent.io/performance"
     # The controller's: where a node is in its remediation (a label, to select on) and the
     # record that lets a restarted controller carry on (an annotation, JSON).
     remediation_step_label: str = "node-health-agent.io/remediation-step"
     remediation_state_annotation: str = "node-health-agent.io/remediation-state"
     # The controller's: the node carries hardware it had replaced for a fault elsewhere.
     replaced_hardware_label: str = "node-health-agent.io/replaced-hardware"
+    # The controller's: "Degraded" while the node's figures are an outlier among its peers.
+    performance_label: str = "node-health-agent.io/performance-status"
 
 
 class SpoolSettings(Strict):
@@ -211,6 +216,16 @@ class TopologySettings(Strict):
     )
 
 
+class StragglerSettings(Strict):
+    """Each node's deep-check figures against its peers of the same instance type: an
+    outlier is `min_drop` worse than their median and beyond `mads` median absolute
+    deviations from it."""
+
+    min_drop: float = Field(0.10, gt=0, lt=1, description="share worse than the median")
+    mads: float = Field(3.0, gt=0, description="and this many MADs from it")
+    min_peers: int = Field(4, ge=3, description="nodes of a type with the figure, to compare")
+
+
 class ControllerSettings(Strict):
     """`node-health controller`: acts on the health labels (drain, then reboot or replace)."""
 
@@ -263,3 +278,4 @@ class ControllerSettings(Strict):
     )
     connectivity: ConnectivitySettings = ConnectivitySettings()
     topology: TopologySettings = TopologySettings()
+    stragglers: StragglerSettings = StragglerSettings()

@@ -362,6 +362,7 @@ def test_the_admission_policy_names_what_the_agent_is_and_writes() -> None:
         keys.owned_annotation,
         keys.deep_check_request_annotation,
         keys.hardware_annotation,
+        keys.performance_annotation,
     }
     assert variables["taintKey"] == keys.taint_key
 

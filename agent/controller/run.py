@@ -33,6 +33,7 @@ from agent.controller.lease import Elector
 from agent.controller.remediator import Remediator
 from agent.controller.replaced import ReplacedHardware
 from agent.controller.requests import Requests
+from agent.controller.stragglers import Stragglers
 from agent.events import Event, rfc3339
 from agent.identity import Identity
 from agent.kube.client import KubeClient
@@ -73,6 +74,7 @@ class Controller:
         self.replaced = ReplacedHardware(
             client, cfg.namespace, cfg.replaced_record, settings.node_keys
         )
+        self.stragglers = Stragglers(client, settings.node_keys, cfg.stragglers)
         self.remediator = Remediator(
             client,
             settings.node_keys,
@@ -227,17 +229,23 @@ class Controller:
                     log.info("connectivity_interrupted", reason=str(exc))
                 except Exception as exc:  # the API server away, say: try again next time
                     log.warning("scan_failed", error=str(exc))
-                await self._replaced_scan()
+                await self._fleet_scan()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(cfg.scan if leading else cfg.retry_period):
                     await self._stop.wait()
 
-    async def _replaced_scan(self) -> None:
-        """Nodes carrying hardware replaced elsewhere for a fault: flagged, and said."""
+    async def _fleet_scan(self) -> None:
+        """Nodes carrying hardware replaced elsewhere for a fault, and nodes slower than their
+        peers: marked, and said."""
+
+        def scan() -> list[Event]:
+            nodes = self.client.list_nodes("")
+            return [*self.replaced.scan(nodes), *self.stragglers.scan(nodes)]
+
         try:
-            events = await in_daemon_thread(lambda: self.replaced.scan(self.client.list_nodes("")))
+            events = await in_daemon_thread(scan)
         except Exception as exc:  # the API server away, say: try again next time
-            log.warning("replaced_hardware_scan_failed", error=str(exc))
+            log.warning("fleet_scan_failed", error=str(exc))
             return
         for event in events:
             await self.fanout.emit(event)
