@@ -125,3 +125,17 @@ def test_an_outlier_is_marked_degraded_once_and_cleared_when_back(api: FakeKubeA
     [event] = s.scan(client.list_nodes(""))
     assert (event["node"], event["reason"]) == ("gpu-4", "PerformanceRecovered")
     assert KEYS.performance_label not in api.node("gpu-4")["metadata"]["labels"]
+
+
+def test_the_agent_publishes_the_last_run_s_figures_on_its_node(settings_for) -> None:
+    from agent.daemon import Agent
+
+    settings = settings_for()
+    records = settings.state_dir / deeprecord.DIRECTORY
+    deeprecord.start_record(records, "20261101T000000Z-a", Identity(node_name="gpu-1"))
+    test = {"test": "nccl-allreduce", "result": "passed", "figures": {GIB: 313.29}}
+    done = {"deep_health_check_status": "Passed", "ts": "2026-11-01T00:10:00Z"}
+    deeprecord.write_results(records, "20261101T000000Z-a", [test, done])
+    agent = Agent(settings, Identity(node_name="gpu-1"), [])
+    published = json.loads(agent._node_state().annotations[KEYS.performance_annotation])
+    assert published == {"run": "20261101T000000Z-a", "at": done["ts"], "figures": {GIB: 313.29}}
