@@ -183,3 +183,62 @@ def test_nic_guids_come_from_sysfs(tmp_path) -> None:
     inv = Inventory(gpus=INVENTORY.gpus, nics=nics)
     assert inv.serials() == sorted(["0c42:a103:0016:054c", "1652222014738", UUID])
     assert read_nics(tmp_path / "absent") == {}
+
+
+class FakeNvml:
+    """pynvml's calls read_gpus makes, over two GPUs; the second has no serial (GeForce)."""
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self) -> None:
+        self.shut = False
+        self.gpus = [
+            ("00000000:53:00.0", b"GPU-8e3c2a1f-7d4b-4c55-9a0e-3f1b2c6d7e8f", "1652222014738"),
+            ("00000000:64:00.0", "GPU-1111", None),
+        ]
+
+    def nvmlInit(self) -> None: ...
+
+    def nvmlShutdown(self) -> None:
+        self.shut = True
+
+    def nvmlDeviceGetCount(self) -> int:
+        return len(self.gpus)
+
+    def nvmlDeviceGetHandleByIndex(self, i: int) -> int:
+        return i
+
+    def nvmlDeviceGetPciInfo(self, h: int):
+        class Info:
+            busId = self.gpus[h][0].encode()
+
+        return Info()
+
+    def nvmlDeviceGetUUID(self, h: int):
+        return self.gpus[h][1]
+
+    def nvmlDeviceGetSerial(self, h: int) -> str:
+        if self.gpus[h][2] is None:
+            raise self.NVMLError("Not Supported")
+        return self.gpus[h][2]
+
+
+def test_gpu_identities_by_pci_address_through_nvml(monkeypatch) -> None:
+    import sys
+
+    from agent.hardware import read_gpus
+
+    fake = FakeNvml()
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    assert read_gpus() == {
+        "0000:53:00": {"uuid": UUID, "serial": "1652222014738"},
+        "0000:64:00": {"uuid": "GPU-1111"},
+    }
+    assert fake.shut
+
+    def no_driver() -> None:
+        raise fake.NVMLError("Driver Not Loaded")
+
+    fake.nvmlInit = no_driver
+    assert read_gpus() == {}  # the history then knows GPUs by PCI address
