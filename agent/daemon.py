@@ -34,6 +34,7 @@ from agent.policy import (
     Policy,
     StateCorruptError,
     Verdict,
+    builtin_history_rules,
     check_results,
     read_boot_id,
     rule_table,
@@ -140,7 +141,7 @@ class Agent:
         self.inventory = hardware.Inventory(nics=hardware.read_nics(settings.host_root / "sys"))
         self.history = hardware.History(
             state / Paths.hardware_history,
-            settings.policy.history or hardware.builtin_history_rules(),
+            settings.policy.history or builtin_history_rules(),
             self.inventory,
         )
         policy = lambda: Policy(  # noqa: E731

@@ -4,7 +4,8 @@ A GPU that faults after every reboot, or a node remediated again and again, is a
 offender: a reboot does not fix it, and a bad GPU moved to another instance brings its faults
 along. So faults and the reboots that remediated them are kept per hardware identity (GPU UUID
 and serial, NIC GUID), in the host state dir where they outlive the agent and the boot, and
-the policy's history rules (`HistoryRules`, the `history` block of agent/policy.yaml) read them.
+the policy's history rules (`agent.policy.HistoryRules`, the `history` block of
+agent/policy.yaml) read them.
 
 Findings name a GPU by its PCI address (`gpu:dddd:bb:dd`, as the kernel log's XIDs do); the
 inventory maps it to the GPU's UUID and serial through NVML where NVML answers. Without it, a
@@ -18,43 +19,18 @@ from __future__ import annotations
 import contextlib
 import json
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from checks.api import load_yaml, seconds
+from agent.policy import HistoryRules, write_atomic
 
 log = structlog.get_logger("agent.hardware")
 
 MAX_DEVICES = 64  # more than any instance has GPUs and NICs together
 MAX_ENTRIES = 32  # faults, and remediations, kept per device and for the node
 VERSION = 1
-_STRICT = {"extra": "forbid"}
-
-
-@dataclass(frozen=True)
-class HistoryRules:
-    """`same_fault_reboots`: a reboot-class fault that already cost this GPU (this device)
-    that many reboots means replace; `lemon_remediations` remediations of the node within
-    `lemon_window` (the one now asked for counted) mean replace. 0 turns a rule off."""
-
-    __pydantic_config__ = _STRICT
-
-    same_fault_reboots: int = 2
-    lemon_remediations: int = 5
-    lemon_window: float | str = 7 * 86400.0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "lemon_window", seconds(self.lemon_window, "history.lemon_window"))
-        if self.same_fault_reboots < 0 or self.lemon_remediations < 0:
-            raise ValueError("history rules: counts must be 0 (off) or more")
-
-
-def builtin_history_rules() -> HistoryRules:
-    text = resources.files("agent").joinpath("policy.yaml").read_text()
-    return HistoryRules(**(load_yaml(text).get("history") or {}))
 
 
 @dataclass
@@ -215,8 +191,6 @@ class History:
     def _save(self) -> None:
         if self.path is None:
             return
-        from agent.policy import write_atomic
-
         doc = {"version": VERSION, "devices": self.devices, "node": self.node}
         try:
             write_atomic(self.path, json.dumps(doc, indent=1))

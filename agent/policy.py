@@ -32,7 +32,6 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.hardware import HistoryRules
 from checks.api import Action, Finding, Status, load_yaml, seconds
 
 if TYPE_CHECKING:
@@ -126,6 +125,29 @@ class PolicyRule:
                 object.__setattr__(self, name, seconds(value, f"rule {self.name!r}: {name}"))
         if self.count < 1 or self.clean_polls < 1:
             raise ValueError(f"rule {self.name!r}: count and clean_polls must be at least 1")
+
+
+@dataclass(frozen=True)
+class HistoryRules:
+    """`same_fault_reboots`: a reboot-class fault that already cost this GPU (this device)
+    that many reboots means replace; `lemon_remediations` remediations of the node within
+    `lemon_window` (the one now asked for counted) mean replace. 0 turns a rule off."""
+
+    __pydantic_config__ = _STRICT
+
+    same_fault_reboots: int = 2
+    lemon_remediations: int = 5
+    lemon_window: float | str = 7 * 86400.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lemon_window", seconds(self.lemon_window, "history.lemon_window"))
+        if self.same_fault_reboots < 0 or self.lemon_remediations < 0:
+            raise ValueError("history rules: counts must be 0 (off) or more")
+
+
+def builtin_history_rules() -> HistoryRules:
+    text = resources.files("agent").joinpath("policy.yaml").read_text()
+    return HistoryRules(**(load_yaml(text).get("history") or {}))
 
 
 @dataclass(frozen=True)

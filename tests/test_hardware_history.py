@@ -9,12 +9,18 @@ from agent.hardware import (
     MAX_DEVICES,
     MAX_ENTRIES,
     History,
-    HistoryRules,
     Inventory,
-    builtin_history_rules,
     read_nics,
 )
-from agent.policy import Policy, PolicySettings, Verdict, VerdictChanged, rule_table
+from agent.policy import (
+    HistoryRules,
+    Policy,
+    PolicySettings,
+    Verdict,
+    VerdictChanged,
+    builtin_history_rules,
+    rule_table,
+)
 from checks.api import Action, Finding, Status
 
 GPU = "gpu:0000:53:00"
