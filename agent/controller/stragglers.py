@@ -1,7 +1,8 @@
 """Fleet-relative performance: a node much slower than its peers drags every collective.
 
 Each node's agent publishes its last deep check's figures (the performance annotation: NCCL
-bus bandwidth at each size, EFA loopback bandwidth and latency). Nodes of one instance type are
+bus bandwidth at each size, EFA loopback bandwidth and latency); the connectivity check's
+result annotation carries its pairs' bus bandwidth at each size. Nodes of one instance type are
 compared figure by figure: the median and the median absolute deviation (MAD) over the peers'
 last results; a node is an outlier on a figure when it is at least `min_drop` worse than the
 median and more than `mads` MADs from it (robust statistics: one slow node does not move the
@@ -45,13 +46,33 @@ class Deviation:
 
 
 def figures(node: dict[str, Any], keys: NodeKeys) -> dict[str, float]:
+    """The node's last deep-check figures, and its last connectivity run's as
+    `connectivity_<figure>`: per figure the best of its pairs (a slow partner slows one pair;
+    a slow node slows them all)."""
     annotations = (node.get("metadata") or {}).get("annotations") or {}
+    out = _numbers(_json(annotations.get(keys.performance_annotation)).get("figures"))
+    tests = _json(annotations.get(keys.connectivity_result_annotation)).get("tests")
+    for test in tests if isinstance(tests, list) else []:
+        found = _numbers(test.get("figures") if isinstance(test, dict) else None)
+        for k, v in found.items():
+            name = f"connectivity_{k}"
+            better = min if k.endswith("_usec") else max
+            out[name] = better(out[name], v) if name in out else v
+    return out
+
+
+def _json(text: str | None) -> dict[str, Any]:
     try:
-        doc = json.loads(annotations.get(keys.performance_annotation) or "{}")
-        found = doc.get("figures") or {}
-        return {str(k): float(v) for k, v in found.items() if isinstance(v, int | float)}
-    except (ValueError, TypeError, AttributeError):
+        doc = json.loads(text or "{}")
+    except ValueError:
         return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _numbers(found: object) -> dict[str, float]:
+    if not isinstance(found, dict):
+        return {}
+    return {str(k): float(v) for k, v in found.items() if isinstance(v, int | float)}
 
 
 def instance_type(node: dict[str, Any]) -> str:

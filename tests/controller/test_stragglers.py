@@ -139,3 +139,21 @@ def test_the_agent_publishes_the_last_run_s_figures_on_its_node(settings_for) ->
     agent = Agent(settings, Identity(node_name="gpu-1"), [])
     published = json.loads(agent._node_state().annotations[KEYS.performance_annotation])
     assert published == {"run": "20261101T000000Z-a", "at": done["ts"], "figures": {GIB: 313.29}}
+
+
+def test_the_connectivity_check_s_figures_are_compared_too(api: FakeKubeAPI, kcfg) -> None:
+    """Each pair's bus bandwidth at each size lands in the result annotation; a node's figure
+    is its best pair's, so the node in the slow pair that is fine elsewhere is not an
+    outlier, and the slow node is."""
+    from agent.controller.stragglers import figures
+    from tests.controller.test_connectivity import GOOD, SLOW, Operator, connectivity
+    from tests.controller.test_connectivity import fleet as cluster
+
+    names = cluster(api, 6)
+    with Operator(api, bad={"gpu-3"}):
+        connectivity(kcfg, [], max_share=1.0).check(names)
+    nodes = [api.node(n) for n in names]
+    best = {n["metadata"]["name"]: figures(n, KEYS)[f"connectivity_{GIB}"] for n in nodes}
+    assert best["gpu-2"] == nccl_figures(GOOD)[GIB]  # with gpu-3 slow, with another fine
+    assert best["gpu-3"] == nccl_figures(SLOW)[GIB]
+    assert set(outliers(nodes)) == {"gpu-3"}  # on several sizes
