@@ -176,6 +176,8 @@ class Agent:
         self._deep_running = False
         self._deep_task: asyncio.Task[None] | None = None
         self._extra_tasks: set[asyncio.Task[None]] = set()  # checks run on request
+        # (the newest deep-check record, its run's figures): the performance annotation
+        self._figures_seen: tuple[object, dict[str, object] | None] = (None, None)
         cfg = settings.deep_check
         # After the reboot that remediated a fault (the policy holds its verdict until the
         # first round), the node stays out until a deep check passes.
@@ -211,7 +213,7 @@ class Agent:
     def _node_state(self) -> NodeState:
         """What the node should look like: the policy's state with the deep check's label."""
         state = desired(self.policy, self.settings.node_keys)
-        figures = deeprecord.latest_figures(self.settings.state_dir / Paths.deep_check)
+        figures = self._figures()
         if figures is not None:
             text = json.dumps(figures, separators=(",", ":"))
             state.annotations[self.settings.node_keys.performance_annotation] = text
@@ -339,11 +341,19 @@ class Agent:
         if any(isinstance(c, DeepCheckWanted) for c in changes):
             await self._deep_requested("policy")  # run once the accelerators are free
 
+    def _figures(self) -> dict[str, object] | None:
+        """The newest finished deep check's figures, read again only when a record changed."""
+        directory = self.settings.state_dir / Paths.deep_check
+        newest = _newest(directory)
+        if newest != self._figures_seen[0]:
+            self._figures_seen = (newest, deeprecord.latest_figures(directory))
+        return self._figures_seen[1]
+
     async def _read_gpus(self) -> None:
         """The GPUs' UUIDs and serials for the hardware history; without them (no NVML, or it
         hangs) GPUs are known by PCI address."""
         try:
-            gpus = await asyncio.wait_for(in_daemon_thread(hardware.read_gpus), 30)
+            gpus = await asyncio.wait_for(in_daemon_thread(hardware.read_gpus), 10)
         except Exception as exc:
             log.warning("gpu_identities_unread", error=repr(exc))
             return
