@@ -277,9 +277,12 @@ def status(
     selector: Annotated[str, typer.Option(help="Only nodes with these labels.")] = "",
     as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table.")] = False,
 ) -> None:
-    """The cluster's nodes: health status, deep-check status, instance type, last reason."""
+    """The cluster's nodes: health status, deep-check status, instance type, last reason; each
+    node's performance against its peers, and the network nodes suspected."""
+    import time
+
     from agent.kube.client import KubeClient, KubeError
-    from agent.kube.status import counts, render, rows
+    from agent.kube.status import counts, performance, render, render_fleet, rows, suspected
 
     settings, _, _ = _setup(config)
     try:
@@ -292,10 +295,15 @@ def status(
         typer.echo(f"node-health: cannot reach the cluster: {exc}", err=True)
         raise typer.Exit(2) from None
     table = rows(nodes, settings.node_keys)
+    perf = performance(nodes, settings.node_keys, settings.controller)
+    held = suspected(nodes, settings.node_keys, settings.controller, time.time())
     if as_json:
-        typer.echo(json.dumps({"nodes": table, "counts": counts(table)}, indent=2))
+        doc = {"nodes": table, "counts": counts(table), "performance": perf, "suspected": held}
+        typer.echo(json.dumps(doc, indent=2))
     else:
         typer.echo(render(table))
+        if fleet := render_fleet(perf, held):
+            typer.echo(f"\n{fleet}")
 
 
 @app.command()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import os
 import signal
 from collections.abc import Awaitable, Iterable
@@ -23,7 +24,7 @@ from typing import Any
 
 import structlog
 
-from agent import __version__, deeprecord
+from agent import __version__, deeprecord, hardware
 from agent.config import Settings
 from agent.events import EventBuilder, dumps, rfc3339
 from agent.identity import Identity
@@ -38,6 +39,7 @@ from agent.policy import (
     Policy,
     StateCorruptError,
     Verdict,
+    builtin_history_rules,
     check_results,
     coalesce,
     read_boot_id,
@@ -51,7 +53,7 @@ from agent.sinks.spool import SpoolSink
 from agent.sinks.stdout import StdoutSink
 from agent.statedir import StateDir
 from agent.supervise import Heart, Supervisor
-from agent.threads import DaemonThreads
+from agent.threads import DaemonThreads, in_daemon_thread
 from checks.api import Action, Finding, Status, StreamingCheck
 
 RECORD_POLL = 2.0  # seconds between looks at the deep-check record (one stat)
@@ -68,6 +70,7 @@ class Paths:
     spool: str = "spool"
     deep_check: str = deeprecord.DIRECTORY  # one <run id>.jsonl per run
     cloudwatch_cursor: str = "cloudwatch.cursor"  # how far the spool has shipped
+    hardware_history: str = "hardware-history.json"  # faults and reboots per GPU / NIC
 
 
 class Agent:
@@ -145,12 +148,22 @@ class Agent:
         self.builder = EventBuilder(identity, dry_run=settings.dry_run)
         boot_id = read_boot_id(settings.host_root / "proc/sys/kernel/random/boot_id")
         rules = rule_table(settings.policy)
+        # GPUs' UUIDs come from NVML when the agent starts (serve), NIC GUIDs from sysfs now.
+        self.inventory = hardware.Inventory(nics=hardware.read_nics(settings.host_root / "sys"))
+        self.history = hardware.History(
+            state / Paths.hardware_history,
+            settings.policy.history or builtin_history_rules(),
+            self.inventory,
+        )
+        policy = lambda: Policy(  # noqa: E731
+            rules, settings.policy, state / Paths.policy_state, boot_id, history=self.history
+        )
         try:
-            self.policy = Policy(rules, settings.policy, state / Paths.policy_state, boot_id)
+            self.policy = policy()
         except StateCorruptError as exc:
             log.error("policy_state_unreadable", error=str(exc))
             # Afresh, without reading it again (it may not have moved: a read-only directory).
-            self.policy = Policy(rules, settings.policy, None, boot_id)
+            self.policy = Policy(rules, settings.policy, None, boot_id, history=self.history)
             self.policy.state_path = state / Paths.policy_state
         failed = {
             t.check
@@ -179,6 +192,8 @@ class Agent:
         self._deep_running = False
         self._deep_task: asyncio.Task[None] | None = None
         self._extra_tasks: set[asyncio.Task[None]] = set()  # checks run on request
+        # (the newest deep-check record, its run's figures): the performance annotation
+        self._figures_seen: tuple[object, dict[str, object] | None] = (None, None)
         cfg = settings.deep_check
         # After the reboot that remediated a fault (the policy holds its verdict until the
         # first round), the node stays out until a deep check passes.
@@ -214,6 +229,13 @@ class Agent:
     def _node_state(self) -> NodeState:
         """What the node should look like: the policy's state with the deep check's label."""
         state = desired(self.policy, self.settings.node_keys)
+        figures = self._figures()
+        if figures is not None:
+            text = json.dumps(figures, separators=(",", ":"))
+            state.annotations[self.settings.node_keys.performance_annotation] = text
+        if self.inventory.serials() or self.history.devices:
+            summary = self.history.summary(self.policy.clock())
+            state.annotations[self.settings.node_keys.hardware_annotation] = summary
         return with_deep_check(state, self.deep_status, self.settings)
 
     async def _command(self, cmd: dict[str, object]) -> None:
@@ -372,6 +394,24 @@ class Agent:
         if any(isinstance(c, DeepCheckWanted) for c in changes):
             await self._deep_requested("policy")  # run once the accelerators are free
 
+    def _figures(self) -> dict[str, object] | None:
+        """The newest finished deep check's figures, read again only when a record changed."""
+        directory = self.settings.state_dir / Paths.deep_check
+        newest = _newest(directory)
+        if newest != self._figures_seen[0]:
+            self._figures_seen = (newest, deeprecord.latest_figures(directory))
+        return self._figures_seen[1]
+
+    async def _read_gpus(self) -> None:
+        """The GPUs' UUIDs and serials for the hardware history; without them (no NVML, or it
+        hangs) GPUs are known by PCI address."""
+        try:
+            gpus = await asyncio.wait_for(in_daemon_thread(hardware.read_gpus), 10)
+        except Exception as exc:
+            log.warning("gpu_identities_unread", error=repr(exc))
+            return
+        self.inventory.gpus.update(gpus)
+
     async def _reconcile(self) -> None:
         if self.settings.dry_run:
             return
@@ -498,6 +538,7 @@ class Agent:
                 self._readiness,
                 warnings=self.state_dir.warnings,
             )
+            await self._read_gpus()
             async with self._lock:
                 await self._publish(self.policy.observe([]))  # what loading found (a reboot)
                 await self._reconcile()  # level-triggered: make the node match on start

@@ -55,6 +55,8 @@ class Step:
     timeout: float
     judge: Callable[[CommandResult], list[Finding]] = lambda r: []
     execute: Callable[[float], Awaitable[list[Finding]]] | None = None
+    # the performance figures the output shows, for the fleet's comparison (controller)
+    figures: Callable[[CommandResult | None, list[Finding]], dict[str, float]] | None = None
 
 
 @dataclass
@@ -64,6 +66,7 @@ class StepResult:
     message: str
     seconds: float = 0.0
     findings: list[Finding] = field(default_factory=list)
+    figures: dict[str, float] = field(default_factory=dict)
 
     @property
     def action(self) -> Action:
@@ -77,6 +80,7 @@ class StepResult:
             "seconds": round(self.seconds, 1),
             "action": str(self.action),
             "message": self.message,
+            **({"figures": self.figures} if self.figures else {}),
         }
 
 
@@ -158,6 +162,7 @@ def plan(
                 [exe, "-b", "8", "-e", str(opts.nccl_max_bytes), "-f", "2", "-g", str(gpus)],
                 1200.0,
                 lambda r: nccl.judge(nccl.parse(r.stdout + r.stderr), threshold, r.returncode),
+                figures=lambda r, _: nccl_figures(r.stdout + r.stderr) if r else {},
             ),
         )
     if expected(opts.instance_type).neuron_devices or which("nccom-test"):
@@ -192,6 +197,7 @@ def plan(
                 [exe],
                 60.0 * max(efa or 1, 1),
                 execute=lambda timeout: _efa_loopback(fi_info, exe, timeout),
+                figures=lambda _, found: efa_figures(found),
             ),
         )
     return steps, skipped
@@ -269,6 +275,7 @@ async def run_steps(
 async def _run_step(step: Step, timeout: float) -> StepResult:
     start = time.monotonic()
     timed_out = f"{step.name} timed out after {timeout:g}s and was stopped"
+    r: CommandResult | None = None
     try:
         if step.execute is not None:
             try:
@@ -302,7 +309,31 @@ async def _run_step(step: Step, timeout: float) -> StepResult:
         findings[0] if findings else None,
     )
     message = lead.message if lead else f"{step.name}: no result"
-    return StepResult(step.name, outcome, message, took, findings)
+    figures = step.figures(r, findings) if step.figures and outcome is not Outcome.UNKNOWN else {}
+    return StepResult(step.name, outcome, message, took, findings, figures)
+
+
+def nccl_figures(text: str) -> dict[str, float]:
+    """all_reduce_perf's bus bandwidth (GB/s) at each message size, the better of out-of-place
+    and in-place: `nccl_busbw_<bytes>`."""
+    out = {}
+    for row in nccl.parse(text).rows:
+        measured = [b for b in row.busbw if b is not None]
+        if measured:
+            out[f"nccl_busbw_{row.size}"] = max(measured)
+    return out
+
+
+def efa_figures(findings: list[Finding]) -> dict[str, float]:
+    """The EFA loopback's worst device: the lowest peak bandwidth (MB/s) and the highest best
+    latency (microseconds) over the devices that passed."""
+    passed = [f.evidence for f in findings if f.status is Status.OK and "max_mb_s" in f.evidence]
+    if not passed:
+        return {}
+    return {
+        "efa_loopback_mb_s": min(float(e["max_mb_s"]) for e in passed),
+        "efa_loopback_usec": max(float(e["min_usec"]) for e in passed),
+    }
 
 
 def verdict(results: list[StepResult]) -> tuple[str, int, Verdict | None]:

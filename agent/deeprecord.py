@@ -104,6 +104,29 @@ def latest_record(directory: Path) -> Record | None:
     return None
 
 
+def latest_figures(directory: Path) -> dict[str, Any] | None:
+    """The newest finished run's performance figures (tests' `figures`, merged), as the node
+    annotation the controller compares across the fleet: {run, at, figures}."""
+    for path in sorted(directory.glob("*.jsonl"), reverse=True):
+        try:
+            lines = [json.loads(line) for line in path.read_text().splitlines() if line]
+        except (OSError, ValueError):
+            continue
+        last = lines[-1] if lines and isinstance(lines[-1], dict) else {}
+        if last.get("dry_run") or last.get("deep_health_check_status") not in ("Passed", "Failed"):
+            continue
+        figures = {
+            k: v
+            for t in lines
+            if isinstance(t, dict) and isinstance(t.get("figures"), dict)
+            for k, v in t["figures"].items()
+            if isinstance(v, int | float)
+        }
+        if figures:
+            return {"run": path.stem, "at": last.get("ts"), "figures": figures}
+    return None
+
+
 def record_findings(record: Record) -> list[Finding]:
     """A failed run's tests as findings, for a policy that did not see the run itself."""
     return [

@@ -100,6 +100,11 @@ class Metrics:
         self.leader = Gauge(
             "node_health_controller_leader", "1 while this controller holds the Lease", registry=r
         )
+        self.suspect_network_nodes = Gauge(
+            "node_health_suspect_network_nodes",
+            "Network nodes (topology) under which several nodes report network faults",
+            registry=r,
+        )
         self.remediation_steps = Counter(
             "node_health_controller_steps",
             "Remediation steps taken and reports made, by reason (RemediationStarted, ...)",

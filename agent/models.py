@@ -72,6 +72,16 @@ class NodeKeys(Strict):
     connectivity_result_annotation: str = Field(
         "node-health-agent.io/connectivity", description="the connectivity check's result, JSON"
     )
+    hardware_annotation: str = Field(
+        "node-health-agent.io/hardware",
+        description="the hardware history's summary, JSON: GPU UUIDs and serials, NIC GUIDs, "
+        "their fault and reboot counts (the controller matches serials it replaced)",
+    )
+    performance_annotation: str = Field(
+        "node-health-agent.io/performance",
+        description="the last deep check's performance figures, JSON (compared by the "
+        "controller with the node's peers of its instance type)",
+    )
     remediation_step_label: str = Field(
         "node-health-agent.io/remediation-step",
         description="the controller's: where a node is in its remediation",
@@ -79,6 +89,15 @@ class NodeKeys(Strict):
     remediation_state_annotation: str = Field(
         "node-health-agent.io/remediation-state",
         description="the controller's record that lets a restarted controller carry on, JSON",
+    )
+    replaced_hardware_label: str = Field(
+        "node-health-agent.io/replaced-hardware",
+        description="the controller's: the node carries hardware it had replaced for a fault",
+    )
+    performance_label: str = Field(
+        "node-health-agent.io/performance-status",
+        description="the controller's: Degraded while the node's figures are an outlier "
+        "among its peers",
     )
 
 
@@ -240,6 +259,36 @@ class ConnectivitySettings(Strict):
     )
 
 
+class TopologySettings(Strict):
+    """Several nodes under one network node with network faults: the network is suspected,
+    and their remediation held."""
+
+    labels: list[str] = Field(
+        default_factory=lambda: [
+            "topology.k8s.aws/network-node-layer-4",
+            "topology.k8s.aws/network-node-layer-3",
+        ],
+        description="the nodes' network-node labels, most selective first (EKS's bottom "
+        "layers); [] turns this off",
+    )
+    min_nodes: int = Field(3, ge=2, description="nodes with network faults under one network node")
+    window: Duration = Field(3600.0, description="how recent their faults must be")
+    fault_types: list[str] = Field(
+        default_factory=lambda: ["Efa*", "Network*", "InfiniBand*", "InstanceConnectivity"],
+        description="fault types (fnmatch patterns) that are network-class",
+    )
+
+
+class StragglerSettings(Strict):
+    """Each node's deep-check figures against its peers of the same instance type: an
+    outlier is `min_drop` worse than their median and beyond `mads` median absolute
+    deviations from it."""
+
+    min_drop: float = Field(0.10, gt=0, lt=1, description="share worse than the median")
+    mads: float = Field(3.0, gt=0, description="and this many MADs from it")
+    min_peers: int = Field(4, ge=3, description="nodes of a type with the figure, to compare")
+
+
 class ControllerSettings(Strict):
     """`node-health controller`: acts on the health labels (drain, then reboot or replace)."""
 
@@ -286,4 +335,10 @@ class ControllerSettings(Strict):
     new_within: Duration = Field(
         3600.0, description="a node this young is new (and never checked: no result on it)"
     )
+    replaced_record: str = Field(
+        "node-health-replaced-hardware",
+        description="the ConfigMap (in `namespace`) of hardware replaced for a fault",
+    )
     connectivity: ConnectivitySettings = ConnectivitySettings()
+    topology: TopologySettings = TopologySettings()
+    stragglers: StragglerSettings = StragglerSettings()

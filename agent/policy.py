@@ -30,9 +30,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from checks.api import Action, Finding, Status, load_yaml, move_aside, seconds
+
+if TYPE_CHECKING:
+    from agent.hardware import History
 
 
 class Verdict(enum.StrEnum):
@@ -140,10 +143,34 @@ _EXAMPLE = [
 
 
 @dataclass(frozen=True)
+class HistoryRules:
+    """`same_fault_reboots`: a reboot-class fault that already cost this GPU (this device)
+    that many reboots means replace; `lemon_remediations` remediations of the node within
+    `lemon_window` (the one now asked for counted) mean replace. 0 turns a rule off."""
+
+    __pydantic_config__ = _STRICT
+
+    same_fault_reboots: int = 2
+    lemon_remediations: int = 5
+    lemon_window: float | str = 7 * 86400.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lemon_window", seconds(self.lemon_window, "history.lemon_window"))
+        if self.same_fault_reboots < 0 or self.lemon_remediations < 0:
+            raise ValueError("history rules: counts must be 0 (off) or more")
+
+
+def builtin_history_rules() -> HistoryRules:
+    text = resources.files("agent").joinpath("policy.yaml").read_text()
+    return HistoryRules(**(load_yaml(text).get("history") or {}))
+
+
+@dataclass(frozen=True)
 class PolicySettings:
     """`rules` are tried before the packaged table, first match wins; `replace_builtin` uses
     only them. `temporary_ttl`: how long an event-only fault counts; `escalation_window`: how
-    long a reboot is remembered."""
+    long a reboot is remembered; `history`: the repeat-offender rules, instead of the packaged
+    table's `history` block."""
 
     __pydantic_config__ = _STRICT
 
@@ -162,11 +189,20 @@ class PolicySettings:
         default=7 * 86400.0,
         metadata={"description": "how long a reboot is remembered for escalation"},
     )
+    history: HistoryRules | None = field(
+        default=None,
+        metadata={
+            "description": "repeat offenders: the same fault after N reboots, M remediations "
+            "in D days (the packaged `history:` block when unset)"
+        },
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(
             self, "rules", [PolicyRule(**r) if isinstance(r, dict) else r for r in self.rules]
         )
+        if isinstance(self.history, dict):
+            object.__setattr__(self, "history", HistoryRules(**self.history))
         for name in ("temporary_ttl", "escalation_window"):
             object.__setattr__(self, name, seconds(getattr(self, name), f"policy.{name}"))
 
@@ -271,8 +307,10 @@ class Policy:
         state_path: Path | None = None,
         boot_id: str | None = None,
         clock: Callable[[], float] = time.time,
+        history: History | None = None,
     ) -> None:
         self.rules = rules
+        self.history = history  # the hardware history: its rules, and what they read
         self.settings = settings
         self.state_path = state_path
         self.clock = clock
@@ -391,7 +429,9 @@ class Policy:
                 self._deactivate(t, now)
                 return [Cleared(t.snapshot(), why)]
             return [Reported(f, t.snapshot(), rule.count)] if report_all else []
-        t.status, t.reason, t.message, t.evidence = f.status, f.reason, f.message, dict(f.evidence)
+        if f.status is not Status.FAULT:  # a fault's are set by _fault (with the history's why)
+            t.status, t.reason, t.message = f.status, f.reason, f.message
+            t.evidence = dict(f.evidence)
         report = report_all or changed or f.temporary or t.active != was_active
         return [*([Reported(f, t.snapshot(), rule.count)] if report else []), *wanted]
 
@@ -418,9 +458,17 @@ class Policy:
         ):
             action, t.escalated = Action.REPLACE, True
         t.status, t.reason, t.message, t.evidence = f.status, f.reason, f.message, dict(f.evidence)
+        if action is Action.REBOOT and self.history is not None:
+            why = self.history.replace_why(t.component, f.reason, now)
+            if why is not None:  # a repeat offender: a reboot did not fix it before
+                action, t.escalated = Action.REPLACE, True
+                t.message = f"{f.message}; {why}"
+                t.evidence["history"] = why
         if len(t.occurrences) < rule.count:
             return False
         turned_on = not t.active
+        if turned_on and self.history is not None and t.component != "node":
+            self.history.fault(t.component, t.reason, str(action), now)
         if turned_on:
             t.active, t.changed, t.action = True, now, action
         elif action.rank > t.action.rank:
@@ -556,6 +604,13 @@ class Policy:
         now = self.clock()
         if self.latched is Verdict.PENDING_REBOOT:
             self.rebooted_for.update({k: now for k in self.latched_keys})
+            if self.history is not None:
+                faults = [self.trackers[k] for k in self.latched_keys if k in self.trackers]
+                self.history.remediated(
+                    "reboot",
+                    [(t.component, t.reason) for t in faults if t.component != "node"],
+                    now,
+                )
         window = self.settings.escalation_window
         self.rebooted_for = {k: ts for k, ts in self.rebooted_for.items() if now - ts <= window}
         cleared = len(self.trackers)

@@ -330,3 +330,42 @@ def test_the_state_dir_problem_clears_once_it_can_be_written(tmp_path):
         assert probe.warnings() == []
     assert [e["event"] for e in logs] == ["state_dir_unwritable", "state_dir_writable"]
     assert list((tmp_path / "disk" / "state").iterdir()) == []  # the probe leaves nothing
+
+
+def test_the_same_fault_after_a_reboot_it_cost_is_a_replace_by_the_hardware_history(
+    cli_env, tmp_path, host_root
+):
+    """The history outlives the agent and the boot: the fault that cost gpu:0 a reboot comes
+    back (the policy's own escalation off) and the history rule asks for a replace; the
+    node's hardware annotation counts the fault and the reboot."""
+    boot_id = host_root / "proc/sys/kernel/random/boot_id"
+    boot_id.parent.mkdir(parents=True, exist_ok=True)
+    boot_id.write_text("boot-1\n")
+    cfg = Path(faulty(tmp_path))
+    cfg.write_text(
+        cfg.read_text()
+        + "policy:\n  rules: [{name: once, match: {component: 'gpu:*'}, escalate: false}]\n"
+        + "  history: {same_fault_reboots: 1, lemon_remediations: 0}\n"
+    )
+    state = tmp_path / "state"
+    proc = start(cli_env, "--config", str(cfg))
+    wait_for(lambda: node_state(state).get("labels", {}).get(LABEL) == "UnschedulablePendingReboot")
+    stop(proc)
+    port = free_port()  # an agent restart, the same boot: ready once its first round is in
+    proc = start(cli_env | {"NODE_HEALTH_HTTP_LISTEN": f"127.0.0.1:{port}"}, "--config", str(cfg))
+    wait_for(lambda: _answers(port) and get(f"http://127.0.0.1:{port}/readyz")[0] == 200)
+    stop(proc)
+    assert node_state(state)["labels"][LABEL] == "UnschedulablePendingReboot"
+    boot_id.write_text("boot-2\n")
+    proc = start(cli_env, "--config", str(cfg))
+    want = "UnschedulablePendingReplacement"
+    try:
+        wait_for(lambda: node_state(state).get("labels", {}).get(LABEL) == want)
+    finally:
+        stop(proc)
+    hardware = json.loads(node_state(state)["annotations"]["node-health-agent.io/hardware"])
+    [gpu] = hardware["devices"]
+    assert (gpu["id"], gpu["faults"], gpu["reboots"]) == ("gpu:0", 2, 1)
+    assert hardware["remediations"] == 1
+    verdict = [e for e in spooled(state) if e.get("verdict") == want]
+    assert "XidHardwareFailure on gpu:0 again after 1 reboots" in verdict[0]["msg"]

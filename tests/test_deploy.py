@@ -243,9 +243,10 @@ def test_the_controllers_manifests_are_valid_and_its_settings_load() -> None:
         ctl["securityContext"]["readOnlyRootFilesystem"] and pod["securityContext"]["runAsNonRoot"]
     )
     assert settings.controller.lease_name in yaml.safe_dump(controller_resources())
+    assert settings.controller.replaced_record in yaml.safe_dump(controller_resources())
 
 
-def test_the_controllers_rbac_is_nodes_pods_evictions_events_its_lease_mpijobs_and_jobs() -> None:
+def test_the_controllers_rbac_is_nodes_pods_evictions_events_its_lease_record_and_jobs() -> None:
     granted = {
         (group, res, verb, tuple(rule.get("resourceNames", ())))
         for doc in controller_resources()
@@ -265,6 +266,9 @@ def test_the_controllers_rbac_is_nodes_pods_evictions_events_its_lease_mpijobs_a
         ("coordination.k8s.io", "leases", "create", ()),
         ("coordination.k8s.io", "leases", "get", ("node-health-controller",)),
         ("coordination.k8s.io", "leases", "update", ("node-health-controller",)),
+        ("", "configmaps", "create", ()),
+        ("", "configmaps", "get", ("node-health-replaced-hardware",)),
+        ("", "configmaps", "update", ("node-health-replaced-hardware",)),
         ("kubeflow.org", "mpijobs", "create", ()),
         ("kubeflow.org", "mpijobs", "get", ()),
         ("kubeflow.org", "mpijobs", "delete", ()),
@@ -367,6 +371,8 @@ def test_the_admission_policy_names_what_the_agent_is_and_writes() -> None:
         keys.fault_details_annotation,
         keys.owned_annotation,
         keys.deep_check_request_annotation,
+        keys.hardware_annotation,
+        keys.performance_annotation,
     }
     assert variables["taintKey"] == keys.taint_key
 

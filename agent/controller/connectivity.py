@@ -16,10 +16,11 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from agent.controller.pairs import Pair, Planner, Verdict
+from agent.deepcheck import nccl_figures
 from agent.events import Event, rfc3339
 from agent.kube.client import MERGE, KubeClient, KubeError
 from agent.models import ConnectivitySettings, NodeKeys
@@ -50,6 +51,7 @@ class PairResult:
     passed: bool | None  # None: the test could not run or decide
     message: str
     busbw: float | None = None
+    figures: dict[str, float] = field(default_factory=dict)  # bus bandwidth at each size
 
 
 def mpijob(
@@ -257,11 +259,11 @@ class Connectivity:
         # Succeeded: the launcher exited 0 (the operator says so). Its log is judged as a saved
         # output is: the table, with or without the summary (kubelet may have rotated it).
         [finding] = nccl.judge(run, threshold, None if "Succeeded" in state else 1)
-        busbw = finding.evidence.get("busbw")
+        busbw, figures = finding.evidence.get("busbw"), nccl_figures(log)
         if finding.status is Status.OK:
-            return PairResult(pair, True, finding.message, busbw)
+            return PairResult(pair, True, finding.message, busbw, figures)
         if finding.status is Status.FAULT:
-            return PairResult(pair, False, finding.message, busbw)
+            return PairResult(pair, False, finding.message, busbw, figures)
         return PairResult(pair, None, finding.message)
 
     def _launcher_log(self, name: str) -> str:
@@ -291,6 +293,7 @@ class Connectivity:
                     "passed": r.passed,
                     "busbw": r.busbw,
                     "message": r.message,
+                    **({"figures": r.figures} if r.figures else {}),
                 }
                 for r in results
             ],

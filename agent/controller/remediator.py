@@ -22,6 +22,8 @@ import structlog
 
 from agent.controller.backends import Action, Backend, Result
 from agent.controller.budget import Budget
+from agent.controller.replaced import ReplacedHardware
+from agent.controller.topology import Suspect, suspects
 from agent.controller.view import NodeView, Record, Step, pod_name, to_evict, wanted_action
 from agent.events import Event, rfc3339
 from agent.kube.client import MERGE, KubeClient, KubeError
@@ -47,17 +49,19 @@ class Remediator:
         record_start: Callable[[float, float | None], bool],
         starts: Callable[[], list[float]],
         wall: Callable[[], float] = time.time,
+        replaced: ReplacedHardware | None = None,
     ) -> None:
         self.client, self.keys, self.cfg, self.backend = client, keys, cfg, backend
         self.percent = fleet_percent
         self.is_leader, self.record_start, self.starts = is_leader, record_start, starts
-        self.wall = wall
+        self.wall, self.replaced = wall, replaced
         self.events: list[Event] = []
         self._fleet: int | None = None  # the agents' nodes, counted once a pass when needed
         self._noted: dict[str, str] = {}  # node -> the last "not now" said about it
         # node -> a start recorded on the Lease for it whose node write failed (a conflict,
         # say): its retry takes that slot again rather than a second one
         self._unspent: dict[str, float] = {}
+        self.suspects: list[Suspect] = []  # network nodes suspected, as of the last pass
 
     # -- the pass -------------------------------------------------------------------------
 
@@ -70,6 +74,8 @@ class Remediator:
         ongoing = self.client.list_nodes(keys.remediation_step_label)
         nodes = {n["metadata"]["name"]: n for n in [*needing, *ongoing]}
         views = [NodeView.of(n, keys) for n in nodes.values()]
+        self._suspect_network()
+        held = {name: s for s in self.suspects for name in s.nodes}
         unspent = set(self._unspent.values())
         budget = Budget(
             self.cfg.concurrent,
@@ -81,7 +87,7 @@ class Remediator:
             if not self.is_leader():
                 break
             try:
-                self._node(view, budget)
+                self._node(view, budget, held.get(view.name))
             except KubeError as exc:
                 log.warning("remediation_step_failed", node=view.name, error=str(exc))
             except Exception as exc:  # one node's surprise must not stop the others
@@ -90,14 +96,16 @@ class Remediator:
         self._unspent = {k: v for k, v in self._unspent.items() if k in nodes}
         return self.events
 
-    def _node(self, view: NodeView, budget: Budget) -> None:
+    def _node(self, view: NodeView, budget: Budget, suspect: Suspect | None = None) -> None:
         rec, action = view.record, wanted_action(view.health)
         if view.remediation_off:
             if rec is not None or action is not None:
                 self._once(view, "RemediationOff", "remediation is off for this node: not acting")
             return
         if rec is None:
-            if action is not None:
+            if action is not None and suspect is not None:  # one started goes on
+                self._once(view, "RemediationHeld", f"{_WORD[action]} held: {suspect.describe()}")
+            elif action is not None:
                 self._start(view, action, budget)
             return
         self._noted.pop(view.name, None)
@@ -157,6 +165,42 @@ class Remediator:
             f"{view.health}: cordoned, draining for {_WORD[action]}",
         )
         self._drain(view, rec, now)
+
+    def _suspect_network(self) -> None:
+        """The network nodes suspected now (topology), said when one is first and when it
+        clears; an API error keeps the last pass's."""
+        cfg = self.cfg.topology
+        if not cfg.labels:
+            return
+        try:
+            faulty = self.client.list_nodes(self.keys.fault_types_label)
+        except KubeError as exc:
+            log.warning("topology_unread", error=str(exc))
+            return
+        now = suspects(faulty, self.keys, cfg, self.wall())
+        before = {s.domain for s in self.suspects}
+        for s in now:
+            if s.domain not in before:
+                self.events.append(self._domain_event(s, "error", "NetworkDomainSuspected"))
+        for s in self.suspects:
+            if s.domain not in {n.domain for n in now}:
+                self.events.append(self._domain_event(s, "info", "NetworkDomainCleared"))
+        self.suspects = now
+
+    def _domain_event(self, s: Suspect, level: str, reason: str) -> Event:
+        if level == "error":
+            msg = f"{s.describe()}; their remediation is held"
+        else:
+            msg = f"network node {s.domain} no longer suspected: remediation of its nodes resumes"
+        return {
+            "level": level,
+            "ts": rfc3339(self.wall()),
+            "msg": msg,
+            "reason": reason,
+            "network_node": s.domain,
+            "nodes": list(s.nodes),
+            "faults": list(s.faults),
+        }
 
     def _fleet_refuses(self, budget: Budget) -> str | None:
         if self.percent is None:
@@ -225,6 +269,8 @@ class Remediator:
         if outcome.result is Result.SKIPPED:
             rec.step = Step.REPORTED
             self._write(view, rec)
+            if rec.action is Action.REPLACE:  # an operator replaces it
+                self._record_replaced(view)
             self._say(
                 view,
                 rec,
@@ -238,6 +284,8 @@ class Remediator:
         else:
             rec.step = _NEXT[rec.action]
             self._write(view, rec)
+            if rec.action is Action.REPLACE:
+                self._record_replaced(view)
             already = " (already in progress)" if outcome.result is Result.IN_PROGRESS else ""
             self._say(
                 view,
@@ -246,6 +294,18 @@ class Remediator:
                 f"Remediation{rec.step}",
                 f"{_WORD[rec.action]} of {view.instance_id} asked of {self.backend.name}{already}",
             )
+
+    def _record_replaced(self, view: NodeView) -> None:
+        """The node's faulty hardware on the cluster's record; a failure is logged: the
+        replacement goes on regardless."""
+        if self.replaced is None or not view.faulty_hardware:
+            return
+        try:
+            self.replaced.record(
+                view.faulty_hardware, view.name, view.uid, view.instance_id, view.health or ""
+            )
+        except KubeError as exc:
+            log.warning("replaced_hardware_unrecorded", node=view.name, error=str(exc))
 
     def _failed(self, view: NodeView, rec: Record, now: float, why: str) -> None:
         rec.step, rec.since = Step.FAILED, now

@@ -31,7 +31,9 @@ from agent.controller.backends import backend
 from agent.controller.connectivity import Interrupted
 from agent.controller.lease import Elector
 from agent.controller.remediator import Remediator
+from agent.controller.replaced import ReplacedHardware
 from agent.controller.requests import Requests
+from agent.controller.stragglers import Stragglers
 from agent.events import Event, rfc3339
 from agent.identity import Identity
 from agent.kube.client import KubeClient
@@ -69,6 +71,10 @@ class Controller:
             cfg.lease_duration,
             cfg.renew_deadline,
         )
+        self.replaced = ReplacedHardware(
+            client, cfg.namespace, cfg.replaced_record, settings.node_keys
+        )
+        self.stragglers = Stragglers(client, settings.node_keys, cfg.stragglers)
         self.remediator = Remediator(
             client,
             settings.node_keys,
@@ -80,6 +86,7 @@ class Controller:
             is_leader=lambda: self.elector.leader,
             record_start=self.elector.record_start,
             starts=self.elector.starts,
+            replaced=self.replaced,
         )
         self._stop, self._halt = asyncio.Event(), threading.Event()  # the halt: for threads
         self.requests = Requests(
@@ -201,6 +208,7 @@ class Controller:
                 except Exception as exc:  # the API server away, say: try again next time
                     log.warning("pass_failed", error=str(exc))
                     events = []
+                self.metrics.suspect_network_nodes.set(len(self.remediator.suspects))
                 for event in events:
                     self.metrics.remediation_steps.labels(event.get("reason", "")).inc()
                     await self.fanout.emit(event)
@@ -221,9 +229,26 @@ class Controller:
                     log.info("connectivity_interrupted", reason=str(exc))
                 except Exception as exc:  # the API server away, say: try again next time
                     log.warning("scan_failed", error=str(exc))
+                await self._fleet_scan()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(cfg.scan if leading else cfg.retry_period):
                     await self._stop.wait()
+
+    async def _fleet_scan(self) -> None:
+        """Nodes carrying hardware replaced elsewhere for a fault, and nodes slower than their
+        peers: marked, and said."""
+
+        def scan() -> list[Event]:
+            nodes = self.client.list_nodes("")
+            return [*self.replaced.scan(nodes), *self.stragglers.scan(nodes)]
+
+        try:
+            events = await in_daemon_thread(scan)
+        except Exception as exc:  # the API server away, say: try again next time
+            log.warning("fleet_scan_failed", error=str(exc))
+            return
+        for event in events:
+            await self.fanout.emit(event)
 
     def _live(self) -> str | None:
         if self._stop.is_set():

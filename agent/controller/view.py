@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from agent.controller.backends import Action
+from agent.controller.replaced import faulty_identities
 from agent.kube.plan import PENDING, Owned
 from agent.models import NodeKeys
 from agent.policy import Verdict
@@ -81,6 +82,7 @@ class NodeView:
     boot_id: str | None
     instance_id: str | None
     record: Record | None
+    faulty_hardware: list[str] = field(default_factory=list)  # identities its agent saw faulty
 
     @classmethod
     def of(cls, node: dict[str, Any], keys: NodeKeys) -> NodeView:
@@ -100,6 +102,7 @@ class NodeView:
             boot_id=((node.get("status") or {}).get("nodeInfo") or {}).get("bootID") or None,
             instance_id=instance_id(node),
             record=Record.parse(annotations.get(keys.remediation_state_annotation)),
+            faulty_hardware=faulty_identities(node, keys),
         )
 
 

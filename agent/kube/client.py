@@ -148,6 +148,16 @@ class KubeClient:
         """PUT: the body's resourceVersion is the precondition (409 when someone wrote first)."""
         return self._call(self.leases.replace_namespaced_lease, name, namespace, body)
 
+    def get_config_map(self, namespace: str, name: str) -> dict[str, Any]:
+        return self._call(self.v1.read_namespaced_config_map, name, namespace)
+
+    def create_config_map(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self._call(self.v1.create_namespaced_config_map, namespace, body)
+
+    def replace_config_map(self, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        """PUT: the body's resourceVersion is the precondition (409 when someone wrote first)."""
+        return self._call(self.v1.replace_namespaced_config_map, name, namespace, body)
+
     def create_event(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
         return self._call(self.v1.create_namespaced_event, namespace, body)
 

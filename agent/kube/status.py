@@ -1,5 +1,6 @@
 """`node-health status`: the cluster's nodes as the agent and the controller labelled them, with
-counts per state."""
+counts per state; each node's performance against its instance type's peers, and the network
+nodes suspected (the controller's comparisons, worked out the same way here)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import json
 from collections import Counter
 from typing import Any
 
+from agent.controller.stragglers import compare
+from agent.controller.topology import suspects
 from agent.controller.view import connectivity_verdict
-from agent.models import NodeKeys
+from agent.models import ControllerSettings, NodeKeys
 
 INSTANCE_TYPE = "node.kubernetes.io/instance-type"
 
@@ -50,6 +53,59 @@ def counts(table: list[dict[str, str]]) -> dict[str, int]:
     return dict(sorted(Counter(r["health"] for r in table).items()))
 
 
+def performance(
+    nodes: list[dict[str, Any]], keys: NodeKeys, cfg: ControllerSettings
+) -> list[dict[str, str]]:
+    """Per instance type, each node's worst figure against its peers' median."""
+    out = []
+    for itype, devs in compare(nodes, keys, cfg.stragglers).items():
+        worst: dict[str, Any] = {}
+        for d in devs:
+            if d.node not in worst or d.worse > worst[d.node].worse:
+                worst[d.node] = d
+        for name, d in sorted(worst.items()):
+            out.append(
+                {
+                    "instance_type": itype,
+                    "node": name,
+                    "figure": d.figure,
+                    "value": f"{d.value:g}",
+                    "median": f"{d.median:g}",
+                    "worse": f"{d.worse:+.1%}",
+                    "degraded": "yes" if d.outlier else "-",
+                }
+            )
+    return out
+
+
+def suspected(
+    nodes: list[dict[str, Any]], keys: NodeKeys, cfg: ControllerSettings, now: float
+) -> list[str]:
+    """The network nodes suspected, in words (the controller holds their nodes' remediation)."""
+    return [f"{s.describe()}; remediation held" for s in suspects(nodes, keys, cfg.topology, now)]
+
+
+def _columns(
+    table: list[dict[str, str]], cols: tuple[str, ...], heads: tuple[str, ...]
+) -> list[str]:
+    widths = [max([len(h)] + [len(r[c]) for r in table]) for c, h in zip(cols, heads, strict=True)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True)).rstrip()]
+    for r in table:
+        lines.append("  ".join(r[c].ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip())
+    return lines
+
+
+def render_fleet(perf: list[dict[str, str]], suspects_now: list[str]) -> str:
+    """The performance table (per instance type) and the suspected network nodes; "" if none."""
+    parts = []
+    if perf:
+        cols = ("instance_type", "node", "figure", "value", "median", "worse", "degraded")
+        heads = ("INSTANCE-TYPE", "NODE", "WORST-FIGURE", "VALUE", "MEDIAN", "WORSE", "DEGRADED")
+        parts.append("\n".join(_columns(perf, cols, heads)))
+    parts += suspects_now
+    return "\n\n".join(parts)
+
+
 def render(table: list[dict[str, str]]) -> str:
     cols = (
         "node",
@@ -69,10 +125,7 @@ def render(table: list[dict[str, str]]) -> str:
         "INSTANCE-TYPE",
         "REASON",
     )
-    widths = [max([len(h)] + [len(r[c]) for r in table]) for c, h in zip(cols, heads, strict=True)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True)).rstrip()]
-    for r in table:
-        lines.append("  ".join(r[c].ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip())
+    lines = _columns(table, cols, heads)
     summary = ", ".join(f"{state}: {n}" for state, n in counts(table).items())
     lines.append(f"\n{len(table)} nodes ({summary})" if table else "no nodes")
     return "\n".join(lines)

@@ -82,6 +82,7 @@ class State:
     logs: dict[tuple[str, str], str] = field(default_factory=dict)
     jobs: dict[tuple[str, str], dict] = field(default_factory=dict)
     deleted_jobs: list[str] = field(default_factory=list)
+    configmaps: dict[tuple[str, str], dict] = field(default_factory=dict)
 
 
 class FakeKubeAPI:
@@ -547,6 +548,13 @@ def _handler(api: FakeKubeAPI) -> type[BaseHTTPRequestHandler]:
                     return 201, wl.create_lease(api, m.group(1), body)
                 if method == "PUT" and m.group(2):
                     return 200, wl.replace_lease(api, m.group(1), m.group(2), body)
+            if m := wl.CONFIGMAPS.match(path):
+                if method == "GET" and m.group(2):
+                    return 200, wl.get_configmap(api, m.group(1), m.group(2))
+                if method == "POST" and not m.group(2):
+                    return 201, wl.create_configmap(api, m.group(1), body)
+                if method == "PUT" and m.group(2):
+                    return 200, wl.replace_configmap(api, m.group(1), m.group(2), body)
             if (m := _EVENTS.match(path)) and method == "POST" and not m.group(2):
                 return 201, self._create_event(m.group(1), body)
             if (m := _EVENTS.match(path)) and method == "PATCH" and m.group(2):

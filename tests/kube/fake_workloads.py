@@ -263,6 +263,67 @@ def _validate_lease(body: Any, namespace: str) -> None:
         raise ApiError(422, "Invalid", "; ".join(problems))
 
 
+# -- ConfigMaps ----------------------------------------------------------------------------------
+
+CONFIGMAPS = re.compile(r"^/api/v1/namespaces/([^/]+)/configmaps(?:/([^/]+))?$")
+
+
+def get_configmap(api: FakeKubeAPI, namespace: str, name: str) -> dict:
+    with api.lock:
+        return _get(api.state.configmaps, "configmaps", namespace, name)
+
+
+def create_configmap(api: FakeKubeAPI, namespace: str, body: Any) -> dict:
+    name = _validate_configmap(body, namespace)
+    with api.lock:
+        if (namespace, name) in api.state.configmaps:
+            raise ApiError(409, "AlreadyExists", f'configmaps "{name}" already exists')
+        return _store_configmap(api, namespace, body)
+
+
+def replace_configmap(api: FakeKubeAPI, namespace: str, name: str, body: Any) -> dict:
+    """PUT; a resourceVersion in the body is a precondition (409 when it is not the current)."""
+    if _validate_configmap(body, namespace) != name:
+        raise ApiError(400, "BadRequest", "the name of the object does not match the URL")
+    with api.lock:
+        old = api.state.configmaps.get((namespace, name))
+        if old is None:
+            raise ApiError(404, "NotFound", f'configmaps "{name}" not found')
+        rv = body["metadata"].get("resourceVersion")
+        if rv and rv != old["metadata"]["resourceVersion"]:
+            raise ApiError(
+                409,
+                "Conflict",
+                f'Operation cannot be fulfilled on configmaps "{name}": the object has been '
+                "modified; please apply your changes to the latest version and try again",
+            )
+        return _store_configmap(api, namespace, body)
+
+
+def _store_configmap(api: FakeKubeAPI, namespace: str, body: dict) -> dict:
+    api.state.rv += 1
+    cm = copy.deepcopy(body)
+    cm.setdefault("apiVersion", "v1")
+    cm.setdefault("kind", "ConfigMap")
+    cm["metadata"].update(namespace=namespace, resourceVersion=str(api.state.rv))
+    api.state.configmaps[(namespace, cm["metadata"]["name"])] = cm
+    return copy.deepcopy(cm)
+
+
+def _validate_configmap(body: Any, namespace: str) -> str:
+    """The name; as the API server: string data only, at most 1 MiB in all."""
+    if not isinstance(body, dict) or not (body.get("metadata") or {}).get("name"):
+        raise ApiError(422, "Invalid", "metadata.name: Required value")
+    if body["metadata"].get("namespace", namespace) != namespace:
+        raise ApiError(400, "BadRequest", "the namespace of the object does not match the URL")
+    data = body.get("data") or {}
+    if not all(isinstance(v, str) for v in data.values()):
+        raise ApiError(400, "BadRequest", "data: values must be strings")
+    if sum(len(k) + len(v) for k, v in data.items()) > 1024 * 1024:
+        raise ApiError(422, "Invalid", "data: Too long: must have at most 1048576 bytes")
+    return str(body["metadata"]["name"])
+
+
 # -- MPIJobs (kubeflow.org/v2beta1, the MPI Operator's) and pod logs ------------------------------
 
 MPIJOBS = re.compile(r"^/apis/kubeflow\.org/v2beta1/namespaces/([^/]+)/mpijobs(?:/([^/]+))?$")

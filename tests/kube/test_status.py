@@ -80,3 +80,41 @@ def test_status_without_a_cluster_says_so(cli_env, tmp_path):
     out = node_health(cli_env | {"KUBECONFIG": str(tmp_path / "none")}, "status")
     assert out.returncode == 2
     assert "cannot reach the cluster" in out.stderr
+
+
+def test_status_shows_each_node_against_its_peers_and_the_network_node_suspected(
+    cli_env, api, kcfg
+):
+    import time
+
+    from agent.events import rfc3339
+
+    layer3 = "topology.k8s.aws/network-node-layer-3"
+    now = rfc3339(time.time())
+    for i, busbw in enumerate([480.0, 482.0, 479.0, 481.0, 400.0]):
+        name = f"p5-{i}"
+        api.add_node(name, {TYPE: "p5.48xlarge", layer3: "nn-1"})
+        figures = json.dumps({"run": "r", "figures": {"nccl_busbw_1073741824": busbw}})
+        faults = json.dumps([{"timestamp": now, "type": "EfaPort", "reason": "r", "message": "m"}])
+        ann = {"node-health-agent.io/performance": figures}
+        if i < 3:
+            ann["sagemaker.amazonaws.com/fault-details"] = faults
+        api.edit(name, lambda n, a=ann: n["metadata"]["annotations"].update(a))
+    out = node_health(cli_env, "status", "--kubeconfig", str(kcfg))
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    table = text[text.index("INSTANCE-TYPE  NODE") :].splitlines()
+    assert table[0].split() == [
+        "INSTANCE-TYPE", "NODE", "WORST-FIGURE", "VALUE", "MEDIAN", "WORSE", "DEGRADED"
+    ]  # fmt: skip
+    assert table[5].split() == [
+        "p5.48xlarge", "p5-4", "nccl_busbw_1073741824", "400", "480", "+16.7%", "yes"
+    ]  # fmt: skip
+    assert table[1].split()[-1] == "-"
+    assert (
+        "network node topology.k8s.aws/network-node-layer-3=nn-1 suspected: 3 nodes under it "
+        "report network faults (EfaPort): p5-0, p5-1, p5-2; remediation held"
+    ) in text
+    doc = json.loads(node_health(cli_env, "status", "--kubeconfig", str(kcfg), "--json").stdout)
+    assert [r["node"] for r in doc["performance"] if r["degraded"] == "yes"] == ["p5-4"]
+    assert len(doc["suspected"]) == 1
