@@ -41,7 +41,7 @@ def _last_reason(details: str | None) -> str | None:
     try:
         faults = json.loads(details or "[]")
         last = max(faults, key=lambda f: f.get("timestamp", ""))
-        return f"{last['reason']}: {last['message']}"[:120]
+        return f"{last['reason']}: {last['message']}"
     except (ValueError, TypeError, KeyError, AttributeError):
         return None
 
@@ -50,29 +50,19 @@ def counts(table: list[dict[str, str]]) -> dict[str, int]:
     return dict(sorted(Counter(r["health"] for r in table).items()))
 
 
-def render(table: list[dict[str, str]]) -> str:
-    cols = (
-        "node",
-        "health",
-        "deep_check",
-        "remediation",
-        "connectivity",
-        "instance_type",
-        "reason",
-    )
-    heads = (
-        "NODE",
-        "HEALTH",
-        "DEEP-CHECK",
-        "REMEDIATION",
-        "CONNECTIVITY",
-        "INSTANCE-TYPE",
-        "REASON",
-    )
-    widths = [max([len(h)] + [len(r[c]) for r in table]) for c, h in zip(cols, heads, strict=True)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True)).rstrip()]
-    for r in table:
-        lines.append("  ".join(r[c].ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip())
+REASON_CHARS = 120  # of the last reason in the table; `wide` and JSON show all of it
+
+
+def render(table: list[dict[str, str]], wide: bool = False) -> str:
+    """The table a person reads (rich lays it out), and the counts per state under it."""
+    from agent import terminal
+
+    cols = ("node", "health", "deep_check", "remediation", "connectivity", "instance_type")
+    heads = ["NODE", "HEALTH", "DEEP-CHECK", "REMEDIATION", "CONNECTIVITY", "INSTANCE-TYPE"]
+    cells = [
+        [r[c] for c in cols] + [r["reason"] if wide else r["reason"][:REASON_CHARS]]
+        for r in table
+    ]
     summary = ", ".join(f"{state}: {n}" for state, n in counts(table).items())
-    lines.append(f"\n{len(table)} nodes ({summary})" if table else "no nodes")
-    return "\n".join(lines)
+    shown = terminal.table([*heads, "REASON"], cells)
+    return f"{shown}\n\n{len(table)} nodes ({summary})" if table else f"{shown}\nno nodes"
