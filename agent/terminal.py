@@ -22,9 +22,7 @@ def color(choice: str = "auto", stream: TextIO | None = None) -> bool:
     return stream.isatty() and not os.environ.get("NO_COLOR")
 
 
-def table(
-    heads: Sequence[str], rows: Sequence[Sequence[str]], stream: TextIO | None = None
-) -> str:
+def table(heads: Sequence[str], rows: Sequence[Sequence[str]], stream: TextIO | None = None) -> str:
     """Columns under their heads, kubectl-like (no borders, two spaces apart). On a terminal
     at its width, long cells wrapped and heads bold (unless NO_COLOR); piped, never wrapped,
     so that each row stays one line for grep and awk."""

@@ -60,8 +60,7 @@ def render(table: list[dict[str, str]], wide: bool = False) -> str:
     cols = ("node", "health", "deep_check", "remediation", "connectivity", "instance_type")
     heads = ["NODE", "HEALTH", "DEEP-CHECK", "REMEDIATION", "CONNECTIVITY", "INSTANCE-TYPE"]
     cells = [
-        [r[c] for c in cols] + [r["reason"] if wide else r["reason"][:REASON_CHARS]]
-        for r in table
+        [r[c] for c in cols] + [r["reason"] if wide else r["reason"][:REASON_CHARS]] for r in table
     ]
     summary = ", ".join(f"{state}: {n}" for state, n in counts(table).items())
     shown = terminal.table([*heads, "REASON"], cells)
