@@ -127,6 +127,9 @@ def run(
     """Run the agent (the daemon), or one pass of every check with --once."""
     import asyncio
 
+    if not once:
+        _keep_rich_out()
+
     from agent.daemon import run_daemon, run_once
 
     settings, ident, planned = _setup(config, dry_run=dry_run)
@@ -150,6 +153,14 @@ def run(
         typer.echo(f"node-health: configuration error: {exc}", err=True)
         raise typer.Exit(2) from None
     raise typer.Exit(code)
+
+
+def _keep_rich_out() -> None:
+    """The daemon prints no table: keep rich (which structlog imports where it finds it, for
+    console tracebacks: about 4 MiB) out of its resident memory (benchmarks/footprint.py).
+    Here, once typer (whose help and usage errors use rich) has parsed the command line;
+    structlog falls back to plain tracebacks, and the agent's logs are JSON anyway."""
+    sys.modules.setdefault("rich", None)  # type: ignore[assignment]
 
 
 def _events_table(lines: str, wide: bool) -> str:

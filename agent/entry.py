@@ -63,20 +63,12 @@ def quiet_stdout() -> None:
         pass
 
 
-def keep_rich_out() -> None:
-    """The daemon prints no table: keep rich (which structlog imports when it finds it, for its
-    console tracebacks; about 4 MiB) out of its resident memory. structlog falls back to plain
-    tracebacks; the agent's logs are JSON anyway."""
-    sys.modules.setdefault("rich", None)  # type: ignore[assignment]
-
-
 def _main() -> None:
     if sys.argv[1:2] == ["run"] and "--once" not in sys.argv:
         # Start-up takes a while (imports); a SIGTERM in that time must still stop the agent
         # cleanly, not kill it. The daemon takes over these handlers once it runs.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, _frame: EARLY_SIGNALS.append(signum))
-        keep_rich_out()
     if sys.argv[1:2] == ["scan"]:
         from agent.scan import main as scan_main
 

@@ -40,7 +40,7 @@ def test_every_duration_reads_the_same_in_settings_rules_and_options(text, expec
 
 @pytest.mark.parametrize("text", ["", "soon", "5h30m", "1y", "-5m", "0", "0s", "1e3", "m"])
 def test_what_is_no_duration_is_refused_naming_the_option(text) -> None:
-    with pytest.raises(ValueError, match="--deadline: .* is not a duration"):
+    with pytest.raises(ValueError, match=r"--deadline: .* is not a duration"):
         seconds(text, "--deadline")
 
 
@@ -73,7 +73,7 @@ def test_what_is_no_time_is_refused_by_every_parser(value) -> None:
     assert timestamp_ms({"ts": value}, fallback=7.0) == 7000  # an event keeps its place: now
     assert _created({"metadata": {"creationTimestamp": value}}) is None
     if isinstance(value, str):
-        with pytest.raises(ValueError, match="--since: .* neither a duration"):
+        with pytest.raises(ValueError, match=r"--since: .* neither a duration"):
             lt.since_ms(value)
 
 
