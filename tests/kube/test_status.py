@@ -80,3 +80,24 @@ def test_status_without_a_cluster_says_so(cli_env, tmp_path):
     out = node_health(cli_env | {"KUBECONFIG": str(tmp_path / "none")}, "status")
     assert out.returncode == 2
     assert "cannot reach the cluster" in out.stderr
+
+
+def test_status_wide_shows_the_whole_last_reason_and_the_table_its_start(cli_env, api, kcfg):
+    seed(api)
+    long = "Xid 79 " + "x" * 200
+    details = [
+        {"timestamp": "2026-11-23T11:00:00Z", "reason": "XidHardwareFailure", "message": long}
+    ]
+    api.edit(
+        "node-b",
+        lambda n: n["metadata"]["annotations"].update(
+            {"sagemaker.amazonaws.com/fault-details": json.dumps(details)}
+        ),
+    )
+    whole = f"XidHardwareFailure: {long}"
+    table = node_health(cli_env, "status", "--kubeconfig", str(kcfg)).stdout.splitlines()
+    assert table[2].endswith(whole[:120]) and whole not in table[2]
+    wide = node_health(cli_env, "status", "--kubeconfig", str(kcfg), "-o", "wide").stdout
+    assert whole in wide.splitlines()[2]  # piped: one line per node, never wrapped
+    doc = json.loads(node_health(cli_env, "status", "--kubeconfig", str(kcfg), "-o", "json").stdout)
+    assert doc["nodes"][1]["reason"] == whole
