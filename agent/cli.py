@@ -17,7 +17,7 @@ from agent import __version__
 app = typer.Typer(
     help="Health agent for GPU and Trainium nodes in Kubernetes.",
     no_args_is_help=True,
-    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 checks_app = typer.Typer(help="Inspect the checks.", no_args_is_help=True)
 app.add_typer(checks_app, name="checks")
@@ -35,6 +35,53 @@ ConfigOption = Annotated[
         show_default=False,
     ),
 ]
+
+
+class Output(enum.StrEnum):
+    table = "table"
+    json = "json"
+    wide = "wide"
+
+
+OutputOption = Annotated[
+    Output | None,
+    typer.Option(
+        "--output",
+        "-o",
+        help="table (on a terminal), json (JSON; piped, where the command prints lines), or "
+        "wide: the table with more columns.",
+        show_default=False,
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Same as -o json.", hidden=True)]
+
+
+def _output(output: Output | None, as_json: bool, lines_when_piped: bool) -> Output:
+    """What -o asked (or the older --json); unasked, a table, or for the commands that print
+    events, JSON lines when stdout is no terminal (a pipe, a file, a log collector)."""
+    if as_json or output is Output.json:
+        return Output.json
+    if output is not None:
+        return output
+    return Output.json if lines_when_piped and not sys.stdout.isatty() else Output.table
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"node-health {__version__} (python {sys.version.split()[0]})")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _top(
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Health agent for GPU and Trainium nodes in Kubernetes."""
 
 
 def _setup(config: Path | None, **overrides: object):
@@ -75,15 +122,27 @@ def run(
         bool | None,
         typer.Option("--dry-run", help="Decide and report, but change nothing on the node."),
     ] = None,
+    output: OutputOption = None,
 ) -> None:
     """Run the agent (the daemon), or one pass of every check with --once."""
     import asyncio
+
+    if not once:
+        _keep_rich_out()
 
     from agent.daemon import run_daemon, run_once
 
     settings, ident, planned = _setup(config, dry_run=dry_run)
     if once:
-        raise typer.Exit(asyncio.run(run_once(settings, ident, planned)))
+        shown = _output(output, False, lines_when_piped=True)
+        if shown is Output.json:
+            raise typer.Exit(asyncio.run(run_once(settings, ident, planned)))
+        import io
+
+        events = io.StringIO()
+        code = asyncio.run(run_once(settings, ident, planned, events))
+        typer.echo(_events_table(events.getvalue(), wide=shown is Output.wide))
+        raise typer.Exit(code)
     from agent.config import ConfigError
     from agent.kube import connect
 
@@ -94,6 +153,33 @@ def run(
         typer.echo(f"node-health: configuration error: {exc}", err=True)
         raise typer.Exit(2) from None
     raise typer.Exit(code)
+
+
+def _keep_rich_out() -> None:
+    """The daemon prints no table: keep rich (which structlog imports where it finds it, for
+    console tracebacks: about 4 MiB) out of its resident memory (benchmarks/footprint.py).
+    Here, once typer (whose help and usage errors use rich) has parsed the command line;
+    structlog falls back to plain tracebacks, and the agent's logs are JSON anyway."""
+    sys.modules.setdefault("rich", None)  # type: ignore[assignment]
+
+
+def _events_table(lines: str, wide: bool) -> str:
+    """`run --once` for a person: one row per event, the worst first."""
+    from agent import terminal
+
+    order = {"fault": 0, "unknown": 1, "ok": 2}
+    events = sorted(
+        (json.loads(line) for line in lines.splitlines() if line.strip()),
+        key=lambda e: (order.get(str(e.get("status")), 3), str(e.get("check", ""))),
+    )
+    heads = ["CHECK", "STATUS", "COMPONENT", "REASON", "MESSAGE"] + (["EVIDENCE"] if wide else [])
+    rows = []
+    for e in events:
+        row = [str(e.get(k) or "-") for k in ("check", "status", "component", "reason", "msg")]
+        if wide:
+            row.append(json.dumps(e.get("evidence") or {}, separators=(",", ":")))
+        rows.append(row)
+    return terminal.table(heads, rows) if rows else "no events"
 
 
 @app.command(
@@ -134,9 +220,8 @@ def deep_check(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Run and judge, but change no node label.")
     ] = False,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="JSON lines, also on a terminal.")
-    ] = False,
+    as_json: JsonOption = False,
+    output: OutputOption = None,
     force: Annotated[
         bool, typer.Option("--force", help="Run even while processes use the accelerators.")
     ] = False,
@@ -157,8 +242,9 @@ def deep_check(
 ) -> None:
     """Run the deep health check on this node, or with --connectivity across nodes of the
     cluster: exit 0 passed, 1 failed, 2 could not judge."""
+    lines = _output(output, as_json, lines_when_piped=True) is Output.json
     if connectivity:
-        _connectivity(config, nodes, kubeconfig, dry_run, as_json or not sys.stdout.isatty())
+        _connectivity(config, nodes, kubeconfig, dry_run, lines)
     import asyncio
 
     from agent import deepcheck, deeprecord
@@ -177,7 +263,6 @@ def deep_check(
     opts = deepcheck.Options(
         suite=suite.value, level=level, instance_type=ident.instance_type, gpus=gpus
     )
-    lines = as_json or not sys.stdout.isatty()
     if not force and (busy := asyncio.run(deepcheck.accelerators_in_use())):
         typer.echo(f"node-health: not running the deep check: {busy} (--force to run)", err=True)
         raise typer.Exit(2)
@@ -224,9 +309,10 @@ def deep_check(
     if lines:
         typer.echo(json.dumps(event, separators=(",", ":")))
     else:
-        typer.echo(f"\n{'TEST':<16}{'RESULT':<9}{'TIME':>8}  MESSAGE")
-        for r in results:
-            typer.echo(f"{r.name:<16}{r.outcome:<9}{r.seconds:>7.1f}s  {r.message}")
+        from agent import terminal
+
+        rows = [[r.name, r.outcome, f"{r.seconds:.1f}s", r.message] for r in results]
+        typer.echo("\n" + terminal.table(["TEST", "RESULT", "TIME", "MESSAGE"], rows))
         typer.echo(f"\ndeep-health-check-status: {status} ({event['msg']})")
         typer.echo(f"results: {path}")
     raise typer.Exit(code)
@@ -275,7 +361,8 @@ def status(
         typer.Option(help="A kubeconfig (default: the settings', $KUBECONFIG, ~/.kube/config)."),
     ] = None,
     selector: Annotated[str, typer.Option(help="Only nodes with these labels.")] = "",
-    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table.")] = False,
+    as_json: JsonOption = False,
+    output: OutputOption = None,
 ) -> None:
     """The cluster's nodes: health status, deep-check status, instance type, last reason; each
     node's performance against its peers, and the network nodes suspected."""
@@ -297,11 +384,12 @@ def status(
     table = rows(nodes, settings.node_keys)
     perf = performance(nodes, settings.node_keys, settings.controller)
     held = suspected(nodes, settings.node_keys, settings.controller, time.time())
-    if as_json:
+    shown = _output(output, as_json, lines_when_piped=False)
+    if shown is Output.json:
         doc = {"nodes": table, "counts": counts(table), "performance": perf, "suspected": held}
         typer.echo(json.dumps(doc, indent=2))
     else:
-        typer.echo(render(table))
+        typer.echo(render(table, wide=shown is Output.wide))
         if fleet := render_fleet(perf, held):
             typer.echo(f"\n{fleet}")
 
@@ -341,6 +429,15 @@ class Format(enum.StrEnum):
     json = "json"
 
 
+class Color(enum.StrEnum):
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
+_FORMAT_OF = {Output.table: Format.short, Output.wide: Format.detailed, Output.json: Format.json}
+
+
 @logs_app.command("tail")
 def logs_tail(
     config: ConfigOption = None,
@@ -354,7 +451,13 @@ def logs_tail(
     deep_health: Annotated[
         bool, typer.Option("--deep-health", help="The deep health check results instead.")
     ] = False,
-    since: Annotated[str, typer.Option(help="From 10m, 1h, 2d ago, or a UTC time.")] = "10m",
+    since: Annotated[
+        str,
+        typer.Option(
+            help="From 5m, 1.5h, 2d, 1w ago, epoch seconds, or an ISO 8601 time "
+            "(an offset, or UTC).",
+        ),
+    ] = "10m",
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Keep printing new events.")
     ] = False,
@@ -362,15 +465,55 @@ def logs_tail(
         str | None, typer.Option("--filter", help="A CloudWatch Logs filter pattern.")
     ] = None,
     fmt: Annotated[
-        Format, typer.Option("--format", help="short, detailed or json.")
-    ] = Format.short,
+        Format | None,
+        typer.Option("--format", help="short (the default), detailed or json.", show_default=False),
+    ] = None,
+    output: Annotated[
+        Output | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="As --format: table is short, wide detailed, json json.",
+            show_default=False,
+        ),
+    ] = None,
+    stream_names: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--log-stream-names",
+            help="Only these streams (repeat the option), instead of the agent's.",
+            show_default=False,
+        ),
+    ] = None,
+    stream_prefix: Annotated[
+        str | None,
+        typer.Option(
+            "--log-stream-name-prefix",
+            help="Only streams with this prefix, instead of the agent's.",
+            show_default=False,
+        ),
+    ] = None,
+    color: Annotated[
+        Color, typer.Option("--color", help="Levels in colour: auto (a terminal, no NO_COLOR).")
+    ] = Color.auto,
     interval: Annotated[float, typer.Option(help="Seconds between polls with --follow.")] = 5.0,
     region: Annotated[str | None, typer.Option(help="AWS region (default: boto3's).")] = None,
 ) -> None:
     """Print the agent's events from CloudWatch Logs, like `aws logs tail`."""
     from agent import logs_tail as lt
+    from agent import terminal
     from agent.sinks.cloudwatch import log_group as hyperpod_log_group
 
+    if fmt is not None and output is not None and _FORMAT_OF[output] is not fmt:
+        typer.echo("node-health: --format and --output disagree: give one", err=True)
+        raise typer.Exit(2)
+    if stream_names and stream_prefix is not None:
+        typer.echo(
+            "node-health: --log-stream-names and --log-stream-name-prefix exclude each other",
+            err=True,
+        )
+        raise typer.Exit(2)
+    fmt = fmt or (_FORMAT_OF[output] if output else Format.short)
     settings, _, _ = _setup(config)
     cluster, cluster_id = cluster or settings.cluster_name, cluster_id or settings.cluster_id
     given = log_group or settings.cloudwatch.log_group
@@ -396,9 +539,19 @@ def logs_tail(
             err=True,
         )
         raise typer.Exit(2) from None
-    q = lt.Query(group, deep_health, instance_id, node, filter_pattern)
+    q = lt.Query(
+        group,
+        deep_health,
+        instance_id,
+        node,
+        filter_pattern,
+        tuple(stream_names or ()),
+        stream_prefix,
+    )
     try:
-        lt.tail(client, q, start, follow, interval, lt.printer(fmt.value))
+        lt.tail(
+            client, q, start, follow, interval, lt.printer(fmt.value, terminal.color(color.value))
+        )
     except KeyboardInterrupt:
         raise typer.Exit(0) from None
     except (ClientError, BotoCoreError) as exc:
@@ -409,7 +562,8 @@ def logs_tail(
 @checks_app.command("list")
 def checks_list(
     config: ConfigOption = None,
-    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table.")] = False,
+    as_json: JsonOption = False,
+    output: OutputOption = None,
 ) -> None:
     """Each check: enabled or not, how often it runs, and what it needs that is missing."""
     _, _, planned = _setup(config)
@@ -435,19 +589,42 @@ def checks_list(
                 "description": pc.description,
             }
         )
-    if as_json:
+    shown = _output(output, as_json, lines_when_piped=False)
+    if shown is Output.json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    width = max((len(r["check"]) for r in rows), default=5) + 2
-    typer.echo(f"{'CHECK':<{width}}{'RUNS':<14}{'TIMEOUT':<9}STATE")
-    for r in rows:
-        typer.echo(f"{r['check']:<{width}}{r['runs']:<14}{r['timeout_s']:<9g}{r['state']}")
+    from agent import terminal
+
+    wide = shown is Output.wide
+    heads = ["CHECK", "RUNS", "TIMEOUT", "STATE"] + (["DESCRIPTION"] if wide else [])
+    cells = [
+        [r["check"], r["runs"], f"{r['timeout_s']:g}", r["state"]]
+        + ([r["description"] or "-"] if wide else [])
+        for r in rows
+    ]
+    typer.echo(terminal.table(heads, cells))
 
 
 @app.command()
-def version() -> None:
+def version(
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="Accepted as by every command; the version does not depend on it.",
+            dir_okay=False,
+            show_default=False,
+        ),
+    ] = None,
+    output: OutputOption = None,
+) -> None:
     """Print the agent's version."""
-    typer.echo(f"node-health {__version__} (python {sys.version.split()[0]})")
+    python = sys.version.split()[0]
+    if output is Output.json:
+        typer.echo(json.dumps({"version": __version__, "python": python}))
+    else:
+        typer.echo(f"node-health {__version__} (python {python})")
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ import signal
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
@@ -628,8 +628,14 @@ async def run_daemon(
     return 0
 
 
-async def run_once(settings: Settings, identity: Identity, checks: list[PlannedCheck]) -> int:
-    """Every enabled check once; every finding as an event on stdout; nothing else changes.
+async def run_once(
+    settings: Settings,
+    identity: Identity,
+    checks: list[PlannedCheck],
+    stream: TextIO | None = None,
+) -> int:
+    """Every enabled check once; every finding as an event on stdout (or `stream`, which the
+    command line renders as a table); nothing else changes.
 
     Exit 0 healthy, 1 a fault that asks for an action, 2 no fault but a check could not decide.
     """
@@ -638,7 +644,7 @@ async def run_once(settings: Settings, identity: Identity, checks: list[PlannedC
     runner = Runner(checks, handle=_ignore, metrics=Metrics())
     findings = await runner.run_round()
     builder = EventBuilder(identity, dry_run=settings.dry_run)
-    async with StdoutSink() as out:
+    async with StdoutSink(stream) as out:
         for change in policy.observe(findings, report_all=True):
             await out.emit(builder.render(change))
     if policy.verdict is not Verdict.SCHEDULABLE or any(

@@ -43,6 +43,21 @@ def rfc3339(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
+def parse_time(text: object) -> float:
+    """An ISO 8601 / RFC 3339 time (what `rfc3339` writes, Kubernetes' timestamps, a user's
+    `--since`) in seconds since the epoch. An offset (`Z`, `+02:00`) is honoured; a time without
+    one is UTC, as every time the agent writes. A ValueError for anything else."""
+    from datetime import UTC, datetime
+
+    if not isinstance(text, str):
+        raise ValueError(f"{text!r} is not a time")
+    try:
+        stamp = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not an ISO 8601 time") from None
+    return (stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)).timestamp()
+
+
 def dumps(event: Event) -> str:
     return json.dumps(event, separators=(",", ":"), ensure_ascii=False, default=str)
 

@@ -8,7 +8,6 @@ order), and event ids already printed are skipped: no duplicates, no gaps.
 
 from __future__ import annotations
 
-import calendar
 import json
 import os
 import re
@@ -18,12 +17,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from agent.events import parse_time
+from checks.api import has_unit, parse_duration
+
 DETECTION = "SagemakerHealthMonitoringAgent/"
 DEEP = "DeepHealthCheckResults/"
 LOOKBACK_MS = 120_000
 COLORS = {"error": "\x1b[31m", "warn": "\x1b[33m", "info": "\x1b[32m", "debug": "\x1b[2m"}
-_AGO = re.compile(r"^(\d+)\s*([smhdw])$")
-_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_EPOCH = re.compile(r"^\d+(?:\.\d+)?$")
 
 
 def region(*given: str | None) -> str | None:
@@ -34,17 +35,22 @@ def region(*given: str | None) -> str | None:
 
 
 def since_ms(value: str, now: float | None = None) -> int:
-    """`10m`, `1h`, `2d` ago, or an RFC 3339 / ISO 8601 UTC time, in ms since the epoch."""
+    """What `aws logs tail --since` takes, in ms since the epoch: a duration ago (5m, 2d, 1w, and
+    1.5h: the agent's one duration grammar, of which aws's `<n><s|m|h|d|w>` is part), epoch
+    seconds (a bare number, as botocore reads it), or an ISO 8601 time (an offset, or UTC)."""
     now = time.time() if now is None else now
     v = value.strip()
-    if m := _AGO.match(v):
-        return int((now - int(m.group(1)) * _UNIT[m.group(2)]) * 1000)
-    for fmt in ("%Y-%m-%dT%H:%M:%SZ", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d"):
-        try:
-            return calendar.timegm(time.strptime(v, fmt)) * 1000
-        except ValueError:
-            continue
-    raise ValueError(f"--since: {value!r} is neither a duration (10m, 1h, 2d) nor a UTC time")
+    if has_unit(v):
+        return int((now - parse_duration(v)) * 1000)
+    if _EPOCH.match(v):
+        return int(float(v) * 1000)
+    try:
+        return int(parse_time(v) * 1000)
+    except ValueError:
+        raise ValueError(
+            f"--since: {value!r} is neither a duration (5m, 1.5h, 2d, 1w), epoch seconds "
+            "nor an ISO 8601 time (2026-11-23T10:00:00Z, 2026-11-23T12:00:00+02:00)"
+        ) from None
 
 
 @dataclass
@@ -54,13 +60,20 @@ class Query:
     instance_id: str | None = None
     node: str | None = None
     pattern: str | None = None
+    streams: tuple[str, ...] = ()  # --log-stream-names: these streams instead of the agent's
+    stream_prefix: str | None = None  # --log-stream-name-prefix: instead of the agent's
 
     def prefix(self) -> str:
+        if self.stream_prefix is not None:
+            return self.stream_prefix
         return DEEP if self.deep else DETECTION
 
     def wanted(self, event: dict[str, Any]) -> bool:
         stream = event.get("logStreamName", "")
-        if not stream.startswith(self.prefix()):
+        if self.streams:
+            if stream not in self.streams:
+                return False
+        elif not stream.startswith(self.prefix()):
             return False
         if self.instance_id and not stream.endswith(f"/{self.instance_id}") and not self.deep:
             return False
@@ -76,9 +89,12 @@ def fetch(client: Any, q: Query, start: int) -> Iterator[dict[str, Any]]:
     kw: dict[str, Any] = {
         "logGroupName": q.group,
         "startTime": start,
-        "logStreamNamePrefix": q.prefix(),
         "interleaved": True,
     }
+    if q.streams:
+        kw["logStreamNames"] = list(q.streams)
+    else:
+        kw["logStreamNamePrefix"] = q.prefix()
     if q.pattern:
         kw["filterPattern"] = q.pattern
     while True:
@@ -105,8 +121,18 @@ def tail(
     # unique within its stream (moto numbers them per query).
     seen: dict[tuple[str, str], int] = {}
     newest = start
+    waiting = False
     while True:
-        batch = sorted(fetch(client, q, start), key=lambda e: (e["timestamp"], e["eventId"]))
+        try:
+            batch = sorted(fetch(client, q, start), key=lambda e: (e["timestamp"], e["eventId"]))
+        except Exception as exc:  # botocore's ClientError; only a missing group is waited on
+            if not (follow and _missing_group(exc)):
+                raise
+            if not waiting:  # as `aws logs tail --follow`: the agent may not have shipped yet
+                print(f"node-health: waiting for log group {q.group}", file=sys.stderr, flush=True)
+                waiting = True
+            sleep(interval)
+            continue
         for event in batch:
             key = (event.get("logStreamName", ""), event["eventId"])
             if key in seen:
@@ -119,6 +145,11 @@ def tail(
         start = max(start, newest - LOOKBACK_MS)
         seen = {k: ts for k, ts in seen.items() if ts >= start}
         sleep(interval)
+
+
+def _missing_group(exc: Exception) -> bool:
+    error = getattr(exc, "response", None) or {}
+    return error.get("Error", {}).get("Code") == "ResourceNotFoundException"
 
 
 def render(event: dict[str, Any], fmt: str, color: bool) -> str:

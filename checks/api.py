@@ -18,8 +18,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 if TYPE_CHECKING:  # pydantic stays out of what `node-health scan` imports
     from pydantic import BaseModel
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+# The one duration grammar of settings, rules and the command line: a number, a decimal
+# fraction allowed, and one unit (aws logs tail's s, m, h, d, w, and ms); no unit: seconds.
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
 
 
 def parse_duration(value: Any) -> Any:
@@ -29,11 +31,19 @@ def parse_duration(value: Any) -> Any:
     return value
 
 
+def has_unit(value: str) -> bool:
+    """Whether a duration names its unit: `--since 600` is a time (epoch seconds), `10m` ago."""
+    m = _DURATION.match(value)
+    return bool(m and m.group(2))
+
+
 def seconds(value: Any, what: str) -> float:
-    """A positive duration ('10m', '30s', 5) in seconds, or a ValueError naming `what`."""
+    """A positive duration ('10m', '1.5h', '2w', 5) in seconds, or a ValueError naming `what`."""
     parsed = parse_duration(value)
     if isinstance(parsed, bool) or not isinstance(parsed, int | float) or parsed <= 0:
-        raise ValueError(f"{what}: {value!r} is not a duration (like 30s, 10m, 1h, or seconds)")
+        raise ValueError(
+            f"{what}: {value!r} is not a duration (like 30s, 10m, 1.5h, 2d, 1w, or seconds)"
+        )
     return float(parsed)
 
 

@@ -9,4 +9,4 @@ from pydantic import BeforeValidator, Field
 from checks.api import parse_duration
 
 Duration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
-"""Seconds, written as 30s, 10m, 1h, 2d or a number."""
+"""Seconds, written as 30s, 10m, 1.5h, 2d, 1w (one unit: ms s m h d w) or a number."""

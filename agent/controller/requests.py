@@ -22,7 +22,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import structlog
@@ -34,7 +33,7 @@ from agent.controller.connectivity import (
 )
 from agent.controller.deepjob import DeepJobs
 from agent.controller.view import connectivity_verdict, uses_accelerators
-from agent.events import Event, rfc3339
+from agent.events import Event, parse_time, rfc3339
 from agent.kube.client import MERGE, KubeClient, KubeError
 from agent.kube.plan import PENDING
 from agent.models import ControllerSettings, DeepCheckSettings, NodeKeys
@@ -58,7 +57,7 @@ class Group:
 def _created(node: dict[str, Any]) -> float | None:
     stamp = (node.get("metadata") or {}).get("creationTimestamp")
     try:
-        return datetime.fromisoformat(str(stamp)).timestamp()
+        return parse_time(stamp)
     except ValueError:
         return None
 

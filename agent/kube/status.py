@@ -44,7 +44,7 @@ def _last_reason(details: str | None) -> str | None:
     try:
         faults = json.loads(details or "[]")
         last = max(faults, key=lambda f: f.get("timestamp", ""))
-        return f"{last['reason']}: {last['message']}"[:120]
+        return f"{last['reason']}: {last['message']}"
     except (ValueError, TypeError, KeyError, AttributeError):
         return None
 
@@ -85,47 +85,31 @@ def suspected(
     return [f"{s.describe()}; remediation held" for s in suspects(nodes, keys, cfg.topology, now)]
 
 
-def _columns(
-    table: list[dict[str, str]], cols: tuple[str, ...], heads: tuple[str, ...]
-) -> list[str]:
-    widths = [max([len(h)] + [len(r[c]) for r in table]) for c, h in zip(cols, heads, strict=True)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True)).rstrip()]
-    for r in table:
-        lines.append("  ".join(r[c].ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip())
-    return lines
-
-
 def render_fleet(perf: list[dict[str, str]], suspects_now: list[str]) -> str:
     """The performance table (per instance type) and the suspected network nodes; "" if none."""
+    from agent import terminal
+
     parts = []
     if perf:
         cols = ("instance_type", "node", "figure", "value", "median", "worse", "degraded")
-        heads = ("INSTANCE-TYPE", "NODE", "WORST-FIGURE", "VALUE", "MEDIAN", "WORSE", "DEGRADED")
-        parts.append("\n".join(_columns(perf, cols, heads)))
+        heads = ["INSTANCE-TYPE", "NODE", "WORST-FIGURE", "VALUE", "MEDIAN", "WORSE", "DEGRADED"]
+        parts.append(terminal.table(heads, [[r[c] for c in cols] for r in perf]))
     parts += suspects_now
     return "\n\n".join(parts)
 
 
-def render(table: list[dict[str, str]]) -> str:
-    cols = (
-        "node",
-        "health",
-        "deep_check",
-        "remediation",
-        "connectivity",
-        "instance_type",
-        "reason",
-    )
-    heads = (
-        "NODE",
-        "HEALTH",
-        "DEEP-CHECK",
-        "REMEDIATION",
-        "CONNECTIVITY",
-        "INSTANCE-TYPE",
-        "REASON",
-    )
-    lines = _columns(table, cols, heads)
+REASON_CHARS = 120  # of the last reason in the table; `wide` and JSON show all of it
+
+
+def render(table: list[dict[str, str]], wide: bool = False) -> str:
+    """The table a person reads (rich lays it out), and the counts per state under it."""
+    from agent import terminal
+
+    cols = ("node", "health", "deep_check", "remediation", "connectivity", "instance_type")
+    heads = ["NODE", "HEALTH", "DEEP-CHECK", "REMEDIATION", "CONNECTIVITY", "INSTANCE-TYPE"]
+    cells = [
+        [r[c] for c in cols] + [r["reason"] if wide else r["reason"][:REASON_CHARS]] for r in table
+    ]
     summary = ", ".join(f"{state}: {n}" for state, n in counts(table).items())
-    lines.append(f"\n{len(table)} nodes ({summary})" if table else "no nodes")
-    return "\n".join(lines)
+    shown = terminal.table([*heads, "REASON"], cells)
+    return f"{shown}\n\n{len(table)} nodes ({summary})" if table else f"{shown}\nno nodes"

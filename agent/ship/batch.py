@@ -12,13 +12,12 @@ JSON filter patterns find an event by its keys (`HealthMonitoringAgentDetectionE
 
 from __future__ import annotations
 
-import calendar
 import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.events import dumps
+from agent.events import dumps, parse_time
 
 MAX_BATCH_BYTES = 1_048_576
 EVENT_OVERHEAD = 26
@@ -152,11 +151,11 @@ def _biggest_box(event: dict) -> tuple[list[Any], Any] | None:
 
 
 def timestamp_ms(event: dict, fallback: float | None = None) -> int:
-    """The event's `ts` (RFC 3339, UTC) in ms; the fallback (now) when it has none."""
+    """The event's `ts` (RFC 3339) in ms; the fallback (now) when it has none."""
     ts = event.get("ts")
     if isinstance(ts, str):
         try:
-            return calendar.timegm(time.strptime(ts, "%Y-%m-%dT%H:%M:%SZ")) * 1000
+            return int(parse_time(ts) * 1000)
         except ValueError:
             pass
     return int((fallback if fallback is not None else time.time()) * 1000)

@@ -160,3 +160,114 @@ def test_no_region_at_all_is_one_line_and_exit_2(cli_env, tmp_path) -> None:
     assert out.stderr.splitlines() == [
         "node-health: no AWS region: give --region, set cloudwatch.region or AWS_REGION"
     ]
+
+
+def test_stream_names_and_a_stream_prefix_instead_of_the_agents_streams(cli_env, seeded):
+    names = tail(
+        cli_env, seeded, "--log-stream-names", B, "--log-stream-names", "some-other-stream"
+    )
+    assert sorted(line.split(None, 2)[2] for line in names) == ["not ours", "on b"]
+    prefixed = tail(cli_env, seeded, "--log-stream-name-prefix", "some-", "-o", "json")
+    assert [json.loads(x)["msg"] for x in prefixed] == ["not ours"]
+    both = node_health(
+        cli_env | aws_env(seeded),
+        *("logs", "tail", "--log-group", GROUP, "--log-stream-names", A),
+        *("--log-stream-name-prefix", "x"),
+    )
+    assert both.returncode == 2 and "exclude each other" in both.stderr
+
+
+def test_since_epoch_seconds_and_an_offset_as_aws_logs_tail_takes_them(cli_env, seeded):
+    hours_ago = time.time() - 4 * 3600
+    assert len(tail(cli_env, seeded, "--since", str(int(hours_ago)))) == 4
+    local = time.strftime("%Y-%m-%dT%H:%M:%S+02:00", time.gmtime(hours_ago + 7200))
+    assert len(tail(cli_env, seeded, "--since", local)) == 4
+    assert len(tail(cli_env, seeded, "--since", "1.5h")) == 3
+
+
+def test_output_is_the_format_by_another_name(cli_env, seeded):
+    assert tail(cli_env, seeded, "-o", "json") == tail(cli_env, seeded, "--format", "json")
+    assert tail(cli_env, seeded, "-o", "wide") == tail(cli_env, seeded, "--format", "detailed")
+    clash = node_health(
+        cli_env | aws_env(seeded),
+        "logs",
+        "tail",
+        "--log-group",
+        GROUP,
+        "-o",
+        "json",
+        "--format",
+        "short",
+    )
+    assert clash.returncode == 2
+
+
+def test_color_on_and_off_and_no_color_in_auto(cli_env, seeded):
+    assert any("\x1b[31merror" in line for line in tail(cli_env, seeded, "--color", "on"))
+    env = cli_env | {"NO_COLOR": "1"}
+    assert any("\x1b[31m" in line for line in tail(env, seeded, "--color", "on"))  # a flag wins
+    from agent.terminal import color
+
+    class Terminal:
+        def isatty(self) -> bool:
+            return True
+
+    assert color("auto", Terminal())  # type: ignore[arg-type]
+    assert not color("off", Terminal())  # type: ignore[arg-type]
+
+
+def test_no_color_on_a_terminal_in_auto(cli_env, seeded, monkeypatch):
+    from agent.terminal import color
+
+    class Terminal:
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert not color("auto", Terminal())  # type: ignore[arg-type]
+    monkeypatch.setenv("NO_COLOR", "")  # set but empty: no effect (no-color.org)
+    assert color("auto", Terminal())  # type: ignore[arg-type]
+
+
+def test_follow_waits_for_a_group_that_does_not_exist_yet(cli_env, moto_url):
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "agent",
+            "logs",
+            "tail",
+            "--log-group",
+            GROUP,
+            "--follow",
+            *("--interval", "0.2", "--format", "json"),
+        ],
+        env=cli_env | aws_env(moto_url),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: list[str] = []
+    said: list[str] = []
+    try:
+        import threading
+
+        for stream, into in ((proc.stdout, lines), (proc.stderr, said)):
+            threading.Thread(
+                target=lambda s=stream, i=into: i.extend(iter(s.readline, "")), daemon=True
+            ).start()
+        wait_for(lambda: said, 20)  # it found no group, and says it waits
+        time.sleep(0.6)  # several more polls of a group that is not there
+        assert proc.poll() is None
+        put(moto_url, A, ev("first"))
+        wait_for(lambda: len(lines) == 1, 20)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert json.loads(lines[0])["msg"] == "first"
+    assert said == [f"node-health: waiting for log group {GROUP}\n"]
+
+
+def test_without_follow_a_missing_group_is_an_error(cli_env, moto_url):
+    out = node_health(cli_env | aws_env(moto_url), "logs", "tail", "--log-group", GROUP)
+    assert out.returncode == 2 and "ResourceNotFoundException" in out.stderr

@@ -118,3 +118,24 @@ def test_status_shows_each_node_against_its_peers_and_the_network_node_suspected
     doc = json.loads(node_health(cli_env, "status", "--kubeconfig", str(kcfg), "--json").stdout)
     assert [r["node"] for r in doc["performance"] if r["degraded"] == "yes"] == ["p5-4"]
     assert len(doc["suspected"]) == 1
+
+
+def test_status_wide_shows_the_whole_last_reason_and_the_table_its_start(cli_env, api, kcfg):
+    seed(api)
+    long = "Xid 79 " + "x" * 200
+    details = [
+        {"timestamp": "2026-11-23T11:00:00Z", "reason": "XidHardwareFailure", "message": long}
+    ]
+    api.edit(
+        "node-b",
+        lambda n: n["metadata"]["annotations"].update(
+            {"sagemaker.amazonaws.com/fault-details": json.dumps(details)}
+        ),
+    )
+    whole = f"XidHardwareFailure: {long}"
+    table = node_health(cli_env, "status", "--kubeconfig", str(kcfg)).stdout.splitlines()
+    assert table[2].endswith(whole[:120]) and whole not in table[2]
+    wide = node_health(cli_env, "status", "--kubeconfig", str(kcfg), "-o", "wide").stdout
+    assert whole in wide.splitlines()[2]  # piped: one line per node, never wrapped
+    doc = json.loads(node_health(cli_env, "status", "--kubeconfig", str(kcfg), "-o", "json").stdout)
+    assert doc["nodes"][1]["reason"] == whole
