@@ -17,6 +17,7 @@ import fcntl
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,16 +84,22 @@ class Record:
     tests: list[dict[str, Any]]
 
 
-def latest_record(directory: Path) -> Record | None:
-    """The newest run that is still going or ended Passed or Failed. A run that could not
-    judge says nothing; nor does a dry run, or an InProgress one whose process is gone (its
-    lock let go: killed, OOM, the node rebooted)."""
+def _newest_first(directory: Path) -> Iterator[tuple[Path, list[Any], dict[str, Any]]]:
+    """Each readable record, newest first: its file, its lines and its last line (a dict, or
+    {} when it has none)."""
     for path in sorted(directory.glob("*.jsonl"), reverse=True):
         try:
             lines = [json.loads(line) for line in path.read_text().splitlines() if line]
         except (OSError, ValueError):
             continue
-        last = lines[-1] if lines and isinstance(lines[-1], dict) else {}
+        yield path, lines, lines[-1] if lines and isinstance(lines[-1], dict) else {}
+
+
+def latest_record(directory: Path) -> Record | None:
+    """The newest run that is still going or ended Passed or Failed. A run that could not
+    judge says nothing; nor does a dry run, or an InProgress one whose process is gone (its
+    lock let go: killed, OOM, the node rebooted)."""
+    for path, lines, last in _newest_first(directory):
         status = last.get("deep_health_check_status")
         if last.get("dry_run"):  # a dry run changes nothing, now or later
             continue
@@ -107,12 +114,7 @@ def latest_record(directory: Path) -> Record | None:
 def latest_figures(directory: Path) -> dict[str, Any] | None:
     """The newest finished run's performance figures (tests' `figures`, merged), as the node
     annotation the controller compares across the fleet: {run, at, figures}."""
-    for path in sorted(directory.glob("*.jsonl"), reverse=True):
-        try:
-            lines = [json.loads(line) for line in path.read_text().splitlines() if line]
-        except (OSError, ValueError):
-            continue
-        last = lines[-1] if lines and isinstance(lines[-1], dict) else {}
+    for path, lines, last in _newest_first(directory):
         if last.get("dry_run") or last.get("deep_health_check_status") not in ("Passed", "Failed"):
             continue
         figures = {
