@@ -133,12 +133,7 @@ def container_script(
     config.mkdir()
     for name, text in cm["data"].items():
         (config / name).write_text(text)
-    cmd = [
-        f"mount -t tmpfs -o mode=755 container-root {q(root)}",
-        # the image: this machine's /usr and interpreter, and the installed agent
-        *_image(root),
-        f"mount -t proc proc {q(root / 'proc')}",
-    ]
+    cmd = [f"mount -t tmpfs -o mode=755 container-root {q(root)}"]
     for m in sorted(container["volumeMounts"], key=lambda m: m["mountPath"].count("/")):
         vol = volumes[m["name"]]
         target = root / m["mountPath"].lstrip("/")
@@ -160,6 +155,9 @@ def container_script(
         cmd.append(f"mount --bind {q(source)} {q(target)}")
         if m.get("readOnly"):
             cmd.append(f"mount -o remount,bind,ro {q(target)}")
+    # The image after the volumes: a checkout under /tmp (CI's may be) would otherwise be
+    # hidden by the pod's /tmp emptyDir. This machine's /usr and interpreter, the installed agent.
+    cmd += [*_image(root), f"mount -t proc proc {q(root / 'proc')}"]
     if csc.get("readOnlyRootFilesystem"):
         cmd.append(f"mount -o remount,bind,ro {q(root)}")
     drop = csc.get("capabilities", {}).get("drop", [])
