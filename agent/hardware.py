@@ -25,6 +25,7 @@ from typing import Any
 import structlog
 
 from agent.policy import HistoryRules, write_atomic
+from checks.api import move_aside
 
 log = structlog.get_logger("agent.hardware")
 
@@ -213,9 +214,7 @@ class History:
         except FileNotFoundError:
             return
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            aside = path.with_suffix(".corrupt")
-            with contextlib.suppress(OSError):
-                path.replace(aside)
+            aside = move_aside(path)
             log.warning("hardware_history_unreadable", moved_to=str(aside), error=str(exc))
             return
         self.devices = dict(sorted(devices.items(), key=lambda kv: kv[1]["seen"]))
