@@ -220,8 +220,19 @@ def _image(root: Path) -> list[str]:
 
 def _ro_bind(source: Path, root: Path) -> list[str]:
     target = root / str(source).lstrip("/")
+    if source.is_symlink():
+        return [f"mkdir -p {q(target.parent)}", f"ln -s {q(os.readlink(source))} {q(target)}"]
+    if source.is_dir() and source.stat().st_mode & 0o005 != 0o005:
+        # A directory others may not enter (a checkout in mktemp's 0700 one): its entries one
+        # by one, under a directory of the container's own, as an image would have them.
+        entries = sorted(source.iterdir())
+        return [f"mkdir -p {q(target)}", *(c for e in entries for c in _ro_bind(e, root))]
+    if source.is_dir():
+        make = f"mkdir -p {q(target)}"
+    else:
+        make = f"mkdir -p {q(target.parent)}; touch {q(target)}"
     return [
-        f"mkdir -p {q(target)}",
+        make,
         f"mount --rbind {q(source)} {q(target)}",
         f"mount -o remount,bind,ro {q(target)}",
     ]
