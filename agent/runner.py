@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 
 import structlog
 
+from agent.backoff import Backoff
 from agent.metrics import Metrics
 from agent.plan import PlannedCheck
 from checks.api import Action, Finding, PollingCheck, Status, StreamingCheck
@@ -153,24 +154,23 @@ class Runner:
 
     async def _stream_loop(self, pc: PlannedCheck) -> None:
         assert isinstance(pc.check, StreamingCheck)
-        delay, ceiling = self.stream_backoff
+        backoff = Backoff(*self.stream_backoff)
         said = ""
         while True:
             try:
                 async for batch in self._batches(pc.check):
                     await self._deliver(self._stamp(pc.name, batch))
-                    delay = self.stream_backoff[0]
+                    backoff.reset()
                 reason, message = "StreamEnded", f"{pc.name}: its source ended"
             except Exception as exc:
                 reason, message = "CheckException", f"{pc.name}: {type(exc).__name__}: {exc}"
                 # Said once; the same failure on every retry is not news.
                 (log.debug if message == said else log.warning)(
-                    "stream_failed", check=pc.name, error=repr(exc), retry_in=delay
+                    "stream_failed", check=pc.name, error=repr(exc), retry_in=backoff.step
                 )
                 said = message
             await self._deliver(self._stamp(pc.name, [unknown(pc.name, reason, message)]))
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, ceiling)
+            await asyncio.sleep(backoff.next())
 
     @staticmethod
     async def _batches(check: StreamingCheck) -> AsyncIterator[list[Finding]]:

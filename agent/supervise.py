@@ -11,13 +11,14 @@ again without finishing anything is reported, not hidden by its restarts.
 from __future__ import annotations
 
 import asyncio
-import random
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import structlog
+
+from agent.backoff import Backoff
 
 log = structlog.get_logger("agent.supervise")
 
@@ -38,6 +39,7 @@ class Heart:
     error: str | None = None
     ended: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _backoff: Backoff = field(default_factory=lambda: Backoff(BACKOFF_MIN, BACKOFF_MAX), repr=False)
 
     def busy(self) -> None:
         with self._lock:
@@ -47,6 +49,7 @@ class Heart:
     def done(self) -> None:
         with self._lock:
             self.busy_since, self.crashes, self.error = None, 0, None
+            self._backoff.reset()
 
     def problem(self) -> str | None:
         """Why this loop is not healthy now; None when it is."""
@@ -65,8 +68,7 @@ class Heart:
             self.crashes += 1
             self.error = repr(exc)
             self.busy_since = None
-            n = self.crashes
-        return min(BACKOFF_MAX, BACKOFF_MIN * 2 ** (n - 1)) * random.uniform(0.8, 1.2)
+            return self._backoff.next()
 
 
 class Supervisor:

@@ -20,6 +20,7 @@ from typing import Self
 
 import structlog
 
+from agent.backoff import Backoff
 from agent.events import Event, rfc3339
 from agent.kube.client import KubeClient, KubeError
 from agent.supervise import Heart, Supervisor
@@ -28,6 +29,7 @@ from agent.threads import in_daemon_thread
 log = structlog.get_logger("agent.kube.events")
 
 QUEUE = 256
+BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
 REPEAT_WINDOW = 600.0
 CLOSE_WAIT = 5.0  # seconds a stop waits for the queue to be posted
 COMPONENT = "node-health-agent"
@@ -132,7 +134,7 @@ class KubeEventSink:
         await self._idle.wait()
 
     async def _post_loop(self, heart: Heart) -> None:
-        delay = 0.5
+        backoff = Backoff(BACKOFF_MIN, BACKOFF_MAX)
         while True:
             await self._ready.wait()
             while self._queue:
@@ -148,11 +150,10 @@ class KubeEventSink:
                         log.warning("node_event_refused", error=str(exc))
                         self._queue.popleft()
                         continue
-                    await asyncio.sleep(exc.retry_after or delay)
-                    delay = min(30.0, delay * 2)
+                    await asyncio.sleep(backoff.next(exc.retry_after))
                     continue
                 self._queue.popleft()
-                delay = 0.5
+                backoff.reset()
                 heart.done()
             self._ready.clear()
             self._idle.set()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -26,6 +25,7 @@ from typing import Any
 
 import structlog
 
+from agent.backoff import Backoff
 from agent.events import rfc3339
 from agent.kube.client import MERGE, STRATEGIC, KubeClient, KubeError, is_node
 from agent.kube.plan import plan
@@ -185,7 +185,8 @@ class KubeNodeWriter:
                     log.info("node_write_recovered", node=self.name, part=part)
                 continue
             was = self.failing.get(part)
-            delay = self._backoff(exc, was.delay if was else 0.0)
+            backoff = was.backoff if was else Backoff(BACKOFF_MIN, BACKOFF_MAX)
+            delay = backoff.next(exc.retry_after)
             if was is None:
                 log.warning(
                     "node_write_failed",
@@ -194,17 +195,10 @@ class KubeNodeWriter:
                     error=str(exc),
                     status=exc.status,
                 )
-            self.failing[part] = Failing(was.since if was else now, str(exc), delay, now + delay)
+            self.failing[part] = Failing(was.since if was else now, str(exc), backoff, now + delay)
         if not failed and not self.connected:
             log.info("api_server_reachable", node=self.name)
         self.connected = not failed
-
-    @staticmethod
-    def _backoff(exc: KubeError, delay: float) -> float:
-        if exc.retry_after is not None:
-            return min(max(exc.retry_after, BACKOFF_MIN), 5 * BACKOFF_MAX)
-        step = min(BACKOFF_MAX, max(BACKOFF_MIN, delay * 2))
-        return step * random.uniform(0.8, 1.2)
 
     def _reconcile(
         self, want: NodeState, due: set[str]
@@ -291,13 +285,13 @@ class KubeNodeWriter:
         """This node's changes (in a thread): each one wakes a reconcile, so a label or taint
         someone else removed comes back, and a deep check asked for is seen. An answer that
         is not a Node is skipped; the supervisor restarts this after anything unforeseen."""
-        delay = 0.0
+        backoff = Backoff(BACKOFF_MIN, BACKOFF_MAX)
         while not self._stop.is_set():
             heart.busy()
             try:
                 node = self._seen(self.client.get_node(self.name))
                 loop.call_soon_threadsafe(self._wake.set)
-                delay = 0.0
+                backoff.reset()
                 rv = node["metadata"].get("resourceVersion", "")
                 for event in self.client.watch_node(self.name, rv, WATCH_SECONDS):
                     if self._stop.is_set():
@@ -313,9 +307,8 @@ class KubeNodeWriter:
                 heart.done()
                 if self._stop.is_set():
                     return
-                delay = min(BACKOFF_MAX, max(BACKOFF_MIN, delay * 2))
                 log.debug("node_watch_failed", error=str(exc))
-                self._stop.wait(delay * random.uniform(0.8, 1.2))
+                self._stop.wait(backoff.next(exc.retry_after))
             except RuntimeError:  # the loop closed under us: the agent is stopping
                 if self._stop.is_set() or loop.is_closed():
                     return
@@ -328,7 +321,7 @@ class Failing:
 
     since: float
     error: str
-    delay: float
+    backoff: Backoff
     at: float
 
 

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import time
 from pathlib import Path
 from typing import Any, Self
 
 import structlog
 
+from agent.backoff import Backoff
 from agent.events import Event
 from agent.identity import Identity
 from agent.metrics import Metrics
@@ -173,7 +173,7 @@ class CloudWatchSink:
     async def _ship(self, batch: Batch, heart: Heart) -> None:
         """Until CloudWatch took `batch` (or refused it for good). While it has not, the backlog
         metrics say so: the spool's depth and the age of its oldest unshipped event grow."""
-        delay = 0.0
+        backoff = Backoff(BACKOFF_MIN, BACKOFF_MAX, spread=(0.5, 1.0))
         oldest = min(e.timestamp for e in batch.events) / 1000
         while True:
             heart.busy()
@@ -200,8 +200,7 @@ class CloudWatchSink:
                 self.metrics.cw_retries.inc()
                 self.metrics.sink_errors.labels(self.name).inc()
                 heart.done()  # waiting out an outage is not being stuck
-                delay = min(BACKOFF_MAX, max(BACKOFF_MIN, delay * 2))
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                await asyncio.sleep(backoff.next())
         await asyncio.to_thread(self.reader.commit, batch.end)
         shipped = len(batch.events) - rejected
         self.metrics.cw_shipped.inc(shipped)

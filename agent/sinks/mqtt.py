@@ -16,7 +16,6 @@ import asyncio
 import collections
 import contextlib
 import json
-import random
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -24,6 +23,7 @@ from typing import Any, Self
 
 import structlog
 
+from agent.backoff import Backoff
 from agent.events import Event, dumps, rfc3339
 from agent.identity import Identity
 from agent.models import MqttSettings
@@ -124,7 +124,7 @@ class MqttSink:
                 ca_certs=s.ca_file, certfile=s.cert_file, keyfile=s.key_file
             )
         will = aiomqtt.Will(self.status_topic, self._online(False), qos=1, retain=True)
-        delay = BACKOFF_MIN
+        backoff = Backoff(BACKOFF_MIN, BACKOFF_MAX)
         while True:
             try:
                 async with aiomqtt.Client(
@@ -142,7 +142,8 @@ class MqttSink:
                         await client.subscribe(topic, qos=1)
                     if not self.connected:
                         log.info("mqtt_connected", broker=f"{s.host}:{s.port}")
-                    self.connected, delay = True, BACKOFF_MIN
+                    self.connected = True
+                    backoff.reset()
                     # The status goes first, and only once connected is set: a stop that
                     # comes after a subscriber saw "online" is then always followed by
                     # "offline" (a clean disconnect suppresses the will).
@@ -156,13 +157,14 @@ class MqttSink:
                             await self._offline(client)  # ours failed, not the connection
                         raise
             except* aiomqtt.MqttError as group:
-                if self.connected or delay == BACKOFF_MIN:
+                if backoff.failures == 0:  # said once a spell, not at every try
                     log.warning("mqtt_disconnected", error=str(group.exceptions[0]))
             except* Exception as group:  # a fault of ours: said, and a fresh session
-                log.error("mqtt_session_failed", error=repr(group.exceptions[0]), retry_in=delay)
+                log.error(
+                    "mqtt_session_failed", error=repr(group.exceptions[0]), retry_in=backoff.step
+                )
             self.connected = False
-            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-            delay = min(BACKOFF_MAX, delay * 2)
+            await asyncio.sleep(backoff.next())
 
     async def _session(self, client: Any) -> None:
         async with asyncio.TaskGroup() as tg:

@@ -33,3 +33,21 @@ def test_a_timed_out_post_is_one_event_not_three(api: FakeKubeAPI, kcfg: Path) -
     assert len(posts) >= 3 and len({p.body["metadata"]["name"] for p in posts}) == 1
     assert [e["message"] for e in api.events()] == ["GPU has fallen off the bus"]
     assert sink.posted == 1 and errors == ["event"] * (len(posts) - 1)  # the last: 409, done
+
+
+def test_a_throttled_post_waits_the_servers_retry_after(api: FakeKubeAPI, kcfg: Path) -> None:
+    api.fail("POST", EVENTS, 429, times=1, retry_after=1)
+
+    async def main() -> KubeEventSink:
+        client = KubeClient(str(kcfg), timeout=2.0)
+        async with KubeEventSink(client, "node-a") as sink:
+            await sink.emit({"level": "error", "msg": "throttled", "reason": "Xid"})
+            async with asyncio.timeout(20):
+                while sink.posted == 0:
+                    await asyncio.sleep(0.05)
+        return sink
+
+    asyncio.run(main())
+    first, second = api.requests("POST", EVENTS)[:2]
+    assert first.code == 429 and second.at - first.at >= 1.0
+    assert [e["message"] for e in api.events()] == ["throttled"]
