@@ -2,6 +2,8 @@
 
 IMDS is asked only when `imds` is `on`, or `auto` and the host's DMI data says EC2, so the agent
 sends nothing to 169.254.169.254 off AWS. Every failure there is silent: identity stays partial.
+Not botocore's IMDS fetchers: their public API gives only credentials and a region cut from the
+zone's name (wrong in Local Zones), they fall back to IMDSv1, and botocore costs ~16 MiB to load.
 """
 
 from __future__ import annotations
