@@ -5,9 +5,10 @@ input is split into sections: each tool output that a marker line begins (agent/
 and the kernel log around them, whose layout is recognised from its first lines (raw
 /dev/kmsg, `dmesg` with or without `-T` / `--time-format=iso`, syslog, `journalctl -k` short
 or json). Each section is judged on its own and the verdict is the worst of them: each finding
-becomes one event on stdout, a summary (what was recognised) goes to stderr, and the exit
-status says whether the node needs to come out (1), is fine (0), or could not be judged (2:
-input in no format we know, a test that did not run, an output cut off).
+becomes one event on stdout (JSON lines, or a table for a person), a summary (what was
+recognised) goes to stderr, and the exit status says whether the node needs to come out (1),
+is fine (0), or could not be judged (2: input in no format we know, a test that did not run,
+an output cut off).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import gzip
+import io
 import mmap
 import os
 import re
@@ -375,7 +377,15 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("NODE_HEALTH_INSTANCE_TYPE"),
         help="judge tool outputs with this instance type's counts and thresholds",
     )
+    ap.add_argument(
+        "-o",
+        "--output",
+        choices=("table", "json", "wide"),
+        help="table (on a terminal), json (JSON lines; piped), or wide: the table with the "
+        "evidence",
+    )
     args = ap.parse_args(argv)
+    shown = args.output or ("table" if sys.stdout.isatty() else "json")
     try:
         rules, policy = _rules(args.config)
     except ValueError as exc:  # ConfigError, RuleError
@@ -386,14 +396,17 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         sys.stderr.write(f"node-health: cannot read {args.path}: {exc.strerror or exc}\n")
         return 2
+    out = sys.stdout if shown == "json" else io.StringIO()
     with fh:
         identity = Identity(args.node, instance_type=args.instance_type)
         try:
-            result = scan(fh, rules, policy, identity, sys.stdout, instance_type=args.instance_type)
+            result = scan(fh, rules, policy, identity, out, instance_type=args.instance_type)
         except OSError as exc:  # the input failed under us (EIO, a file truncated while mapped)
             sys.stderr.write(f"node-health: cannot read {args.path}: {exc.strerror or exc}\n")
             return 2
     try:
+        if isinstance(out, io.StringIO) and not result.output_error:
+            sys.stdout.write(table(out.getvalue(), wide=shown == "wide") + "\n")
         sys.stdout.flush()
     except OSError as exc:
         result.output_error = result.output_error or exc.strerror or str(exc)
@@ -403,6 +416,32 @@ def main(argv: list[str] | None = None) -> int:
         quiet_stdout()
     summary(result)
     return exit_status(result)
+
+
+def table(lines: str, wide: bool) -> str:
+    """The events for a person, as `run --once` shows them: the worst first, and in the
+    input's order within each status; the action only where a fault asks for one."""
+    import json
+
+    from agent import terminal
+
+    order = {"fault": 0, "unknown": 1, "ok": 2}
+    events = sorted(
+        (json.loads(line) for line in lines.splitlines()),
+        key=lambda e: order.get(str(e.get("status")), 3),
+    )
+    heads = ["TIME", "STATUS", "COMPONENT", "REASON", "ACTION", "MESSAGE"]
+    rows = []
+    for e in events:
+        evidence = e.get("evidence") or {}
+        fault = e.get("status") == "fault"
+        row = [str(evidence.get("log_time") or "-")]
+        row += [str(e.get(k) or "-") for k in ("status", "component", "reason")]
+        row += [str(e.get("action") or "-") if fault else "-", str(e.get("message") or "-")]
+        if wide:
+            row.append(json.dumps(evidence, separators=(",", ":")))
+        rows.append(row)
+    return terminal.table(heads + (["EVIDENCE"] if wide else []), rows) if rows else "no events"
 
 
 def exit_status(result: ScanResult) -> int:

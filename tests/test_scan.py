@@ -312,3 +312,52 @@ def test_a_tool_output_across_two_pieces_of_a_stream_is_judged_whole(
     reasons = [e["reason"] for e in found]
     assert "DcgmDiagPassed" in reasons and "DcgmDiagCut" not in reasons
     assert "XidHardwareFailure" in reasons  # the GPU fallen off the bus
+
+
+def bundle_of_three(tmp_path: Path) -> Path:
+    """nvidia-smi -q and fi_info that pass, around a dmesg with a GPU fallen off the bus."""
+    bundle = tmp_path / "bundle.log"
+    bundle.write_bytes(
+        (FIXTURES / "nvidia-smi" / "q-a100-reset-status-cut.txt").read_bytes()
+        + b"\n"
+        + FALLEN.read_bytes()
+        + (FIXTURES / "efa" / "fi_info-p4de-4-devices.txt").read_bytes()
+    )
+    return bundle
+
+
+def test_output_is_a_table_on_a_terminal_and_json_lines_when_piped(cli_env, tmp_path) -> None:
+    from tests.test_cli_output import on_a_terminal
+
+    bundle = str(bundle_of_three(tmp_path))
+    it = ("--instance-type", "p4de.24xlarge")
+    code, shown = on_a_terminal(cli_env | {"NO_COLOR": "1"}, "scan", bundle, *it)
+    assert code == 1
+    lines = shown.splitlines()
+    assert lines[0].split() == ["TIME", "STATUS", "COMPONENT", "REASON", "ACTION", "MESSAGE"]
+    rows = [line.split() for line in lines[1:] if not line.startswith(" ")]  # not wrapped
+    assert [r[1] for r in rows] == ["fault", "fault", "ok", "ok"]  # the worst first
+    assert rows[0][3:5] == ["XidHardwareFailure", "replace"] and rows[2][4] == "-"
+    assert "\x1b[" not in shown
+    code, as_json = on_a_terminal(cli_env, "scan", bundle, *it, "-o", "json")
+    assert code == 1 and json.loads(as_json.splitlines()[0])["status"] == "fault"
+    piped = scan(cli_env, bundle, *it)
+    assert piped.returncode == 1 and {e["reason"] for e in events(piped)} >= {"GpuHealthy"}
+    forced = scan(cli_env, bundle, *it, "-o", "table")
+    assert forced.returncode == 1 and forced.stdout.decode().split()[:2] == ["TIME", "STATUS"]
+    assert "verdict:" in forced.stderr.decode()  # the summary stays on stderr
+    wide = scan(cli_env, bundle, *it, "--output", "wide").stdout.decode().splitlines()
+    assert wide[0].split()[-1] == "EVIDENCE" and any('"pci":"0000:b3:00"' in line for line in wide)
+    assert scan(cli_env, bundle, "-o", "yaml").returncode == 2
+
+
+def test_the_table_puts_the_worst_first_whatever_the_order_found(cli_env, tmp_path) -> None:
+    from agent.scan import table
+
+    out = scan(cli_env, str(bundle_of_three(tmp_path)), "--instance-type", "p4de.24xlarge")
+    found = out.stdout.decode().splitlines()
+    rows = table("\n".join(reversed(found)), wide=False).splitlines()[1:]
+    assert [r.split()[1] for r in rows] == sorted(
+        (json.loads(e)["status"] for e in found), key=["fault", "unknown", "ok"].index
+    )
+    assert table("", wide=False) == "no events"
