@@ -6,6 +6,8 @@
 - the EFA error counters (`ports/N/hw_counters`) are judged by their increase within a
   minute (checks.counters, the counter velocity the other error counters use too), never by
   being non-zero: they only ever grow, and a long-lived node has some of each.
+fi_info's count is evidence only where this process can open the devices: in a pod given
+none (no /dev/infiniband/uverbs* of the devices /sys shows) it is unknown, never a reboot.
 A device missing or a port down asks for a reboot; a burst of errors is a degradation
 (NetworkDegraded), which leaves the node Schedulable unless the policy says otherwise.
 """
@@ -68,6 +70,8 @@ class EfaCheck(PollingCheck):
         self._velocity: Velocity | None = None
         self._is_efa: dict[str, bool] = {}
         self.clock = time.monotonic  # since boot: the counters' own lifetime
+        # This process's RDMA device nodes, which fi_info opens: never under the host root.
+        self.verbs_dir = Path("/dev/infiniband")
 
     def _fi_info(self) -> str | None:
         opts: EfaOptions = self.options  # type: ignore[assignment]
@@ -91,7 +95,38 @@ class EfaCheck(PollingCheck):
     async def _devices(self, exe: str, opts: EfaOptions) -> Finding:
         want = opts.devices or expected(self.ctx.instance_type).efa_devices
         result = await run_command([exe, "-p", "efa", "-t", "FI_EP_RDM"], timeout=20)
-        return judge_fi_info(result.stdout + result.stderr, want, result.returncode, result.failure)
+        output = result.stdout + result.stderr
+        found = judge_fi_info(output, want, result.returncode, result.failure)
+        if found.status is Status.FAULT and (hidden := await asyncio.to_thread(self._unreachable)):
+            return Finding(
+                "node",
+                "EfaDevices",
+                Status.UNKNOWN,
+                "EfaDevicesUnreachable",
+                f"{found.message}, but {len(hidden)} EFA devices have no verbs device node in "
+                f"{self.verbs_dir} (a pod given no EFA devices): fi_info cannot count them here",
+                evidence=found.evidence | {"unreachable": hidden},
+            )
+        return found
+
+    def _unreachable(self) -> list[str]:
+        """The host's EFA devices whose verbs node (`uverbsN`) this process has not: fi_info
+        (libibverbs) cannot open them, whether they are fine or not, so its count proves
+        nothing. A device that is gone is gone from /sys too, and still counts as missing."""
+        root = self.ctx.path("/sys/class/infiniband")
+        try:
+            devices = sorted(root.iterdir())
+        except OSError:
+            return []
+        hidden = []
+        for dev in devices:
+            try:
+                nodes = os.listdir(dev / "device" / "infiniband_verbs")
+            except OSError:
+                continue
+            if self._efa(dev) and any(not (self.verbs_dir / n).exists() for n in nodes):
+                hidden.append(dev.name)
+        return hidden
 
     def _sysfs(self, opts: EfaOptions) -> list[Finding]:
         root = self.ctx.path("/sys/class/infiniband")

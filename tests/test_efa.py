@@ -139,6 +139,30 @@ async def test_counter_reset_is_not_a_burst(tmp_path, fake_fi_info) -> None:
     assert faults(await check.poll()) == []
 
 
+async def test_no_devices_from_a_pod_without_their_device_nodes_is_unknown(
+    tmp_path, fake_fi_info
+) -> None:
+    # fi_info in a pod that was given no EFA devices: libibverbs cannot open them, so
+    # libfabric answers "no data" while /sys shows every device. No reboot for that.
+    fake_fi_info("fi_info-no-efa.txt", rc=61)
+    sysfs(tmp_path, P4DE)
+    for n, dev in enumerate(P4DE):
+        verbs = tmp_path / "sys/class/infiniband" / dev / "device" / "infiniband_verbs"
+        (verbs / f"uverbs{n}").mkdir(parents=True)
+    check = efa(tmp_path)
+    check.verbs_dir = tmp_path / "pod-dev/infiniband"
+    found = await check.poll()
+    assert faults(found) == []
+    (count,) = [f for f in found if f.condition == "EfaDevices"]
+    assert (count.status, count.reason) == (Status.UNKNOWN, "EfaDevicesUnreachable")
+    assert count.evidence["unreachable"] == sorted(P4DE)
+    # With the nodes there, "no data" is fi_info's word on the devices: a fault.
+    check.verbs_dir.mkdir(parents=True)
+    for n in range(len(P4DE)):
+        (check.verbs_dir / f"uverbs{n}").touch()
+    assert faults(await check.poll()) == [("node", "EfaDeviceCountMismatch", Action.REBOOT)]
+
+
 def test_nothing_efa_here_is_skipped(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
     assert efa(tmp_path, fi_info_paths=[]).missing() == [
