@@ -148,8 +148,12 @@ class Agent:
         self.builder = EventBuilder(identity, dry_run=settings.dry_run)
         boot_id = read_boot_id(settings.host_root / "proc/sys/kernel/random/boot_id")
         rules = rule_table(settings.policy)
-        # GPUs' UUIDs come from NVML when the agent starts (serve), NIC GUIDs from sysfs now.
-        self.inventory = hardware.Inventory(nics=hardware.read_nics(settings.host_root / "sys"))
+        # GPUs' UUIDs come from NVML when the agent starts (serve); NIC GUIDs and Neuron
+        # device serials from sysfs now.
+        sys_root = settings.host_root / "sys"
+        self.inventory = hardware.Inventory(
+            nics=hardware.read_nics(sys_root), neurons=hardware.read_neurons(sys_root)
+        )
         self.history = hardware.History(
             state / Paths.hardware_history,
             settings.policy.history or builtin_history_rules(),

@@ -146,6 +146,7 @@ def plan(
                 [exe, "diag", "-r", str(opts.level), "-j"],
                 DCGM_TIMEOUTS[opts.level],
                 lambda r: dcgm.judge(dcgm.parse(r.stdout), r.returncode),
+                figures=lambda r, _: dcgm.figures(dcgm.parse(r.stdout)) if r else {},
             ),
         )
     if gpus is None or gpus < 1:

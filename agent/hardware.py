@@ -3,15 +3,17 @@
 A GPU that faults after every reboot, or a node remediated again and again, is a repeat
 offender: a reboot does not fix it, and a bad GPU moved to another instance brings its faults
 along. So faults and the reboots that remediated them are kept per hardware identity (GPU UUID
-and serial, NIC GUID), in the host state dir where they outlive the agent and the boot, and
-the policy's history rules (`agent.policy.HistoryRules`, the `history` block of
-agent/policy.yaml) read them.
+and serial, NIC GUID, Neuron device serial), in the host state dir where they outlive the agent
+and the boot, and the policy's history rules (`agent.policy.HistoryRules`, the `history` block
+of agent/policy.yaml) read them.
 
 Findings name a GPU by its PCI address (`gpu:dddd:bb:dd`, as the kernel log's XIDs do); the
-inventory maps it to the GPU's UUID and serial through NVML where NVML answers. Without it, a
-device is known by its component name alone (still stable on one instance across reboots).
-The file is bounded (`MAX_DEVICES`, `MAX_ENTRIES`) and corruption-safe: an unreadable file is
-moved aside with a warning, and a failed write is logged, never a stop of the node decision.
+inventory maps it to the GPU's UUID and serial through NVML where NVML answers. Neuron findings
+name a device by its index (`neuron:<n>`, as neuron-monitor and NEURON_HW_ERR's nd-id do); the
+Neuron driver's sysfs gives its serial. Without them, a device is known by its component name
+alone (still stable on one instance across reboots). The file is bounded (`MAX_DEVICES`,
+`MAX_ENTRIES`) and corruption-safe: an unreadable file is moved aside with a warning, and a
+failed write is logged, never a stop of the node decision.
 """
 
 from __future__ import annotations
@@ -36,16 +38,21 @@ VERSION = 1
 
 @dataclass
 class Inventory:
-    """What identifies the node's hardware: GPUs by PCI address, NICs by device name."""
+    """What identifies the node's hardware: GPUs by PCI address, NICs by device name, Neuron
+    devices by index."""
 
     gpus: dict[str, dict[str, str]] = field(default_factory=dict)  # pci -> uuid, serial
     nics: dict[str, str] = field(default_factory=dict)  # infiniband device -> node GUID
+    neurons: dict[str, str] = field(default_factory=dict)  # Neuron device index -> serial
 
     def identity(self, component: str) -> dict[str, str]:
-        """The identity of a finding's component: {kind, uuid, serial} or {kind, guid}."""
+        """The identity of a finding's component: {kind, uuid, serial}, {kind, guid} or
+        {kind, device, serial}."""
         kind, _, name = component.partition(":")
         if kind == "gpu" and name in self.gpus:
             return {"kind": "gpu", "pci": name, **self.gpus[name]}
+        if kind == "neuron" and name in self.neurons:
+            return {"kind": "neuron", "device": name, "serial": self.neurons[name]}
         if name in self.nics:
             return {"kind": "nic", "device": name, "guid": self.nics[name]}
         return {"kind": kind}
@@ -53,7 +60,7 @@ class Inventory:
     def serials(self) -> list[str]:
         """Every serial, UUID and GUID on the node: what the controller's record is matched on."""
         out = [v for g in self.gpus.values() for v in (g.get("serial"), g.get("uuid")) if v]
-        return sorted({*out, *self.nics.values()})
+        return sorted({*out, *self.nics.values(), *self.neurons.values()})
 
 
 def read_nics(sys_root: Path) -> dict[str, str]:
@@ -66,6 +73,28 @@ def read_nics(sys_root: Path) -> dict[str, str]:
                 if guid and guid.strip("0:"):
                     out[dev.name] = guid
     return out
+
+
+# The Neuron driver's per-device sysfs (aws-neuron/aws-neuron-sdk,
+# tools/neuron-sys-tools/neuron-sysfs-user-guide.rst, "Neuron Sysfs Filesystem Structure":
+# `/sys/devices/virtual/neuron_device/neuron<n>/info/serial_number`, "The unique device
+# identifier"; `neuron0/` is Neuron Device 0, the index neuron-ls and neuron-monitor use).
+NEURON_SYSFS = "devices/virtual/neuron_device"
+
+
+def read_neurons(sys_root: Path) -> dict[str, str]:
+    """Neuron devices' serial numbers by device index; {} without the Neuron driver."""
+    out: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for dev in (sys_root / NEURON_SYSFS).iterdir():
+            index = dev.name.removeprefix("neuron")
+            if dev.name == index or not index.isdigit():
+                continue  # neuron_core<n> and the like are not devices
+            with contextlib.suppress(OSError, UnicodeDecodeError):
+                serial = (dev / "info/serial_number").read_text().strip()
+                if serial:
+                    out[index] = serial
+    return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
 
 
 def read_gpus() -> dict[str, dict[str, str]]:

@@ -75,7 +75,8 @@ class NodeKeys(Strict):
     hardware_annotation: str = Field(
         "node-health-agent.io/hardware",
         description="the hardware history's summary, JSON: GPU UUIDs and serials, NIC GUIDs, "
-        "their fault and reboot counts (the controller matches serials it replaced)",
+        "Neuron device serials, their fault and reboot counts (the controller matches serials "
+        "it replaced)",
     )
     performance_annotation: str = Field(
         "node-health-agent.io/performance",

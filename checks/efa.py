@@ -69,6 +69,7 @@ class EfaCheck(PollingCheck):
         super().__init__(ctx, options)
         self._velocity: Velocity | None = None
         self._is_efa: dict[str, bool] = {}
+        self._ports = Ports(str(self.ctx.path("/sys/class/infiniband")))
         self.clock = time.monotonic  # since boot: the counters' own lifetime
         # This process's RDMA device nodes, which fi_info opens: never under the host root.
         self.verbs_dir = Path("/dev/infiniband")
@@ -129,22 +130,22 @@ class EfaCheck(PollingCheck):
         return hidden
 
     def _sysfs(self, opts: EfaOptions) -> list[Finding]:
-        root = self.ctx.path("/sys/class/infiniband")
-        if not root.is_dir():
+        ports = self._ports()
+        if ports is None:
             return []
         now = self.clock()
         velocity = self._velocity_of(opts)
         found = []
-        for dev in sorted(p for p in root.iterdir() if self._efa(p)):
-            for port in ports_of(dev):
-                found.append(self._port(dev.name, port))
-                found.append(self._bursts(dev.name, port, now, opts, velocity))
+        for dev, port, path in ports:
+            if self._efa(dev):
+                found.append(self._port(dev, port, path))
+                found.append(self._bursts(dev, port, path, now, opts, velocity))
         velocity.save()
         return found
 
-    def _efa(self, dev: Path) -> bool:
-        if (known := self._is_efa.get(dev.name)) is None:  # a device's vendor never changes
-            known = self._is_efa[dev.name] = is_efa(dev)
+    def _efa(self, dev: str) -> bool:
+        if (known := self._is_efa.get(dev)) is None:  # a device's vendor never changes
+            known = self._is_efa[dev] = is_efa(Path(self._ports.root, dev))
         return known
 
     def _velocity_of(self, opts: EfaOptions) -> Velocity:
@@ -157,18 +158,18 @@ class EfaCheck(PollingCheck):
             self._velocity = Velocity(limits, state, boot_id(self.ctx.host_root))
         return self._velocity
 
-    @staticmethod
-    def _port(dev: str, port: Path) -> Finding:
-        comp = f"efa:{dev}/{port.name}"
+    def _port(self, dev: str, port: str, path: str) -> Finding:
+        comp = f"efa:{dev}/{port}"
         try:
-            state = read_small(f"{port}/state").decode(errors="replace").strip()  # 4: ACTIVE
+            state = read_small(f"{path}/state").decode(errors="replace").strip()  # 4: ACTIVE
         except OSError as exc:
+            self._ports.forget(dev)
             return Finding(
                 comp,
                 "EfaPort",
                 Status.UNKNOWN,
                 "PortStateUnreadable",
-                f"{dev} port {port.name}: {exc.strerror}",
+                f"{dev} port {port}: {exc.strerror}",
             )
         name = state.partition(":")[2].strip() or state
         if name != "ACTIVE":
@@ -177,7 +178,7 @@ class EfaCheck(PollingCheck):
                 "EfaPort",
                 Status.FAULT,
                 "EfaPortDown",
-                f"{dev} port {port.name} is {name}",
+                f"{dev} port {port} is {name}",
                 Action.REBOOT,
                 {"state": state},
             )
@@ -186,21 +187,21 @@ class EfaCheck(PollingCheck):
             "EfaPort",
             Status.OK,
             "EfaPortActive",
-            f"{dev} port {port.name} is ACTIVE",
+            f"{dev} port {port} is ACTIVE",
             evidence={"state": state},
         )
 
     def _bursts(
-        self, dev: str, port: Path, now: float, opts: EfaOptions, velocity: Velocity
+        self, dev: str, port: str, path: str, now: float, opts: EfaOptions, velocity: Velocity
     ) -> Finding:
         comp = f"efa:{dev}"
         breaches = []
-        base = f"{port}/hw_counters/"
+        base = f"{path}/hw_counters/"
         for counter in opts.rate_limits:
             value = read_counter(base + counter)
             if value is None:
                 continue  # not this device generation's counter
-            breaches += velocity.observe(now, f"{dev}/{port.name}/{counter}", counter, value)
+            breaches += velocity.observe(now, f"{dev}/{port}/{counter}", counter, value)
         evidence = {
             "over_limit": {b.counter: b.increase for b in breaches},
             "per_minute_limits": opts.rate_limits,
@@ -225,11 +226,44 @@ class EfaCheck(PollingCheck):
         )
 
 
-def ports_of(dev: Path) -> list[Path]:
-    try:
-        return [dev / "ports" / n for n in sorted(os.listdir(dev / "ports"))]
-    except OSError:
-        return []
+class Ports:
+    """The ports of the devices in /sys/class/infiniband, as (device, port, port directory).
+
+    The class directory is listed every poll, so a device that comes or goes (a driver
+    reload) is seen at once; a device's ports only when it is new to the listing, or after a
+    read under it failed: the kernel creates every port of a device when it registers it
+    (drivers/infiniband/core/sysfs.c, ib_setup_port_attrs), so they change only with the
+    device. Listing 32 devices' ports every poll cost as much as reading their counters.
+    """
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self._ports: dict[str, list[tuple[str, str]]] = {}
+
+    def __call__(self) -> list[tuple[str, str, str]] | None:
+        """Every port, in name order; None where the directory is not there."""
+        try:
+            names = sorted(os.listdir(self.root))
+        except OSError:
+            return None
+        for gone in self._ports.keys() - set(names):
+            del self._ports[gone]
+        out = []
+        for dev in names:
+            ports = self._ports.get(dev)
+            if ports is None:
+                base = f"{self.root}/{dev}/ports"
+                try:
+                    listed = sorted(os.listdir(base))
+                except OSError:
+                    continue  # not listable now: no ports this poll, listed again the next
+                ports = self._ports[dev] = [(p, f"{base}/{p}") for p in listed]
+            out += [(dev, port, path) for port, path in ports]
+        return out
+
+    def forget(self, dev: str) -> None:
+        """List `dev`'s ports again at the next poll (a read under it failed)."""
+        self._ports.pop(dev, None)
 
 
 def is_efa(dev: Path) -> bool:

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from checks.api import CheckContext, Finding, PollingCheck, Status
 from checks.counters import Breach, Limit, Velocity, boot_id, read_counter, read_small, table
-from checks.efa import is_efa, ports_of
+from checks.efa import Ports, is_efa
 
 STATE_FILE = "counters-links.json"
 
@@ -66,6 +66,10 @@ class LinkCountersCheck(PollingCheck):
         self.files_read = 0  # for the benchmark
         self._aer_reported: set[str] = set()
         self._layout: dict[str, list[str]] = {}  # port -> its counter directories
+        self._ports = Ports(str(ctx.path("/sys/class/infiniband")))
+        self._pci_names: list[str] = []  # /sys/bus/pci/devices as last listed
+        self._aer_paths: list[str] = []
+        self._no_aer: set[str] = set()  # devices without AER statistics
 
     def missing(self) -> list[str]:
         aer = any(os.path.exists(p) for p in self._aer_files())
@@ -84,51 +88,56 @@ class LinkCountersCheck(PollingCheck):
         return found
 
     def _infiniband(self, now: float) -> list[Finding]:
-        root = self.ctx.path("/sys/class/infiniband")
-        if not root.is_dir():
-            return []
         found = []
-        for dev in sorted(root.iterdir()):
-            for port in ports_of(dev):
-                breaches, seen = [], 0
-                for base in self._dirs(dev, port):
-                    for counter in self._ib_names:
-                        value = read_counter(f"{base}/{counter}")
-                        self.files_read += 1
-                        if value is None:
-                            continue
-                        seen += 1
-                        key = f"{dev.name}/{port.name}/{counter}"
-                        breaches += self.velocity.observe(now, key, counter, value)
-                if seen:
-                    comp = f"ib:{dev.name}/{port.name}"
-                    found.append(_finding(comp, "NetworkDegraded", breaches, "port counters"))
+        for dev, port, path in self._ports() or ():
+            breaches, seen = [], 0
+            for base in self._dirs(dev, path):
+                for counter in self._ib_names:
+                    value = read_counter(f"{base}/{counter}")
+                    self.files_read += 1
+                    if value is None:
+                        continue
+                    seen += 1
+                    key = f"{dev}/{port}/{counter}"
+                    breaches += self.velocity.observe(now, key, counter, value)
+            if seen:
+                comp = f"ib:{dev}/{port}"
+                found.append(_finding(comp, "NetworkDegraded", breaches, "port counters"))
         return found
 
-    def _dirs(self, dev: Path, port: Path) -> list[str]:
+    def _dirs(self, dev: str, port: str) -> list[str]:
         """The port's counter directories: EFA has no counters/, and its hw_counters are the
         efa check's. Looked up once per port: a driver keeps its layout."""
-        key = str(port)
-        if (dirs := self._layout.get(key)) is None:
+        if (dirs := self._layout.get(port)) is None:
             dirs = [f"{port}/counters"]
-            if not is_efa(dev):
+            if not is_efa(Path(self._ports.root, dev)):
                 dirs.append(f"{port}/hw_counters")
-            dirs = self._layout[key] = [d for d in dirs if os.path.isdir(d)]
+            dirs = self._layout[port] = [d for d in dirs if os.path.isdir(d)]
         return dirs
 
     def _aer_files(self) -> list[str]:
+        """The devices' AER files, but for those found without one: the kernel shows the file
+        only on a device with AER statistics, decided when the device is added
+        (drivers/pci/pcie/aer.c, aer_stats_attrs_are_visible), so a host's hundreds of other
+        PCI devices cost one listing, not an open each, until the device list changes."""
         base = self.ctx.path("/sys/bus/pci/devices")
         try:
-            return [f"{base}/{dev}/aer_dev_correctable" for dev in sorted(os.listdir(base))]
+            names = os.listdir(base)
         except OSError:
             return []
+        if names != self._pci_names:
+            self._pci_names, self._no_aer = names, set()
+            self._aer_paths = [f"{base}/{dev}/aer_dev_correctable" for dev in sorted(names)]
+        return [p for p in self._aer_paths if p not in self._no_aer]
 
     def _aer(self, now: float) -> list[Finding]:
         found = []
         for path in self._aer_files():
             total = aer_total(path)
-            if total is None:
-                continue  # not AER capable (no such file), or not what the kernel writes
+            if total is None:  # not AER capable (no such file), or not what the kernel writes
+                if not os.path.exists(path):
+                    self._no_aer.add(path)
+                continue
             self.files_read += 1
             dev = path.rsplit("/", 2)[1]
             breaches = self.velocity.observe(now, f"{dev}/aer", "aer_correctable", total)

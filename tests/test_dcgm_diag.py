@@ -245,3 +245,36 @@ def test_environment_failures_by_their_words(
     error_id: int | None, warning: str, action: str
 ) -> None:
     assert dcgm.table().test_action(dcgm.DiagWarning(warning, error_id)) == action
+
+
+def _capped_dcgm4() -> str:
+    """DCGM 4's diagnostic test fragment (issue #215) in a document of nvvs-per-gpu.json's
+    shape."""
+    fragment = text("4.x-diagnostic-info-capped-fragment.txt").rstrip().removesuffix(",")
+    cats = [{"category": "Hardware", "tests": [json.loads(fragment)]}]
+    return json.dumps({"DCGM GPU Diagnostic": {"test_categories": cats}})
+
+
+def test_performance_figures_are_each_figure_s_worst_gpu() -> None:
+    """PCIe bandwidth (the lowest GPU) and latency (the highest) from DCGM 3.x's per-GPU info;
+    DCGM 4's Diagnostic gigaflops where its capped info still carries them."""
+    assert dcgm.figures(dcgm.parse(text("nvvs-per-gpu.json"))) == {
+        "dcgm_pcie_d2h_gb_s": 13.07,
+        "dcgm_pcie_h2d_gb_s": 12.13,
+        "dcgm_pcie_bidir_gb_s": 22.41,
+        "dcgm_pcie_d2h_usec": 4.386,
+        "dcgm_pcie_h2d_usec": 4.2,
+        "dcgm_pcie_bidir_usec": 7.482,
+    }
+    assert dcgm.figures(dcgm.parse(_capped_dcgm4())) == {"dcgm_diagnostic_gflops": 859.08}
+
+
+def test_a_gpu_whose_test_did_not_pass_gives_no_figure() -> None:
+    doc = json.loads(text("nvvs-per-gpu.json"))
+    for cat in doc["DCGM GPU Diagnostic"]["test_categories"]:
+        for t in cat["tests"]:
+            for r in t["results"]:
+                if t["name"] == "pcie" and r["gpu_ids"] == "0":
+                    r["status"] = "FAIL"
+    found = dcgm.figures(dcgm.parse(json.dumps(doc)))
+    assert found["dcgm_pcie_d2h_usec"] == 3.269  # GPU 0's 4.386 is not a measurement to keep

@@ -450,3 +450,24 @@ def test_efa_loopback_without_fi_info_says_what_is_missing(node: dict[str, str])
         "fi_info not found: it lists the EFA devices to loop back over"
     )
     assert out.returncode == 2
+
+
+def test_dcgm_diag_s_figures_are_in_the_record_and_the_node_s_figures(
+    node: dict[str, str],
+) -> None:
+    """dcgmi's JSON with PCIe bandwidth and latency per GPU (and a failing sm_stress): the
+    test line carries the worst GPU's figures, and the figures the node publishes have them
+    next to NCCL's."""
+    from agent import deeprecord
+
+    node["FAKE_DCGMI_OUTPUT"] = str(FIXTURES / "dcgm" / "nvvs-per-gpu.json")
+    out = deep_check(node, *P5)
+    assert out.returncode == 1, out.stderr  # sm_stress failed: the figures are kept anyway
+    tests = {t["test"]: t for t in lines(out.stdout)[:-1]}
+    assert tests["dcgm-diag"]["result"] == "failed"
+    assert tests["dcgm-diag"]["figures"]["dcgm_pcie_h2d_gb_s"] == 12.13
+    assert tests["dcgm-diag"]["figures"]["dcgm_pcie_bidir_usec"] == 7.482
+    published = deeprecord.latest_figures(Path(node["NODE_HEALTH_STATE_DIR"]) / "deep-health-check")
+    assert published is not None
+    assert published["figures"]["dcgm_pcie_d2h_gb_s"] == 13.07
+    assert published["figures"]["nccl_busbw_1073741824"] == 313.29

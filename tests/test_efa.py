@@ -214,3 +214,23 @@ async def test_a_burst_while_the_agent_restarted_counts_and_a_reboot_starts_afre
     boot.write_text("boot-2\n")
     sysfs(tmp_path, ["rdmap32s27"], rdma_write_wr_err=90)
     assert faults(await restarted(5.0).poll()) == []
+
+
+async def test_a_port_that_cannot_be_read_has_its_device_listed_again(tmp_path) -> None:
+    """The ports are kept between polls; a port whose state is gone (its device re-created
+    between two polls, with another port) is unknown, and the new port is read next."""
+    sysfs(tmp_path, ["rdmap16s27"])
+    check = efa(tmp_path, instance_type=None)
+    assert faults(check._sysfs(check.options)) == []
+    dev = tmp_path / "sys/class/infiniband/rdmap16s27"
+    (dev / "ports/1").rename(dev / "ports/2")
+    (dev / "ports/2/state").write_text("1: DOWN\n")
+    [port] = [f for f in check._sysfs(check.options) if f.condition == "EfaPort"]
+    assert (port.component, port.status, port.reason) == (
+        "efa:rdmap16s27/1",
+        Status.UNKNOWN,
+        "PortStateUnreadable",
+    )
+    assert faults(check._sysfs(check.options)) == [
+        ("efa:rdmap16s27/2", "EfaPortDown", Action.REBOOT)
+    ]

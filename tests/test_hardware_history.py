@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from agent.controller.replaced import faulty_identities
 from agent.hardware import (
     MAX_DEVICES,
     MAX_ENTRIES,
     History,
     Inventory,
+    read_neurons,
     read_nics,
 )
+from agent.models import NodeKeys
 from agent.policy import (
     HistoryRules,
     Policy,
@@ -53,15 +56,21 @@ def fault(component: str = GPU, reason: str = "Xid79") -> Finding:
 class Node:
     """A node's policy and history across agent restarts and reboots (a new boot id each)."""
 
-    def __init__(self, tmp: Path, clock: Clock, rules: HistoryRules | None = None) -> None:
-        self.tmp, self.clock, self.boots = tmp, clock, 0
+    def __init__(
+        self,
+        tmp: Path,
+        clock: Clock,
+        rules: HistoryRules | None = None,
+        inventory: Inventory = INVENTORY,
+    ) -> None:
+        self.tmp, self.clock, self.boots, self.inventory = tmp, clock, 0, inventory
         self.rules = rules or builtin_history_rules()
         # escalation_window short: only the history remembers past reboots here
         self.settings = PolicySettings(escalation_window=60)
         self.start()
 
     def start(self) -> None:
-        self.history = History(self.tmp / "hardware.json", self.rules, INVENTORY)
+        self.history = History(self.tmp / "hardware.json", self.rules, self.inventory)
         self.policy = Policy(
             rule_table(self.settings),
             self.settings,
@@ -189,6 +198,55 @@ def test_nic_guids_come_from_sysfs(tmp_path) -> None:
     inv = Inventory(gpus=INVENTORY.gpus, nics=nics)
     assert inv.serials() == sorted(["0c42:a103:0016:054c", "1652222014738", UUID])
     assert read_nics(tmp_path / "absent") == {}
+
+
+def neuron_sysfs(root: Path, serials: dict[str, str]) -> Path:
+    """A sysfs tree with the Neuron driver's device directories (neuron-sysfs-user-guide.rst's
+    layout: neuron<n>/info/serial_number, neuron<n>/neuron_core<m>/...)."""
+    base = root / "devices/virtual/neuron_device"
+    for name, serial in serials.items():
+        (base / name / "info").mkdir(parents=True)
+        (base / name / "neuron_core0/info").mkdir(parents=True)
+        (base / name / "info/serial_number").write_text(serial + "\n")
+    return root
+
+
+def test_neuron_device_serials_come_from_the_drivers_sysfs(tmp_path) -> None:
+    sys_root = neuron_sysfs(tmp_path, {"neuron10": "nd-serial-10", "neuron2": "nd-serial-2"})
+    (sys_root / "devices/virtual/neuron_device/neuron3/info").mkdir(parents=True)  # unreadable
+    assert read_neurons(sys_root) == {"2": "nd-serial-2", "10": "nd-serial-10"}
+    assert read_neurons(tmp_path / "absent") == {}  # no Neuron driver
+
+
+def test_the_same_fault_on_the_same_neuron_device_after_two_reboots_means_replace(
+    tmp_path,
+) -> None:
+    """A Neuron device is known by its serial, as a GPU by its UUID: the repeat-offender rule
+    counts its reboots, and the controller's replaced record takes the serial."""
+    clock = Clock()
+    neurons = read_neurons(neuron_sysfs(tmp_path / "sys", {"neuron3": "nd-serial-3"}))
+    node = Node(tmp_path, clock, inventory=Inventory(neurons=neurons))
+    bad = Finding(
+        "neuron:3",
+        "NeuronDeviceUnhealthy",
+        Status.FAULT,
+        "NeuronHardwareFailure",
+        "NEURON_HW_ERR=DMA_ERROR nd-id=3",
+        Action.REBOOT,
+        check="kernel-log",
+    )
+    for _ in range(2):
+        assert node.verdict_after(bad)[0] is Verdict.PENDING_REBOOT
+        node.reboot()
+        clock.now += DAY
+    verdict, why = node.verdict_after(bad)
+    assert verdict is Verdict.PENDING_REPLACEMENT
+    assert "NeuronHardwareFailure on nd-serial-3 again after 2 reboots" in why
+    summary = node.history.summary(clock.now)
+    assert json.loads(summary)["serials"] == ["nd-serial-3"]
+    keys = NodeKeys()
+    annotated = {"metadata": {"annotations": {keys.hardware_annotation: summary}}}
+    assert faulty_identities(annotated, keys) == ["nd-serial-3"]
 
 
 class FakeNvml:

@@ -197,3 +197,30 @@ def test_a_degradation_sets_its_condition_and_labels_and_leaves_the_node_schedul
     assert not state.taints
     (cond,) = [c for c in state.conditions if c["type"] == "NetworkDegraded"]
     assert cond["status"] == "True" and "link_error_recovery 40/min" in cond["message"]
+
+
+def test_ports_and_pci_devices_that_appear_between_polls_are_read(tmp_path) -> None:
+    """The listings are kept between polls: a device that comes, or comes back with another
+    port (a driver reload), and a PCI device added later, are still read."""
+    host = Host(tmp_path / "host")
+    host.ib("mlx5_0", link_downed=0)
+    host.aer("0000:53:00.0", 2)
+    (host.root / "sys/bus/pci/devices/0000:00:00.0").mkdir()  # a host bridge: no AER file
+    c = check(host, tmp_path / "state", [0.0, 60.0, 120.0, 180.0, 240.0, 300.0])
+    assert faults(c.collect()) == []
+    host.ib("mlx5_1", link_downed=0)  # a new device
+    host.aer("0000:54:00.0", 2)  # a new PCI device
+    assert faults(c.collect()) == []
+    host.ib("mlx5_1", link_downed=1)
+    host.aer("0000:54:00.0", 30)
+    assert faults(c.collect()) == [
+        ("ib:mlx5_1/1", "NetworkDegraded", "LinkDowned"),
+        ("pci:0000:54:00.0", "PcieDegraded", "PcieCorrectableErrorRate"),
+    ]
+    gone = host.root / "sys/class/infiniband/mlx5_1"
+    gone.rename(tmp_path / "unplugged")  # unregistered for a poll
+    c.collect()
+    host.ib("mlx5_1", port="2", link_downed=0)  # registered again, with another port
+    c.collect()
+    host.ib("mlx5_1", port="2", link_downed=1)
+    assert ("ib:mlx5_1/2", "NetworkDegraded", "LinkDowned") in faults(c.collect())

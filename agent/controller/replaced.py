@@ -2,11 +2,12 @@
 
 A node replaced for a GPU fault leaves its GPU to the provider, which may repair it, or not,
 and put it in another instance. So when the controller has a node replaced, it records the
-identities (GPU UUID and serial, NIC GUID) of the devices the node's agent had seen faulty
-(the agent's hardware annotation), and every scan it looks for those identities on the nodes:
-a node carrying one gets an Event (Kubernetes and CloudWatch), the controller's own label
-`replaced_hardware_label`, and a deep check asked of its agent, whose findings decide. The
-agent's health labels stay the agent's: a serial match is a reason to look, not a verdict.
+identities (GPU UUID and serial, NIC GUID, Neuron device serial) of the devices the node's
+agent had seen faulty (the agent's hardware annotation), and every scan it looks for those
+identities on the nodes: a node carrying one gets an Event (Kubernetes and CloudWatch), the
+controller's own label `replaced_hardware_label`, and a deep check asked of its agent, whose
+findings decide. The agent's health labels stay the agent's: a serial match is a reason to
+look, not a verdict.
 
 The record is one ConfigMap rather than a CRD: nothing to install beyond the RBAC, readable
 with kubectl, one named object the Role can be scoped to, written with its resourceVersion as

@@ -1,7 +1,8 @@
 """Fleet-relative performance: a node much slower than its peers drags every collective.
 
 Each node's agent publishes its last deep check's figures (the performance annotation: NCCL
-bus bandwidth at each size, EFA loopback bandwidth and latency); the connectivity check's
+bus bandwidth at each size, EFA loopback bandwidth and latency, DCGM diag's PCIe bandwidth and
+latency and Diagnostic gigaflops); the connectivity check's
 result annotation carries its pairs' bus bandwidth at each size. Nodes of one instance type are
 compared figure by figure: the median and the median absolute deviation (MAD) over the peers'
 last results; a node is an outlier on a figure when it is at least `min_drop` worse than the

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -43,6 +44,7 @@ class DiagTest:
     status: str  # pass, fail, warn, skip, or the word DCGM printed when it is none of these
     gpus: list[str] = field(default_factory=list)  # the GPUs this status is for; [] = all
     warnings: list[DiagWarning] = field(default_factory=list)
+    info: list[str] = field(default_factory=list)  # the JSON's `info` messages (figures)
 
 
 @dataclass
@@ -180,9 +182,10 @@ def _json_test(category: str, t: dict[str, Any]) -> list[DiagTest]:
             continue  # CPU and switch entities: not this check's
         ids = [g.strip() for g in str(gpus).split(",") if g.strip()] if gpus is not None else []
         warnings = [_json_warning(w) for w in _list(r.get("warnings"))]
-        out.append(
-            DiagTest(category, str(t.get("name", "")), _status(r.get("status")), ids, warnings)
-        )
+        info = r.get("info")
+        info = [str(i) for i in _list(info)] if not isinstance(info, str) else [info]
+        name = str(t.get("name", ""))
+        out.append(DiagTest(category, name, _status(r.get("status")), ids, warnings, info))
     return out
 
 
@@ -263,6 +266,45 @@ def _from_text(text: str) -> DiagRun:
 def _gpus(cell: str) -> list[str]:
     m = _GPU_LIST.search(cell)
     return [g.strip() for g in m.group(1).split(",") if g.strip()] if m else []
+
+
+# Performance figures in the JSON's info messages, as DCGM's plugins write them (NVIDIA/DCGM
+# nvvs/plugin_src): the PCIe test's (pcie/BusGrind.cpp, addBandwidthInfo: "GPU to Host
+# bandwidth:\t\t%.2f GB/s", "GPU <n> " before it up to 3.x; its latency lines as the outputs
+# show them, "GPU to Host latency:\t\t4.386 us"), the Diagnostic test's (diagnostic plugin:
+# "GPU %u calculated at approximately %.2f gigaflops during this test"). Matched without case
+# or spaces, as the warnings are.
+_PCIE_FIGURE = re.compile(
+    r"(gputohost|hosttogpu|bidirectional)(bandwidth|latency):(\d+(?:\.\d+)?)(gb/s|us)"
+)
+_GFLOPS = re.compile(r"calculatedatapproximately(\d+(?:\.\d+)?)gigaflops")
+_DIRECTION = {"gputohost": "d2h", "hosttogpu": "h2d", "bidirectional": "bidir"}
+
+
+def figures(run: DiagRun) -> dict[str, float]:
+    """The node's worst GPU on each performance figure the passed tests report: PCIe
+    bandwidth (GB/s, the lowest: `dcgm_pcie_<d2h|h2d|bidir>_gb_s`) and latency (microseconds,
+    the highest: `..._usec`), the Diagnostic test's gigaflops (`dcgm_diagnostic_gflops`, the
+    lowest). A GPU without the message (DCGM 4 keeps at most 16 info messages a run) is not
+    in the figure; a test that did not pass gives none."""
+    out: dict[str, float] = {}
+
+    def worst(name: str, value: float, pick: Callable[[float, float], float]) -> None:
+        out[name] = pick(out[name], value) if name in out else value
+
+    for t in run.tests:
+        if t.status != "pass":
+            continue
+        for message in t.info:
+            flat = _flat(message)
+            for way, kind, value, unit in _PCIE_FIGURE.findall(flat):
+                if (kind, unit) == ("bandwidth", "gb/s"):
+                    worst(f"dcgm_pcie_{_DIRECTION[way]}_gb_s", float(value), min)
+                elif (kind, unit) == ("latency", "us"):
+                    worst(f"dcgm_pcie_{_DIRECTION[way]}_usec", float(value), max)
+            for value in _GFLOPS.findall(flat):
+                worst("dcgm_diagnostic_gflops", float(value), min)
+    return out
 
 
 def judge(run: DiagRun, exit_code: int | None = None) -> list[Finding]:

@@ -86,6 +86,12 @@ def test_a_node_well_below_its_peers_is_an_outlier() -> None:
 def test_latency_is_worse_higher_and_types_are_compared_apart() -> None:
     lat = fleet([20.0, 21.0, 20.5, 20.2, 30.0], figure="efa_loopback_usec")
     assert outliers(lat) == ["p5.48xlarge-4"]
+    # dcgmi diag's PCIe figures: a slow link is low bandwidth, or high latency
+    assert outliers(fleet([53.1, 53.0, 53.2, 52.9, 40.0], figure="dcgm_pcie_h2d_gb_s")) == [
+        "p5.48xlarge-4"
+    ]
+    pcie_lat = fleet([2.0, 2.1, 2.05, 2.02, 1.5], figure="dcgm_pcie_h2d_usec")
+    assert outliers(pcie_lat) == []  # faster than its peers: not degraded
     mixed = fleet([480, 482, 479, 481]) + fleet([240, 241, 239, 242], itype="p4d.24xlarge")
     assert outliers(mixed) == []  # a p4d is not slow next to a p5
 
