@@ -114,9 +114,17 @@ LABEL org.opencontainers.image.title="node-health-agent" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${REVISION}" \
       org.opencontainers.image.base.name="docker.io/library/python:3.11.11-slim-bookworm"
+# journalctl (Debian's systemd package; nothing of it runs here): the kernel log's source in
+# the pod. A container that is not privileged may not open the host's /dev/kmsg (its device
+# rules admit only the standard devices, whatever the mount), and a host that logs to the
+# journal alone (Amazon Linux 2023: no rsyslog, no kern.log) has no other record of it.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends systemd \
+ && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/node-health /opt/node-health
 COPY LICENSE /usr/share/doc/node-health-agent/LICENSE
-# The host's /proc, /sys, /dev/kmsg and /var/log are mounted under /host (see deploy/).
+# The host's /proc, /sys, /dev/kmsg, /var/log and /run/log/journal are mounted under /host
+# (see deploy/).
 ENV PATH=/opt/node-health/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

@@ -76,17 +76,30 @@ class KernelLogCheck(StreamingCheck):
             self._passed_over["kmsg"] = f"{kmsg}: {exc.strerror}"
         if shutil.which(opts.journalctl) is None:
             self._passed_over["journal"] = f"{opts.journalctl} not found"
-        elif not self._journal_files():
-            self._passed_over["journal"] = "no journal files under the host root"
+        elif (unread := self._journal_unreadable()) is not None:
+            self._passed_over["journal"] = unread
         else:
             return "journal"
         return "file" if self._first_file(opts) is not None else None
 
-    def _journal_files(self) -> bool:
-        """Whether the host's journal (persistent or volatile, one directory per machine id)
-        holds a file: journalctl -b fails on an empty or absent one, again at every retry."""
+    def _journal_unreadable(self) -> str | None:
+        """Why the host's journal (persistent or volatile, one directory per machine id)
+        cannot be read, or None. journalctl -b fails on an empty or absent one, and prints
+        nothing, successfully, where it may open none of the files (the journal's ACL gives
+        group adm read; a pod without it): that would read as a quiet kernel, so a file must
+        open for us before the journal is taken."""
         dirs = (self.ctx.path("/var/log/journal"), self.ctx.path("/run/log/journal"))
-        return any(next(d.glob("*/*.journal"), None) is not None for d in dirs)
+        files = [f for d in dirs for f in d.glob("*/*.journal")]
+        if not files:
+            return "no journal files under the host root"
+        why = ""
+        for file in files:
+            try:
+                os.close(os.open(file, os.O_RDONLY | os.O_NONBLOCK))
+                return None
+            except OSError as exc:
+                why = why or f"{file}: {exc.strerror}"
+        return f"no journal file can be read ({why})"
 
     def _first_file(self, opts: KernelLogOptions) -> Path | None:
         return next((p for f in opts.files if (p := self.ctx.path(f)).is_file()), None)
