@@ -102,9 +102,9 @@ ENTRYPOINT ["node-health"]
 CMD ["deep-check", "--json"]
 
 # --- The agent's image (the default target)
-# No tool for the passive checks (fi_info, neuron-ls, neuron-monitor, DCGM's bindings,
-# journalctl, crictl): in the DaemonSet's pod, without the devices, a host engine or the
-# sockets they need, none could tell the truth (README, Where the deep check runs).
+# Of the passive checks' tools only journalctl (below): in the DaemonSet's pod, without the
+# devices, a host engine or the sockets they need, fi_info, neuron-ls, neuron-monitor, DCGM's
+# bindings and crictl could not tell the truth (README, Where the deep check runs).
 FROM ${PYTHON_IMAGE}
 ARG VERSION=0.1.0
 ARG REVISION=unknown
