@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from checks.units import Duration
+from checks.units import Duration, Period
 
 
 class Strict(BaseModel):
@@ -325,7 +325,7 @@ class ControllerSettings(Strict):
     reboots_before_replace: int = Field(
         1, ge=0, description="a node that needs a reboot again after this many is replaced"
     )
-    scan: Duration = Field(
+    scan: Period = Field(
         60.0,
         description="between looks at every node (connectivity asked for, new nodes); 0: never",
     )

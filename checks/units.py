@@ -10,3 +10,6 @@ from checks.api import parse_duration
 
 Duration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
 """Seconds, written as 30s, 10m, 1.5h, 2d, 1w (one unit: ms s m h d w) or a number."""
+
+Period = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
+"""A Duration that may be 0, for a period whose 0 means never."""

@@ -8,7 +8,7 @@ import pytest
 from agent import logs_tail as lt
 from agent.controller.requests import _created
 from agent.events import parse_time, rfc3339
-from agent.models import DeepCheckSettings
+from agent.models import ControllerSettings, DeepCheckSettings
 from agent.ship.batch import timestamp_ms
 from checks.api import seconds
 
@@ -42,6 +42,15 @@ def test_every_duration_reads_the_same_in_settings_rules_and_options(text, expec
 def test_what_is_no_duration_is_refused_naming_the_option(text) -> None:
     with pytest.raises(ValueError, match=r"--deadline: .* is not a duration"):
         seconds(text, "--deadline")
+
+
+@pytest.mark.parametrize("text", [0, "0", "0s"])
+def test_a_period_whose_zero_means_never_takes_zero_and_a_duration_does_not(text) -> None:
+    assert ControllerSettings(scan=text).scan == 0  # the README: `controller.scan` 0: never
+    with pytest.raises(ValueError, match="greater than 0"):
+        DeepCheckSettings(deadline=text)
+    with pytest.raises(ValueError, match="greater than or equal to 0"):
+        ControllerSettings(scan=-1)
 
 
 @pytest.mark.parametrize(
