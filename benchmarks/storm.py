@@ -334,10 +334,10 @@ def main() -> int:
         print(f"  ratio daemon / scan   {r['cpu'] / max(scan_cpu, 1e-9):7.1f}x")
         print(f"  caught up after       {r['catch_up']:7.2f} s")
         rate = r["spooled"] / max(r["catch_up"], 1e-9)
-        print(f"  events spooled        {r['spooled']:7d}  ({rate:,.0f}/s)")
+        print(f"  events spooled        {r['spooled']:7d}  ({rate:,.1f}/s)")
         ship_rate = r["shipped"] / max(r["shipped_at"], 1e-9)
         by = f"all by {r['shipped_at']:.1f} s"
-        print(f"  events shipped        {r['shipped']:7d}  ({ship_rate:,.0f}/s, {by})")
+        print(f"  events shipped        {r['shipped']:7d}  ({ship_rate:,.1f}/s, {by})")
         if r["shipped_during"] is not None:
             print(f"  shipped while written {r['shipped_during']:7d}")
         first = r["first_put"]
