@@ -184,6 +184,7 @@ class Agent:
         )
         self._stop = asyncio.Event()
         self._save_failing = False  # the policy state's last save failed
+        self._check_saves_failing: dict[str, str] = {}  # a check's state file: why not saved
         self._deadline: float | None = None  # the loop's time by which a stop is done
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
@@ -362,8 +363,38 @@ class Agent:
             marks = self._checkpoints(findings)
             await self._publish(self.policy.observe(findings), marks)
             for check, state in marks.values():
-                check.committed(state)
+                self._committed(check, state)
         self._wake.set()
+
+    def _committed(self, check: StreamingCheck, state: dict) -> None:
+        """The check's own copy of its place, next to the spool's checkpoint (which a restart
+        reads first): one that cannot be written (a full or read-only state directory) is
+        counted at every try and said once a failing spell; detection goes on."""
+        file = check.name.replace("_", "-")  # kernel_log: kernel-log.json
+        try:
+            check.committed(state)
+        except OSError as exc:
+            self.metrics.state_save_errors.labels(file).inc()
+            if file not in self._check_saves_failing:
+                log.error("check_state_save_failed", check=check.name, error=str(exc))
+            self._check_saves_failing[file] = exc.strerror or str(exc)
+        else:
+            if self._check_saves_failing.pop(file, None) is not None:
+                log.info("check_state_saved", check=check.name)
+
+    def _warnings(self) -> list[str]:
+        """For /healthz: a state directory that cannot be written (which says it all), else
+        each state file that could not be saved."""
+        if said := self.state_dir.warnings():
+            return said
+        failing = dict(self._check_saves_failing)
+        if self._save_failing:
+            failing["policy-state"] = "not saved"
+        return [
+            f"state file {self.settings.state_dir / file}.json: {why}: kept in memory, "
+            "tried again at the next change"
+            for file, why in sorted(failing.items())
+        ]
 
     def _checkpoints(self, findings: list[Finding]) -> dict[str, tuple[StreamingCheck, dict]]:
         """Where each streaming check resumes after these findings (the last one's position)."""
@@ -540,7 +571,7 @@ class Agent:
                 self.metrics,
                 self._live,
                 self._readiness,
-                warnings=self.state_dir.warnings,
+                warnings=self._warnings,
             )
             await self._read_gpus()
             async with self._lock:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,8 +140,21 @@ class History:
         self.path, self.rules, self.inventory = path, rules, inventory
         self.devices: dict[str, dict[str, Any]] = {}
         self.node: list[dict[str, Any]] = []  # the node's remediations
+        self._held, self._unsaved = 0, False  # within `saving_once`; something to write then
         if path is not None:
             self._load(path)
+
+    @contextlib.contextmanager
+    def saving_once(self) -> Iterator[None]:
+        """What is recorded within is written once, at the end: a batch's faults on many
+        devices are one (fsynced) write on the loop, not one each (a storm held /healthz)."""
+        self._held += 1
+        try:
+            yield
+        finally:
+            self._held -= 1
+            if not self._held and self._unsaved:
+                self._save()
 
     def key(self, component: str) -> str:
         """A device's key: its UUID (serial, GUID) where known, else the component."""
@@ -219,7 +233,8 @@ class History:
         return dev
 
     def _save(self) -> None:
-        if self.path is None:
+        self._unsaved = bool(self._held)
+        if self.path is None or self._held:
             return
         doc = {"version": VERSION, "devices": self.devices, "node": self.node}
         try:

@@ -190,7 +190,10 @@ class CloudWatchSettings(Strict):
         None, description="default /aws/sagemaker/Clusters/<cluster_name>/<cluster_id>"
     )
     region: str | None = Field(None, description="default: the node's region, else boto3's")
-    flush_interval: Duration = Field(1.0, description="ship at most this long after an event")
+    flush_interval: Duration = Field(
+        1.0,
+        description="in a burst, one batch this often; after an idle spell an event goes at once",
+    )
     request_timeout: Duration = Field(10.0, description="one AWS request, connect and read")
 
 

@@ -18,6 +18,7 @@ The state is persisted so that an agent restart neither forgets a fault nor repo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import enum
@@ -340,9 +341,11 @@ class Policy:
         windows run on each finding's own time (a saved log), not on the clock."""
         changes, self.pending = self.pending, []
         now = self.clock()
-        for f in findings:
-            at = (f.clock if f.clock is not None else f.ts) if log_time else now
-            changes += self._observe(f, at, report_all)
+        history = self.history
+        with history.saving_once() if history is not None else contextlib.nullcontext():
+            for f in findings:
+                at = (f.clock if f.clock is not None else f.ts) if log_time else now
+                changes += self._observe(f, at, report_all)
         return self._settle(changes)
 
     def expire(self) -> list[Change]:
@@ -383,10 +386,10 @@ class Policy:
         seen = self._recent.get(key)
         if seen is not None and seen[0] != f.check and abs(now - seen[1]) <= DUPLICATE_WINDOW:
             return True
-        self._recent = {
-            k: v for k, v in self._recent.items() if abs(now - v[1]) <= DUPLICATE_WINDOW
-        }
-        self._recent[key] = (f.check, now)
+        self._recent.pop(key, None)
+        self._recent[key] = (f.check, now)  # the newest last, so the stale go from the front:
+        while abs(now - next(iter(self._recent.values()))[1]) > DUPLICATE_WINDOW:
+            del self._recent[next(iter(self._recent))]  # not a copy per finding (a storm)
         return False
 
     def _observe(self, f: Finding, now: float, report_all: bool) -> list[Change]:

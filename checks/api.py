@@ -201,7 +201,9 @@ class StreamingCheck(Check):
         committed (None: none was found)."""
 
     def committed(self, state: Mapping[str, Any]) -> None:
-        """A checkpoint is on disk with its events: the check may keep a copy of its own."""
+        """A checkpoint is on disk with its events: the check may keep a copy of its own.
+        OSError: that copy could not be written (the agent counts and says it; the spool's
+        checkpoint stays the one a restart resumes from)."""
 
 
 class CheckBusyError(RuntimeError):

@@ -306,3 +306,18 @@ def test_gpu_identities_by_pci_address_through_nvml(monkeypatch) -> None:
 
     fake.nvmlInit = no_driver
     assert read_gpus() == {}  # the history then knows GPUs by PCI address
+
+
+def test_a_batch_of_faults_on_many_gpus_is_one_write_of_the_history(tmp_path, monkeypatch) -> None:
+    import agent.hardware
+
+    writes = []
+    real = agent.hardware.write_atomic
+    monkeypatch.setattr(
+        agent.hardware, "write_atomic", lambda path, text: (writes.append(path), real(path, text))
+    )
+    node = Node(tmp_path, Clock())
+    node.policy.observe([fault(f"gpu:0000:{i:02x}:00") for i in range(40)])
+    assert writes == [tmp_path / "hardware.json"]  # not one (fsynced) write a GPU
+    again = History(tmp_path / "hardware.json", node.rules, INVENTORY)
+    assert len(again.devices) == 40

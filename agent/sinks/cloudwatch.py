@@ -11,12 +11,18 @@ Retries: jittered exponential backoff on throttling, 5xx and connection errors; 
 CloudWatch calls invalid is split until the bad event is alone, then counted as rejected and
 skipped; events CloudWatch rejects one by one (too old, too new) are counted. Permanent
 problems (access denied, an unknown region) are logged clearly, at most once a minute.
+
+Timing: after an idle spell the first event goes out within IDLE_WINDOW (a first fault should
+not wait for a batch to fill); once a round has shipped, the next waits until flush_interval
+after it, so a burst still goes as full batches and a stream gets at most one round a
+flush_interval.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from pathlib import Path
 from typing import Any, Self
@@ -37,6 +43,7 @@ from agent.threads import in_daemon_thread
 log = structlog.get_logger("agent.cloudwatch")
 
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 60.0
+IDLE_WINDOW = 0.05  # enough for the rest of the same read to reach the spool
 RETRYABLE = {
     "ThrottlingException",
     "ServiceUnavailableException",
@@ -125,13 +132,17 @@ class CloudWatchSink:
     # -- the shipper ----------------------------------------------------------------------
 
     async def _loop(self, heart: Heart) -> None:
+        clock, every = asyncio.get_running_loop().time, self.settings.flush_interval
+        shipped_at = -math.inf  # when the last round that shipped anything ended
         while True:
             await self._wake.wait()
-            await asyncio.sleep(self.settings.flush_interval)  # let a burst fill the batch
+            due = max(clock() + min(IDLE_WINDOW, every), shipped_at + every)
+            await asyncio.sleep(due - clock())  # idle: at once; in a burst: let the batch fill
             self._wake.clear()
             while batches := await asyncio.to_thread(self._batches):
                 for batch in batches:
                     await self._ship(batch, heart)
+                shipped_at = clock()
             self.metrics.cw_spool_depth.set(await asyncio.to_thread(self.reader.depth))
             self.metrics.cw_lag.set(0)
             if not self._wake.is_set():
