@@ -28,7 +28,9 @@ from checks.kernel_log import rules  # noqa: E402
 from checks.kernel_log.classifier import Classifier  # noqa: E402
 
 FIXTURES = REPO / "tests" / "fixtures" / "kernel"
-_PREFIX = re.compile(r"^(?:\[[^\]]*\]\s?|\w{3} [ \d]\d \d\d:\d\d:\d\d \S+ kernel: |\S+: )+")
+# A line's own prefixes: dmesg's time, syslog's time, host and tag, a bare `kernel: ` tag. Not
+# the kernel's subsystem prefixes (`NVRM: `, `INFO: `, `mce: `): they are the message.
+_PREFIX = re.compile(r"^(?:\[[^\]]*\]\s?|\w{3} [ \d]\d \d\d:\d\d:\d\d \S+ kernel: |kernel: )+")
 
 
 def messages(kind: str) -> list[str]:
