@@ -1,6 +1,8 @@
 """Exactly once across SIGKILL: the daemon killed mid-burst and restarted, twice, reports each
 fault of the kernel log once: the events and the position they were read up to are committed
-in one write."""
+in one write. And killed at any point of one batch's commit (agent.commit), it reports, counts
+and decides that batch once: spool, policy state, hardware history and node state as an
+uninterrupted run leaves them."""
 
 from __future__ import annotations
 
