@@ -25,6 +25,7 @@ from typing import Any, TextIO
 import structlog
 
 from agent import __version__, deeprecord, hardware
+from agent.commit import Outbox, saved_outbox
 from agent.config import Settings
 from agent.events import EventBuilder, dumps, rfc3339
 from agent.identity import Identity
@@ -99,8 +100,9 @@ class Agent:
             self.sinks.append(StdoutSink())
         from agent.sinks import cloudwatch
 
+        readers: list[Sink] = []  # sinks that ship what the spool holds
         if cloudwatch.enabled(settings.cloudwatch, identity):
-            self.sinks.append(
+            readers.append(
                 cloudwatch.CloudWatchSink(
                     settings.cloudwatch,
                     identity,
@@ -110,6 +112,7 @@ class Agent:
                     loops=self.loops,
                 )
             )
+            self.sinks += readers
         if settings.mqtt.host:
             from agent.sinks.mqtt import MqttSink
 
@@ -145,6 +148,10 @@ class Agent:
                 )
             )
         self.fanout = Fanout(self.sinks, on_error=self._sink_failed)
+        # A batch's events go to the spool (held until the batch is committed) and the sinks
+        # that send them on themselves; to the spool's readers once the spool holds them.
+        self._readers = readers
+        self._senders = [s for s in self.sinks if s not in readers]
         self.builder = EventBuilder(identity, dry_run=settings.dry_run)
         boot_id = read_boot_id(settings.host_root / "proc/sys/kernel/random/boot_id")
         rules = rule_table(settings.policy)
@@ -154,10 +161,19 @@ class Agent:
         self.inventory = hardware.Inventory(
             nics=hardware.read_nics(sys_root), neurons=hardware.read_neurons(sys_root)
         )
+        # The last batch, if its state was saved but its spool write not (agent.commit): its
+        # history first (read next), its events before anything else is spooled (serve).
+        outbox = saved_outbox(state / Paths.policy_state)
+        spooled = self.spool.last_batch()
+        self._redo = outbox if outbox is not None and outbox.batch > spooled else None
+        self._batch = max(spooled, outbox.batch if outbox is not None else 0)
+        if self._redo is not None and self._redo.history is not None:
+            self._write_history(state / Paths.hardware_history, self._redo.history)
         self.history = hardware.History(
             state / Paths.hardware_history,
             settings.policy.history or builtin_history_rules(),
             self.inventory,
+            deferred=True,  # written with the batch that changed it
         )
         policy = lambda: Policy(  # noqa: E731
             rules, settings.policy, state / Paths.policy_state, boot_id, history=self.history
@@ -185,6 +201,7 @@ class Agent:
         self._stop = asyncio.Event()
         self._save_failing = False  # the policy state's last save failed
         self._check_saves_failing: dict[str, str] = {}  # a check's state file: why not saved
+        self._spool_failing = False  # the spool's last write failed
         self._deadline: float | None = None  # the loop's time by which a stop is done
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
@@ -315,14 +332,54 @@ class Agent:
     def _kube_write_failed(self, kind: str) -> None:
         self.metrics.kube_write_errors.labels(kind).inc()
 
-    async def _save(self) -> None:
-        """The policy's state to its file, once per batch of findings, written (and fsynced)
-        in a thread so that the loop goes on. Shielded: a stop while it is written waits for
-        it (serve), so an older state never lands after the last one."""
-        text, path = self.policy.dump(), self.policy.state_path
-        if text is not None and path is not None:
-            self._saving = asyncio.ensure_future(self._write_state(path, text))
+    async def _commit(self, checkpoints: dict[str, dict[str, Any]]) -> None:
+        """The batch's policy state, with its outbox (the held events, where the streaming
+        checks resume, the hardware history's new text: agent.commit), then the history, then
+        the events in one spool write; once per batch, the state written (and fsynced) in a
+        thread so that the loop goes on. Shielded: a stop while it is written waits for it
+        (serve), so an older state never lands after the last one, nor a batch half-done."""
+        data = self.spool.take(checkpoints, self._batch + 1)
+        history = self.history.take()
+        outbox = Outbox(self._batch + 1, data, history) if data or history is not None else None
+        if outbox is not None:
+            self._batch = outbox.batch
+        text = self.policy.dump(outbox.saved() if outbox is not None else None)
+        if text is not None or outbox is not None:
+            self._saving = asyncio.ensure_future(self._apply(text, outbox))
             await asyncio.shield(self._saving)
+
+    async def _apply(self, text: str | None, outbox: Outbox | None) -> None:
+        """Each write in its turn; one that fails is logged and counted, and the next goes on
+        (an event that cannot be counted is still reported)."""
+        if text is not None and self.policy.state_path is not None:
+            await self._write_state(self.policy.state_path, text)
+        if outbox is None:
+            return
+        if outbox.history is not None and self.history.path is not None:
+            await asyncio.to_thread(self._write_history, self.history.path, outbox.history)
+        self._spool_write(outbox.spool)
+
+    @staticmethod
+    def _write_history(path: Path, text: str) -> None:
+        try:
+            write_atomic(path, text)
+        except OSError as exc:  # the node decision goes on; the next change writes it again
+            log.error("hardware_history_save_failed", path=str(path), error=str(exc))
+
+    def _spool_write(self, data: bytes) -> None:
+        if not data:
+            return
+        try:
+            self.spool.write(data)
+        except OSError as exc:  # a full disk: counted, said once a failing spell
+            self._sink_failed(self.spool.name)
+            if not self._spool_failing:
+                log.error("sink_emit_failed", sink=self.spool.name, error=repr(exc))
+            self._spool_failing = True
+        else:
+            if self._spool_failing:
+                log.info("sink_recovered", sink=self.spool.name)
+            self._spool_failing = False
 
     async def _write_state(self, path: Path, text: str) -> None:
         """A full or read-only state directory is logged and counted, and never stops the node
@@ -411,21 +468,25 @@ class Agent:
         self, changes: Iterable[Change], marks: dict[str, tuple[StreamingCheck, dict]] | None = None
     ) -> None:
         changes = coalesce(list(changes))
-        if marks:
-            self.spool.hold()  # the events and where their source resumes: one write
+        events = []
+        self.spool.hold()  # the batch's events, committed with its state (_commit)
         try:
             for change in changes:
                 event = self.builder.render(change)
                 self.metrics.events.labels(event["level"]).inc()
-                await self.fanout.emit(event)
+                events.append(event)
+                await self.fanout.emit(event, self._senders)
         finally:
-            if marks:
-                self.spool.release({name: state for name, (_, state) in marks.items()})
+            await self._commit({name: state for name, (_, state) in (marks or {}).items()})
+        for event in events:
+            await self.fanout.emit(event, self._readers)
         self.metrics.spool_dropped.set(self.spool.dropped_events)
         self.metrics.set_verdict(self.policy.verdict)
         if changes:
-            await self._reconcile()  # the node decision first: the state file must not hold it
-        await self._save()
+            # After the commit: a restart after a kill reads back the state that decided it,
+            # and never writes the node's decision of before it again. A state file that
+            # cannot be written is logged and passed over (_apply).
+            await self._reconcile()
         if any(isinstance(c, DeepCheckWanted) for c in changes):
             await self._deep_requested("policy")  # run once the accelerators are free
 
@@ -562,6 +623,9 @@ class Agent:
             if isinstance(self.writer, contextlib.AbstractAsyncContextManager):
                 await self._open(stack, [self.writer])  # the Kubernetes writer's loops
             await self._open(stack, [self.spool])  # closed last: it is where nothing is lost
+            if self._redo is not None:  # before anything else is spooled (agent.commit)
+                self._spool_write(self._redo.spool)
+                log.warning("batch_redone", batch=self._redo.batch, bytes=len(self._redo.spool))
             await self._open(stack, [s for s in self.sinks if s is not self.spool])
             health = contextlib.AsyncExitStack()  # its close bounded like the sinks'
             await self._open(stack, [health])
@@ -608,7 +672,8 @@ class Agent:
             await self._bounded("checks", asyncio.gather(*tasks, return_exceptions=True))
             if self._saving is not None:  # one a cancelled batch left running
                 await self._bounded("state", asyncio.gather(self._saving, return_exceptions=True))
-            await self._bounded("state", self._save())  # a failure is logged; the exit stays 0
+            await self._bounded("state", self._commit({}))  # a failure is logged; exit 0
+            await self._bounded("node", self._reconcile())  # a batch the stop cut short
             # Then the exit stack: the health server, every sink but the spool at once (each
             # a last bounded try; what is left stays in the spool for the next start, where
             # CloudWatch's cursor resumes), the spool, the node writer.

@@ -136,8 +136,13 @@ def _text(value: Any) -> str:
 class History:
     """Faults and remediations per device, and the node's remediations, in one JSON file."""
 
-    def __init__(self, path: Path | None, rules: HistoryRules, inventory: Inventory) -> None:
+    def __init__(
+        self, path: Path | None, rules: HistoryRules, inventory: Inventory, deferred: bool = False
+    ) -> None:
         self.path, self.rules, self.inventory = path, rules, inventory
+        # deferred: the agent writes the file, with the batch of events that changed it (take)
+        self.deferred = deferred
+        self._deferred_text: str | None = None  # not taken yet
         self.devices: dict[str, dict[str, Any]] = {}
         self.node: list[dict[str, Any]] = []  # the node's remediations
         self._held, self._unsaved = 0, False  # within `saving_once`; something to write then
@@ -232,11 +237,19 @@ class History:
             del self.devices[next(iter(self.devices))]
         return dev
 
+    def take(self) -> str | None:
+        """The file's new text, deferred since the last take; None: unchanged."""
+        text, self._deferred_text = self._deferred_text, None
+        return text
+
     def _save(self) -> None:
         self._unsaved = bool(self._held)
         if self.path is None or self._held:
             return
         doc = {"version": VERSION, "devices": self.devices, "node": self.node}
+        if self.deferred:
+            self._deferred_text = json.dumps(doc, indent=1)
+            return
         try:
             write_atomic(self.path, json.dumps(doc, indent=1))
         except OSError as exc:  # kept in memory; written again with the next entry

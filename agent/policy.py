@@ -563,10 +563,12 @@ class Policy:
         """A dump that could not be written: the next save writes the state again."""
         self._dirty = True
 
-    def dump(self) -> str | None:
-        """The state as its file holds it, when it changed since the last dump; taken on the
-        event loop, so that the write (with its fsync) can go to a thread."""
-        if not self._dirty:
+    def dump(self, outbox: dict[str, Any] | None = None) -> str | None:
+        """The state as its file holds it, when it changed since the last dump, or with the
+        `outbox` of the batch it took in (agent.commit: what that batch still writes elsewhere,
+        saved in the same write); taken on the event loop, so that the write (with its fsync)
+        can go to a thread."""
+        if not self._dirty and outbox is None:
             return None
         state = {
             "version": 1,
@@ -577,6 +579,7 @@ class Policy:
             "latched_keys": self.latched_keys,
             "rebooted_for": self.rebooted_for,
             "trackers": [dataclasses.asdict(t) for t in self.trackers.values()],
+            "outbox": outbox,
         }
         self._dirty = False
         return json.dumps(state, indent=1)

@@ -9,6 +9,20 @@ from tests.conftest import spooled, wait_for
 from tests.kube.test_daemon_kube import metric
 from tests.test_daemon import LABEL, _answers, faulty, free_port, get, start, stop
 
+CONFIG = """
+checks:
+  fixed: {enabled: false}
+  hang: {enabled: false}
+  needs: {enabled: false}
+  kernel_log: {source: file}
+"""
+# The recorded XID 79 line (tests/fixtures/kernel/syslog), on two GPUs.
+XIDS = [
+    f"Jun 01 20:11:11 isaac-Predator-PO5-650 kernel: NVRM: Xid (PCI:0000:0{bus}:00): 79, "
+    "GPU has fallen off the bus.\n"
+    for bus in (1, 2)
+]
+
 
 def test_a_policy_state_that_cannot_be_saved_never_holds_the_node_state(cli_env, tmp_path):
     state = tmp_path / "state"
@@ -32,3 +46,33 @@ def test_a_policy_state_that_cannot_be_saved_never_holds_the_node_state(cli_env,
     assert proc.stderr.read().count("policy_state_save_failed") == 1
     assert metric(metrics, saves) >= 3
     assert not (state / "policy-state.json").exists()
+
+
+def test_a_spool_that_cannot_be_written_never_holds_the_node_decision(cli_env, tmp_path):
+    """A kernel-log fault, with `spool` a file in the state dir (every spool write fails): the
+    node is taken out all the same, and the failure is counted and said once."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "spool").write_text("")
+    kern = tmp_path / "host" / "var/log/kern.log"
+    kern.parent.mkdir(parents=True, exist_ok=True)
+    kern.write_text("")
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(CONFIG)
+    port = free_port()
+    env = cli_env | {"NODE_HEALTH_HTTP_LISTEN": f"127.0.0.1:{port}"}
+    proc = start(env, "--config", str(cfg))
+    try:
+        wait_for(lambda: _answers(port))
+        with kern.open("a") as fh:
+            fh.writelines(XIDS)
+        node = state / "node-state.json"
+        wait_for(lambda: node.exists() and "PendingReplacement" in node.read_text(), 20)
+        errors = 'node_health_sink_errors_total{sink="spool"}'
+        wait_for(lambda: metric(get(f"http://127.0.0.1:{port}/metrics")[1], errors) >= 2)
+    finally:
+        assert stop(proc) < 10
+    assert proc.returncode == 0
+    assert json.loads(node.read_text())["labels"][LABEL] == "UnschedulablePendingReplacement"
+    failed = [line for line in proc.stderr if "sink_emit_failed" in line]
+    assert len(failed) == 1 and '"spool"' in failed[0]

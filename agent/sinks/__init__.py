@@ -38,8 +38,9 @@ class Fanout:
         self.on_error = on_error
         self._failing: dict[str, str] = {}  # sink -> its last error, while it fails
 
-    async def emit(self, event: Event) -> None:
-        for sink in self.sinks:
+    async def emit(self, event: Event, sinks: list[Sink] | None = None) -> None:
+        """To every sink, or to `sinks` of them."""
+        for sink in self.sinks if sinks is None else sinks:
             try:
                 await sink.emit(event)
             except Exception as exc:  # a sink must never take the daemon down

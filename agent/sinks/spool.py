@@ -5,10 +5,12 @@ the bound is hit the oldest segment goes, its events counted and logged. Each ev
 `write` to an O_APPEND descriptor, so a `kill -9` loses at most the line being written; `flush`
 (and close, on SIGTERM) fsyncs.
 
-Exactly once across a crash: the events of a batch of a streaming check's findings are held
-and written in one `write` with a checkpoint line (`{"checkpoint": {"check": ..., "state":
-...}}`: where the check resumes), so the events and the source position they came from land
-together or not at all. The shipper skips checkpoint lines; `last_checkpoints` reads them back.
+Exactly once across a crash: the events of one batch (the daemon's decision on a batch of
+findings) are held and written in one `write` after checkpoint lines: `{"checkpoint": {"check":
+..., "state": ..., "events": N, "batch": B}}` (where a streaming check resumes), or `{"checkpoint":
+{"events": N, "batch": B}}` for a batch without one, so the events, the source position they came
+from and the batch's number land together or not at all. The shipper skips checkpoint lines;
+`last_checkpoints` and `last_batch` read them back (agent.commit: whether a batch landed).
 """
 
 from __future__ import annotations
@@ -87,24 +89,27 @@ class SpoolSink:
         self._write(data)
 
     def hold(self) -> None:
-        """Keep the events emitted from now until `release`."""
+        """Keep the events emitted from now until `take`."""
         self._held = []
 
-    def release(self, checkpoints: dict[str, dict[str, Any]]) -> None:
-        """The held events after a checkpoint line that says how many follow, in one write.
-        A `kill -9` can cut even one write short: `_repair` then drops the whole batch, so
-        that its events come again from where the last whole checkpoint resumes."""
+    def take(self, checkpoints: dict[str, dict[str, Any]], batch: int) -> bytes:
+        """The held events after checkpoint lines that say how many follow and the batch's
+        number: what `write` puts down in one write (nothing, for neither). A `kill -9` can cut
+        even one write short: `_repair` then drops the whole batch, so that it counts as not
+        written."""
         held, self._held = self._held or [], None
-        if not checkpoints:
-            if held:
-                self._write(b"".join(held))
-            return
+        if not held and not checkpoints:
+            return b""
         marks = [
-            {CHECKPOINT: {"check": check, "state": state, "events": len(held)}}
+            {CHECKPOINT: {"check": check, "state": state, "events": len(held), "batch": batch}}
             for check, state in checkpoints.items()
-        ]
+        ] or [{CHECKPOINT: {"events": len(held), "batch": batch}}]
         lines = [(json.dumps(m, separators=(",", ":")) + "\n").encode() for m in marks]
-        self._write(b"".join(lines[::-1] + held))  # the first line counts what follows it
+        return b"".join(lines[::-1] + held)  # the first line counts what follows it
+
+    def write(self, data: bytes) -> None:
+        """A batch that `take` made, in one write."""
+        self._write(data)
 
     def _repair(self) -> None:
         """Cut off what a crash left half-written at the end of the newest segment: a torn
@@ -151,6 +156,24 @@ class SpoolSink:
             if found:
                 return found
         return {}
+
+    def last_batch(self) -> int:
+        """The number of the newest batch written whole, once a torn end is cut off; 0: none
+        (or only checkpoints from before batches were numbered)."""
+        with contextlib.suppress(OSError):  # read-only: what can be read
+            self._repair()
+        for path in reversed(self.segments()):
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue
+            for raw in reversed(data.splitlines()):
+                if raw.startswith(MARK):
+                    try:
+                        return int(json.loads(raw)[CHECKPOINT].get("batch", 0))
+                    except (ValueError, KeyError, TypeError, AttributeError):
+                        continue  # not one of ours
+        return 0
 
     def _write(self, data: bytes) -> None:
         if self._fd is None:
