@@ -42,6 +42,8 @@ RUN mkdir /tmp/nccl-tests \
 
 FROM ${CUDA_RUNTIME_IMAGE} AS deep-check
 ARG DEBIAN_FRONTEND=noninteractive
+# A failed download in `curl | gpg`, `echo | sha256sum` fails the build, not just the pipe's end.
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # stress-ng and Python (3.12) from Ubuntu; DCGM 4 from NVIDIA's CUDA repository, which the
 # CUDA image has configured (docs.nvidia.com/datacenter/dcgm/latest/installation.html:
 # datacenter-gpu-manager-4-cuda<major>, the diagnostic's plugins in -proprietary-cuda<major>):
