@@ -32,14 +32,17 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.harness import daemon_env, fifo_host, start_daemon, wait
+from tests.aws.conftest import reset
 
 MIB = 1024 * 1024
+HEALTH_LABEL = "sagemaker.amazonaws.com/node-health-status"
 XID = "NVRM: Xid (PCI:0000:10:00): 79, pid=1234, GPU has fallen off the bus."
 BASE = """
 http_listen: 127.0.0.1:0
@@ -53,13 +56,40 @@ cloudwatch: {{enabled: {cloudwatch}, flush_interval: 1s}}
 """
 
 
+class Doubles:
+    """The fake API server, moto and an MQTT broker, for the whole run; and what each sink
+    left in them, so that a sink said to be on is seen to have done its work."""
+
+    def __init__(self, tmp: Path, api: Any, moto: str, mqtt_port: int) -> None:
+        from tests.aws.conftest import aws_env
+        from tests.kube.conftest import kubeconfig
+
+        self.api, self.moto, self.mqtt_port = api, moto, mqtt_port
+        self.kubeconfig = str(kubeconfig(tmp / "kubeconfig", api.url))
+        self.env = aws_env(moto)
+
+    def labelled(self, node: str) -> bool:
+        """The Node's health label says the XID's verdict."""
+        label = self.api.node(node)["metadata"].get("labels", {}).get(HEALTH_LABEL)
+        return label not in (None, "Schedulable")
+
+    def shipped(self) -> bool:
+        """CloudWatch holds the XID line."""
+        from tests.aws.conftest import logs_client
+
+        client = logs_client(self.moto)
+        for group in client.describe_log_groups()["logGroups"]:
+            found = client.filter_log_events(logGroupName=group["logGroupName"])["events"]
+            if any("Xid" in e["message"] for e in found):
+                return True
+        return False
+
+
 @contextlib.contextmanager
-def services(tmp: Path) -> Iterator[dict[str, str]]:
-    """The fake API server, moto and an MQTT broker, for the whole run."""
+def services(tmp: Path) -> Iterator[Doubles]:
     import logging
 
-    from tests.aws.conftest import aws_env, moto_server
-    from tests.kube.conftest import kubeconfig
+    from tests.aws.conftest import moto_server
     from tests.kube.fake_api import FakeKubeAPI
     from tests.mqtt.conftest import Broker
 
@@ -68,60 +98,84 @@ def services(tmp: Path) -> Iterator[dict[str, str]]:
     broker.start()
     try:
         with FakeKubeAPI() as api, moto_server() as moto:
-            api.add_node("bench-node")
-            yield {
-                "kubeconfig": str(kubeconfig(tmp / "kubeconfig", api.url)),
-                "mqtt_port": str(broker.port),
-                **aws_env(moto),
-            }
+            yield Doubles(tmp, api, moto, broker.port)
     finally:
         broker.stop()
 
 
-def config(kube: bool, cloudwatch: bool, mqtt: bool, svc: dict[str, str]) -> str:
+@contextlib.contextmanager
+def subscribed(port: int, topic: str) -> Iterator[list[bytes]]:
+    """The payloads published on `topic` while inside."""
+    import paho.mqtt.client as paho
+
+    got: list[bytes] = []
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2)
+    client.on_message = lambda c, u, msg: got.append(msg.payload)
+    client.on_connect = lambda c, *a: c.subscribe(topic, qos=1)
+    client.connect("127.0.0.1", port, keepalive=30)
+    client.loop_start()
+    try:
+        yield got
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+
+def config(kube: bool, cloudwatch: bool, mqtt: bool, svc: Doubles) -> str:
     text = BASE.format(cloudwatch=str(cloudwatch).lower())
     if kube:
-        text += f"kubernetes: {{enabled: true, kubeconfig: '{svc['kubeconfig']}'}}\n"
+        text += f"kubernetes: {{enabled: true, kubeconfig: '{svc.kubeconfig}'}}\n"
     if mqtt:
-        text += f"mqtt: {{host: 127.0.0.1, port: {svc['mqtt_port']}}}\n"
+        text += f"mqtt: {{host: 127.0.0.1, port: {svc.mqtt_port}}}\n"
     return text
 
 
 def measure(
-    tmp: Path, name: str, text: str, svc: dict[str, str], seconds: float
+    tmp: Path, name: str, on: tuple[bool, bool, bool], svc: Doubles, seconds: float
 ) -> dict[str, float]:
+    """The daemon's RSS and CPU once each sink that is `on` has done its work."""
+    kube, cloudwatch, mqtt = on
     run = tmp / name
     run.mkdir()
     root = fifo_host(run)
     cfg = run / "config.yaml"
-    cfg.write_text(text)
-    env = daemon_env(run, root, "bench-node") | {
-        k: v for k, v in svc.items() if k.startswith("AWS_")
-    }
-    agent, kmsg = start_daemon(cfg, env, run / "agent.log")
-    try:
-        log = run / "agent.log"
-        wait(lambda: "first_round_done" in log.read_text(), 60, f"{name}: never started")
-        os.write(kmsg, f"3,1,1000000,-;{XID}\n".encode())
-        spool = run / "state" / "spool"
-        wait(lambda: any(XID[:20] in p.read_text() for p in spool.glob("*.jsonl")), 30, name)
-        time.sleep(3)  # each sink ships it (CloudWatch flushes every second)
-        p = psutil.Process(agent.pid)
-        cpu0, t0 = sum(p.cpu_times()[:2]), time.monotonic()
-        rss = []
-        while time.monotonic() - t0 < seconds:
-            rss.append(p.memory_info().rss)
+    cfg.write_text(config(kube, cloudwatch, mqtt, svc))
+    node = f"bench-{name}"
+    svc.api.add_node(node)
+    reset(svc.moto)
+    env = daemon_env(run, root, node) | svc.env
+    topic = f"node-health/bench/{node}/events"
+    with subscribed(svc.mqtt_port, topic) as published:
+        agent, kmsg = start_daemon(cfg, env, run / "agent.log")
+        try:
+            log = run / "agent.log"
+            wait(lambda: "first_round_done" in log.read_text(), 60, f"{name}: never started")
+            os.write(kmsg, f"3,1,1000000,-;{XID}\n".encode())
+            spool = run / "state" / "spool"
+            wait(lambda: any(XID[:20] in p.read_text() for p in spool.glob("*.jsonl")), 30, name)
+            if kube:
+                wait(lambda: svc.labelled(node), 30, f"{name}: the Node was never labelled")
+            if cloudwatch:
+                wait(svc.shipped, 30, f"{name}: nothing reached CloudWatch")
+            if mqtt:
+                wait(lambda: any(b"Xid" in p for p in published), 30, f"{name}: no MQTT event")
             time.sleep(1)
-        cpu = sum(p.cpu_times()[:2]) - cpu0
-        return {
-            "rss": rss[-1] / MIB,
-            "rss_max": max(rss) / MIB,
-            "millicores": 1000 * cpu / (time.monotonic() - t0),
-        }
-    finally:
-        agent.terminate()
-        agent.wait(30)
-        os.close(kmsg)
+            p = psutil.Process(agent.pid)
+            cpu0, t0 = sum(p.cpu_times()[:2]), time.monotonic()
+            rss = []
+            while time.monotonic() - t0 < seconds:
+                rss.append(p.memory_info().rss)
+                time.sleep(1)
+            cpu = sum(p.cpu_times()[:2]) - cpu0
+            return {
+                "rss": rss[-1] / MIB,
+                "rss_max": max(rss) / MIB,
+                "millicores": 1000 * cpu / (time.monotonic() - t0),
+            }
+        finally:
+            agent.terminate()
+            agent.wait(30)
+            os.close(kmsg)
 
 
 def in_fresh_interpreter(code: str) -> float:
@@ -159,7 +213,7 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp, services(Path(tmp)) as svc:
         results = {
-            name: measure(Path(tmp), name.strip("+ "), config(*on, svc), svc, args.seconds)
+            name: measure(Path(tmp), name.strip("+ ").replace(" ", "-"), on, svc, args.seconds)
             for name, on in setups.items()
         }
     interp = in_fresh_interpreter("print(rss())")
