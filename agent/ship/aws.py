@@ -18,6 +18,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from agent import heap
+
 DATA = Path(__file__).with_name("botocore_data")
 VERSION = DATA / "botocore_version"
 SERVICES = ("logs", "sts")
@@ -25,14 +27,17 @@ OPERATIONS = ("CreateLogGroup", "CreateLogStream", "PutLogEvents")
 
 
 def logs_client(region: str | None, config: Any) -> Any:
-    """A botocore `logs` client (boto3's layer above it adds nothing the sink uses)."""
+    """A botocore `logs` client (boto3's layer above it adds nothing the sink uses); made once
+    a process, so what making it left free is given back."""
     import botocore
     import botocore.session
 
     session = botocore.session.Session()
     if _version() == botocore.__version__:
         session.register_component("data_loader", _loader(session))
-    return session.create_client("logs", region_name=region, config=config)
+    client = session.create_client("logs", region_name=region, config=config)
+    heap.settle()
+    return client
 
 
 def _version() -> str | None:
