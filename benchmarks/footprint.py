@@ -38,7 +38,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.harness import daemon_env, fifo_host, start_daemon, wait
+from benchmarks.harness import compile_for_daemon, daemon_env, fifo_host, start_daemon, wait
 from tests.aws.conftest import reset
 
 MIB = 1024 * 1024
@@ -204,6 +204,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=10)
     args = ap.parse_args()
     os.chdir(Path(__file__).resolve().parent.parent)
+    compile_for_daemon()
     setups = {
         "local": (False, False, False),
         "+ kubernetes": (True, False, False),

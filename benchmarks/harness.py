@@ -6,9 +6,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import sysconfig
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def fifo_host(tmp: Path) -> Path:
@@ -40,10 +43,33 @@ def wait(predicate: Callable[[], object], timeout: float, what: str) -> None:
         time.sleep(0.001)
 
 
+def daemon_command() -> list[str]:
+    """`node-health run` as deploy/daemonset.yaml runs it (`python` with its flags), here."""
+    import yaml
+
+    manifest = (REPO / "deploy" / "daemonset.yaml").read_text()
+    spec = next(d for d in yaml.safe_load_all(manifest) if d and d["kind"] == "DaemonSet")
+    agent = next(c for c in spec["spec"]["template"]["spec"]["containers"] if c["name"] == "agent")
+    assert agent["command"][0] == "python", agent["command"]
+    return [sys.executable, *agent["command"][1:], *agent["args"]]
+
+
+def compile_for_daemon() -> None:
+    """Bytecode at the daemon's optimization level, as the image holds it (Dockerfile): a
+    module compiled at its first import would count the compiler's memory."""
+    paths = [sysconfig.get_path("stdlib"), sysconfig.get_path("purelib"), REPO / "agent"]
+    levels = ["-o", "0", "-o", "2"]
+    subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", *levels, *map(str, paths), str(REPO / "checks")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def start_daemon(config: Path, env: dict[str, str], log: Path) -> tuple[subprocess.Popen, int]:
-    """`node-health run` on `config`, its log to `log`; and the FIFO's write end."""
+    """`node-health run` on `config` as deployed, its log to `log`; and the FIFO's write end."""
     agent = subprocess.Popen(
-        [sys.executable, "-m", "agent", "run", "--config", str(config)],
+        [*daemon_command(), "--config", str(config)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=log.open("w"),

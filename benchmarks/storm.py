@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.harness import daemon_env
+from benchmarks.harness import compile_for_daemon, daemon_command, daemon_env
 from benchmarks.kernel_log import corpus, ere
 from checks.kernel_log import rules
 from tests.aws.conftest import aws_env
@@ -136,7 +136,7 @@ def run(label: str, lines: int, share: float, at_start: bool, moto_url: str) -> 
         env = daemon_env(tmp, root, "bench-node") | aws_env(proxy.url)
         t0 = time.monotonic()
         agent = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "--config", str(cfg)],
+            [*daemon_command(), "--config", str(cfg)],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=(tmp / "agent.log").open("w"),
@@ -217,6 +217,7 @@ def main() -> int:
     ap.add_argument("--backlog", type=int, default=100_000)
     ap.add_argument("--fault-share", type=float, default=0.01)
     args = ap.parse_args()
+    compile_for_daemon()
     import logging
 
     from moto.server import ThreadedMotoServer
