@@ -3,11 +3,12 @@ and the CLI's start-up time, beside a bare `python -c pass`.
 
     python benchmarks/footprint.py [--seconds 30] [--runs 10]
 
-For each of five set-ups the daemon (`python -m agent run`, the default checks, the HTTP
-server on) runs on a host root whose /dev/kmsg is a FIFO; one XID line is written into it, so
-that every sink has done its work once (the Kubernetes writer has patched the Node, CloudWatch
-has shipped a batch, MQTT has published), then it idles for --seconds while its RSS is sampled
-each second (psutil) and its CPU time is counted:
+For each of five set-ups the daemon (`node-health run` as deploy/daemonset.yaml runs it, with
+its interpreter flags; the default checks, the HTTP server on) runs on a host root whose
+/dev/kmsg is a FIFO; one XID line is written into it, and the benchmark waits until every sink
+that is on has done its work (the Node labelled in the fake API server, the line in moto's
+CloudWatch, the event on the MQTT broker); then the daemon idles for --seconds while its RSS is
+sampled each second (psutil) and its CPU time is counted:
 
 1. local: stdout, the spool and the local node-state file (the embedded default);
 2. + kubernetes: the node writer and Node events, against the tests' fake API server;
@@ -15,9 +16,11 @@ each second (psutil) and its CPU time is counted:
 4. + mqtt: the MQTT sink, against mosquitto (amqtt where mosquitto is not installed);
 5. every sink: all of the above together, as in a cluster.
 
-The Kubernetes client is configured from a kubeconfig (the fake API server's); in a pod it
-loads the in-cluster config instead, without the kubeconfig loader's OAuth modules: their cost
-is printed apart. Goal: <= 64 MiB RSS with every sink on, <= 2 millicores idle.
+The Kubernetes client loads the in-cluster config, as in a pod: the fake API server serves
+HTTPS, and a service account's token and CA are mounted where the client reads them, in the
+daemon's own mount namespace (`unshare`). Where this machine allows no namespace, it loads a
+kubeconfig instead, and says so: that adds the kubeconfig loader's OAuth modules, whose cost is
+printed apart. Goal: <= 64 MiB RSS with every sink on, <= 2 millicores idle.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -42,6 +46,17 @@ from benchmarks.harness import compile_for_daemon, daemon_env, fifo_host, start_
 from tests.aws.conftest import reset
 
 MIB = 1024 * 1024
+# A pod's service account: its files where the kubernetes client's in-cluster loader reads them
+# (/var/run/secrets/kubernetes.io/serviceaccount), in this process's own mounts only.
+IN_POD = [
+    "/usr/bin/unshare",
+    "-rm",
+    "/bin/sh",
+    "-c",
+    "tools=$PATH; PATH=/usr/sbin:/usr/bin:/sbin:/bin; mount -t tmpfs tmpfs /run"
+    ' && mkdir -p /run/secrets/kubernetes.io && cp -r "$0" /run/secrets/kubernetes.io/'
+    'serviceaccount && PATH=$tools exec "$@"',
+]
 HEALTH_LABEL = "sagemaker.amazonaws.com/node-health-status"
 XID = "NVRM: Xid (PCI:0000:10:00): 79, pid=1234, GPU has fallen off the bus."
 BASE = """
@@ -60,13 +75,22 @@ class Doubles:
     """The fake API server, moto and an MQTT broker, for the whole run; and what each sink
     left in them, so that a sink said to be on is seen to have done its work."""
 
-    def __init__(self, tmp: Path, api: Any, moto: str, mqtt_port: int) -> None:
+    def __init__(self, tmp: Path, api: Any, moto: str, mqtt_port: int, pod: bool) -> None:
         from tests.aws.conftest import aws_env
         from tests.kube.conftest import kubeconfig
 
         self.api, self.moto, self.mqtt_port = api, moto, mqtt_port
-        self.kubeconfig = str(kubeconfig(tmp / "kubeconfig", api.url))
         self.env = aws_env(moto)
+        self.kube_env: dict[str, str] = {}  # the daemon's with the Kubernetes sinks on
+        self.wrap: tuple[str, ...] = ()  # what the daemon's command runs under
+        if pod:  # the in-cluster config, from a service account's files, as in a pod
+            port = api.url.rsplit(":", 1)[1]
+            self.kube_env = {"KUBERNETES_SERVICE_HOST": "127.0.0.1"}
+            self.kube_env["KUBERNETES_SERVICE_PORT"] = port
+            self.wrap = (*IN_POD, str(tmp / "serviceaccount"))
+            self.kubernetes = "{enabled: true}"
+        else:
+            self.kubernetes = f"{{enabled: true, kubeconfig: '{kubeconfig(tmp / 'kc', api.url)}'}}"
 
     def labelled(self, node: str) -> bool:
         """The Node's health label says the XID's verdict."""
@@ -85,20 +109,35 @@ class Doubles:
         return False
 
 
+def can_mount() -> bool:
+    """Whether this machine lets a process have its own mounts (a user namespace)."""
+    probe = subprocess.run([IN_POD[0], "-rm", "true"], capture_output=True)
+    return probe.returncode == 0
+
+
 @contextlib.contextmanager
 def services(tmp: Path) -> Iterator[Doubles]:
     import logging
 
     from tests.aws.conftest import moto_server
     from tests.kube.fake_api import FakeKubeAPI
-    from tests.mqtt.conftest import Broker
+    from tests.mqtt.conftest import Broker, make_certs
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto: no line per request
     broker = Broker(tmp)
     broker.start()
+    api, pod = FakeKubeAPI(), Path(IN_POD[0]).exists() and can_mount()
+    if pod:
+        account = tmp / "serviceaccount"
+        account.mkdir()
+        ca, cert, key = make_certs(account)
+        api.use_tls(cert, key)
+        shutil.copy(ca, account / "ca.crt")
+        (account / "token").write_text("agent-token")
+        (account / "namespace").write_text("node-health")
     try:
-        with FakeKubeAPI() as api, moto_server() as moto:
-            yield Doubles(tmp, api, moto, broker.port)
+        with api, moto_server() as moto:
+            yield Doubles(tmp, api, moto, broker.port, pod)
     finally:
         broker.stop()
 
@@ -124,7 +163,7 @@ def subscribed(port: int, topic: str) -> Iterator[list[bytes]]:
 def config(kube: bool, cloudwatch: bool, mqtt: bool, svc: Doubles) -> str:
     text = BASE.format(cloudwatch=str(cloudwatch).lower())
     if kube:
-        text += f"kubernetes: {{enabled: true, kubeconfig: '{svc.kubeconfig}'}}\n"
+        text += f"kubernetes: {svc.kubernetes}\n"
     if mqtt:
         text += f"mqtt: {{host: 127.0.0.1, port: {svc.mqtt_port}}}\n"
     return text
@@ -143,10 +182,10 @@ def measure(
     node = f"bench-{name}"
     svc.api.add_node(node)
     reset(svc.moto)
-    env = daemon_env(run, root, node) | svc.env
+    env = daemon_env(run, root, node) | svc.env | (svc.kube_env if kube else {})
     topic = f"node-health/bench/{node}/events"
     with subscribed(svc.mqtt_port, topic) as published:
-        agent, kmsg = start_daemon(cfg, env, run / "agent.log")
+        agent, kmsg = start_daemon(cfg, env, run / "agent.log", svc.wrap)
         try:
             log = run / "agent.log"
             wait(lambda: "first_round_done" in log.read_text(), 60, f"{name}: never started")
@@ -217,9 +256,11 @@ def main() -> None:
             name: measure(Path(tmp), name.strip("+ ").replace(" ", "-"), on, svc, args.seconds)
             for name, on in setups.items()
         }
+        pod = bool(svc.wrap)
     interp = in_fresh_interpreter("print(rss())")
     local = results["local"]["rss"]
     print(f"daemon RSS after {args.seconds:.0f} s idle (a bare interpreter: {interp:.1f} MiB):")
+    print(f"  (Kubernetes: {'in-cluster config, as in a pod' if pod else 'a kubeconfig'})")
     for name, r in results.items():
         share = "" if name == "local" else f"  ({r['rss'] - local:+5.1f} MiB)"
         print(

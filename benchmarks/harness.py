@@ -66,10 +66,13 @@ def compile_for_daemon() -> None:
     )
 
 
-def start_daemon(config: Path, env: dict[str, str], log: Path) -> tuple[subprocess.Popen, int]:
-    """`node-health run` on `config` as deployed, its log to `log`; and the FIFO's write end."""
+def start_daemon(
+    config: Path, env: dict[str, str], log: Path, wrap: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen, int]:
+    """`node-health run` on `config` as deployed (under the command `wrap`, which execs it),
+    its log to `log`; and the FIFO's write end."""
     agent = subprocess.Popen(
-        [*daemon_command(), "--config", str(config)],
+        [*wrap, *daemon_command(), "--config", str(config)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=log.open("w"),
