@@ -15,6 +15,7 @@ with that version (another one gets botocore's whole data, as before):
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,8 @@ def _loader(session: Any) -> Any:
             # botocore's data, cut: keeps the endpoint rule sets in charge, as with its own
             return path.startswith(str(DATA)) or super().is_builtin_path(path)
 
-    user = [p for p in (session.get_config_variable("data_path") or "").split(":") if p]
+    given = (session.get_config_variable("data_path") or "").split(os.pathsep)
+    user = [os.path.expanduser(os.path.expandvars(p)) for p in given if p]  # as botocore's own
     return CutLoader(extra_search_paths=[*user, str(DATA)])
 
 

@@ -4,6 +4,7 @@ client made with it reaches the same endpoints as one made with botocore's whole
 from __future__ import annotations
 
 import functools
+import json
 
 import botocore.session
 import pytest
@@ -105,3 +106,14 @@ def test_another_botocore_gets_its_own_whole_data(tmp_path, monkeypatch) -> None
     monkeypatch.setattr(aws, "VERSION", tmp_path / "botocore_version")
     client = aws.logs_client("us-east-1", Config())
     assert "FilterLogEvents" in client.meta.service_model.operation_names
+
+
+def test_the_users_own_data_path_still_comes_first(tmp_path, monkeypatch) -> None:
+    """AWS_DATA_PATH (botocore's setting for one's own endpoints and models) wins over ours."""
+    endpoints = aws.cut_endpoints(json.loads((aws.DATA / "endpoints.json").read_text()))
+    aws_partition = next(p for p in endpoints["partitions"] if p["partition"] == "aws")
+    aws_partition["services"]["logs"]["endpoints"]["us-east-1"] = {"hostname": "logs.example"}
+    (tmp_path / "endpoints.json").write_text(json.dumps(endpoints))
+    monkeypatch.setenv("AWS_DATA_PATH", str(tmp_path))
+    client = aws.logs_client("us-east-1", Config())
+    assert client.meta.endpoint_url == "https://logs.example"
