@@ -19,7 +19,7 @@ COPY agent agent
 COPY checks checks
 RUN python -m venv /opt/node-health \
  && /opt/node-health/bin/pip install --no-cache-dir --no-compile -c constraints.txt . \
- && /opt/node-health/bin/python -m compileall -q /opt/node-health/lib
+ && /opt/node-health/bin/python -m compileall -q -o 0 -o 2 /opt/node-health/lib
 
 # --- The deep check's image: docker build --target deep-check -t node-health-agent-deep-check .
 # What `node-health deep-check` runs (agent/deepcheck.py), each from its vendor's packages. The
@@ -125,6 +125,10 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/node-health /opt/node-health
 COPY LICENSE /usr/share/doc/node-health-agent/LICENSE
+# Bytecode for both ways the agent runs (the build stage's compileall does the same for its
+# packages): the CLI plainly, the daemon with -OO (deploy/daemonset.yaml). With
+# PYTHONDONTWRITEBYTECODE and a read-only root, a module without it is compiled at each start.
+RUN python -m compileall -q -o 0 -o 2 "$(python -c 'import sysconfig; print(sysconfig.get_path("stdlib"))')"
 # The host's /proc, /sys, /dev/kmsg, /var/log and /run/log/journal are mounted under /host
 # (see deploy/).
 ENV PATH=/opt/node-health/bin:$PATH \

@@ -156,10 +156,12 @@ def run(
 
 
 def _keep_rich_out() -> None:
-    """The daemon prints no table: keep rich (which structlog imports where it finds it, for
-    console tracebacks: about 4 MiB) out of its resident memory (benchmarks/footprint.py).
-    Here, once typer (whose help and usage errors use rich) has parsed the command line;
-    structlog falls back to plain tracebacks, and the agent's logs are JSON anyway."""
+    """The daemon prints no table: keep rich (about 5 MiB) out of its resident memory
+    (benchmarks/footprint.py). No structlog configuration can: `import structlog` itself runs
+    `structlog.dev` and `structlog.tracebacks`, each importing rich where it is installed (and
+    typer installs it). A None in sys.modules is Python's way to make an import fail; here once
+    typer (whose help and usage errors use rich) has parsed the command line. structlog falls
+    back to plain tracebacks, and the agent's logs are JSON anyway."""
     sys.modules.setdefault("rich", None)  # type: ignore[assignment]
 
 

@@ -24,7 +24,7 @@ from typing import Any, TextIO
 
 import structlog
 
-from agent import __version__, deeprecord, hardware
+from agent import __version__, deeprecord, hardware, heap
 from agent.commit import Outbox, saved_outbox
 from agent.config import Settings
 from agent.events import EventBuilder, dumps, rfc3339
@@ -538,6 +538,7 @@ class Agent:
         async with self._lock:
             await self._publish(self.policy.release_hold())
         self._ready = True
+        heap.settle()  # start-up's imports and parsing are done
         log.info("first_round_done", verdict=str(self.policy.verdict))
 
     async def _run_deep_check(self, force: bool = False) -> None:

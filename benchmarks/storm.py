@@ -48,7 +48,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.harness import daemon_env
+from benchmarks.harness import compile_for_daemon, daemon_command, daemon_env
 from benchmarks.kernel_log import FIXTURES, corpus, ere, messages
 from checks.kernel_log import rules
 from tests.aws.conftest import aws_env
@@ -195,7 +195,7 @@ def run(label: str, build: Callable[[Path], None], moto_url: str, rate: int = 0)
         env = daemon_env(tmp, root, "bench-node") | aws_env(proxy.url)
         t0 = time.monotonic()
         agent = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "--config", str(cfg)],
+            [*daemon_command(), "--config", str(cfg)],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=(tmp / "agent.log").open("w"),
@@ -304,6 +304,7 @@ def main() -> int:
     chosen = args.modes.split(",")
     if unknown := set(chosen) - set(modes):
         ap.error(f"unknown modes: {', '.join(sorted(unknown))} (known: {', '.join(modes)})")
+    compile_for_daemon()
     import logging
 
     from moto.server import ThreadedMotoServer

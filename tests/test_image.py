@@ -90,3 +90,21 @@ def test_the_dockerfile_passes_hadolint() -> None:
         [str(hadolint), "--no-color", "Dockerfile"], cwd=REPO, capture_output=True, text=True
     )
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_the_image_holds_bytecode_at_the_level_the_daemonset_runs_the_daemon() -> None:
+    """With PYTHONDONTWRITEBYTECODE and a read-only root, a module without bytecode at the
+    daemon's level (-OO in deploy/daemonset.yaml) is compiled again at every start, and the
+    compiler's memory counts in the daemon's."""
+    import yaml
+
+    [ds] = [d for d in yaml.safe_load_all((REPO / "deploy/daemonset.yaml").read_text()) if d]
+    [agent] = ds["spec"]["template"]["spec"]["containers"]
+    python, flag, *_ = agent["command"]
+    assert (python, flag) == ("python", "-OO")
+    stages = re.split(r"^FROM ", DOCKERFILE, flags=re.M)
+    build = next(s for s in stages if s.startswith("${PYTHON_IMAGE} AS build"))
+    image = stages[-1]  # the agent's (the default target)
+    for stage, what in ((build, "/opt/node-health/lib"), (image, "sysconfig.get_path")):
+        [line] = [ln for ln in stage.splitlines() if "compileall" in ln and ln[:1] != "#"]
+        assert "-o 0 -o 2" in line and what in line, line

@@ -1,8 +1,11 @@
 """The few API calls the agent makes, through the `kubernetes` client, with dicts in and out.
 
 Raw JSON (`_preload_content=False`) rather than the client's models: less memory and time, and
-patches keep exactly the shape we send. Each call has a timeout; none retries by itself (the
-callers back off, honouring Retry-After). Synchronous: callers run it in a thread.
+patches keep exactly the shape we send. The requests go through the client's ApiClient (its
+configuration, authentication, TLS and transport) by path, as its generated API classes send
+them, without loading those classes (CoreV1Api alone is a 2.7 MB module: 1.3 MiB of the daemon's
+memory; benchmarks/footprint.py). Each call has a timeout; none retries by itself (the callers
+back off, honouring Retry-After). Synchronous: callers run it in a thread.
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+CORE = "/api/v1"
+LEASES = "/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
+CUSTOM = "/apis/{group}/{version}/namespaces/{namespace}/{plural}"
 MERGE = "application/merge-patch+json"
 STRATEGIC = "application/strategic-merge-patch+json"
 
@@ -45,9 +51,6 @@ class KubeClient:
             k.load_incluster_config(client_configuration=cfg)
         cfg.retries = False  # ours back off and honour Retry-After; urllib3's would not
         self.api = k.ApiClient(cfg)
-        self.v1 = k.CoreV1Api(self.api)
-        self.leases = k.CoordinationV1Api(self.api)
-        self.custom = k.CustomObjectsApi(self.api)
         self.timeout = timeout
         self._watching: Any = None
 
@@ -55,22 +58,21 @@ class KubeClient:
         self.api.close()
 
     def get_node(self, name: str) -> dict[str, Any]:
-        return _node(self._call(self.v1.read_node, name))
+        return _node(self._call("GET", CORE + "/nodes/{name}", {"name": name}))
 
     def patch_node(self, name: str, body: Any, content_type: str, status: bool = False) -> dict:
-        call = self.v1.patch_node_status if status else self.v1.patch_node
-        return _node(self._call(call, name, body, _content_type=content_type))
+        path = CORE + "/nodes/{name}" + ("/status" if status else "")
+        return _node(self._call("PATCH", path, {"name": name}, body=body, content=content_type))
 
     def list_nodes(self, label_selector: str) -> list[dict[str, Any]]:
         # resourceVersion=0: served from the API server's cache, not from etcd
-        answer = self._call(self.v1.list_node, label_selector=label_selector, resource_version="0")
+        query = {"labelSelector": label_selector, "resourceVersion": "0"}
+        answer = self._call("GET", CORE + "/nodes", query=query)
         return list(answer.get("items") or [])
 
     def list_pods_on(self, node: str) -> list[dict[str, Any]]:
         """Every pod bound to `node`, in all namespaces (fresh: not from the cache)."""
-        answer = self._call(
-            self.v1.list_pod_for_all_namespaces, field_selector=f"spec.nodeName={node}"
-        )
+        answer = self._call("GET", CORE + "/pods", query={"fieldSelector": f"spec.nodeName={node}"})
         return list(answer.get("items") or [])
 
     def evict(self, namespace: str, name: str, grace: int | None = None) -> None:
@@ -82,19 +84,20 @@ class KubeClient:
         }
         if grace is not None:
             body["deleteOptions"] = {"gracePeriodSeconds": grace}
-        self._call(self.v1.create_namespaced_pod_eviction, name, namespace, body)
+        pod = {"namespace": namespace, "name": name}
+        self._call("POST", CORE + "/namespaces/{namespace}/pods/{name}/eviction", pod, body=body)
 
     def list_pods(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
-        answer = self._call(self.v1.list_namespaced_pod, namespace, label_selector=label_selector)
+        path, where = CORE + "/namespaces/{namespace}/pods", {"namespace": namespace}
+        answer = self._call("GET", path, where, query={"labelSelector": label_selector})
         return list(answer.get("items") or [])
 
     def pod_log(self, namespace: str, name: str, container: str | None = None) -> str:
         """A pod's log (of `container`), as text."""
-        kw = {"container": container} if container else {}
+        path = CORE + "/namespaces/{namespace}/pods/{name}/log"
+        query = {"container": container} if container else {}
         try:
-            resp = self.v1.read_namespaced_pod_log(
-                name, namespace, _preload_content=False, _request_timeout=self.timeout, **kw
-            )
+            resp = self._send("GET", path, {"namespace": namespace, "name": name}, query)
             return resp.data.decode(errors="replace")
         except Exception as exc:
             raise _error(exc) from exc
@@ -102,82 +105,72 @@ class KubeClient:
     def create_object(
         self, group: str, version: str, namespace: str, plural: str, body: dict
     ) -> dict:
-        return self._call(
-            self.custom.create_namespaced_custom_object, group, version, namespace, plural, body
-        )
+        where = {"group": group, "version": version, "namespace": namespace, "plural": plural}
+        return self._call("POST", CUSTOM, where, body=body)
 
     def get_object(self, group: str, version: str, namespace: str, plural: str, name: str) -> dict:
-        return self._call(
-            self.custom.get_namespaced_custom_object, group, version, namespace, plural, name
-        )
+        where = {"group": group, "version": version, "namespace": namespace, "plural": plural}
+        return self._call("GET", CUSTOM + "/{name}", where | {"name": name})
 
     def list_objects(
         self, group: str, version: str, namespace: str, plural: str, label_selector: str
     ) -> list[dict[str, Any]]:
-        answer = self._call(
-            self.custom.list_namespaced_custom_object,
-            group,
-            version,
-            namespace,
-            plural,
-            label_selector=label_selector,
-        )
+        where = {"group": group, "version": version, "namespace": namespace, "plural": plural}
+        answer = self._call("GET", CUSTOM, where, query={"labelSelector": label_selector})
         return list(answer.get("items") or [])
 
     def delete_object(
         self, group: str, version: str, namespace: str, plural: str, name: str
     ) -> None:
         """Deleted with its pods (propagation Background)."""
-        self._call(
-            self.custom.delete_namespaced_custom_object,
-            group,
-            version,
-            namespace,
-            plural,
-            name,
-            propagation_policy="Background",
-        )
+        where = {"group": group, "version": version, "namespace": namespace, "plural": plural}
+        query = {"propagationPolicy": "Background"}
+        self._call("DELETE", CUSTOM + "/{name}", where | {"name": name}, query=query)
 
     def get_lease(self, namespace: str, name: str) -> dict[str, Any]:
-        return self._call(self.leases.read_namespaced_lease, name, namespace)
+        return self._call("GET", LEASES + "/{name}", {"namespace": namespace, "name": name})
 
     def create_lease(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
-        return self._call(self.leases.create_namespaced_lease, namespace, body)
+        return self._call("POST", LEASES, {"namespace": namespace}, body=body)
 
     def replace_lease(self, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
         """PUT: the body's resourceVersion is the precondition (409 when someone wrote first)."""
-        return self._call(self.leases.replace_namespaced_lease, name, namespace, body)
+        where = {"namespace": namespace, "name": name}
+        return self._call("PUT", LEASES + "/{name}", where, body=body)
 
     def get_config_map(self, namespace: str, name: str) -> dict[str, Any]:
-        return self._call(self.v1.read_namespaced_config_map, name, namespace)
+        where = {"namespace": namespace, "name": name}
+        return self._call("GET", CORE + "/namespaces/{namespace}/configmaps/{name}", where)
 
     def create_config_map(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
-        return self._call(self.v1.create_namespaced_config_map, namespace, body)
+        path = CORE + "/namespaces/{namespace}/configmaps"
+        return self._call("POST", path, {"namespace": namespace}, body=body)
 
     def replace_config_map(self, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
         """PUT: the body's resourceVersion is the precondition (409 when someone wrote first)."""
-        return self._call(self.v1.replace_namespaced_config_map, name, namespace, body)
+        path, where = CORE + "/namespaces/{namespace}/configmaps/{name}", {"namespace": namespace}
+        return self._call("PUT", path, where | {"name": name}, body=body)
 
     def create_event(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
-        return self._call(self.v1.create_namespaced_event, namespace, body)
+        path = CORE + "/namespaces/{namespace}/events"
+        return self._call("POST", path, {"namespace": namespace}, body=body)
 
     def patch_event(self, namespace: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
-        return self._call(
-            self.v1.patch_namespaced_event, name, namespace, body, _content_type=STRATEGIC
-        )
+        path, where = CORE + "/namespaces/{namespace}/events/{name}", {"namespace": namespace}
+        return self._call("PATCH", path, where | {"name": name}, body=body, content=STRATEGIC)
 
     def watch_node(self, name: str, resource_version: str, seconds: int) -> Iterator[dict]:
         """The node's changes after `resource_version`, as {type, object}, for `seconds`."""
+        query = {
+            "fieldSelector": f"metadata.name={name}",
+            "watch": "true",
+            "resourceVersion": resource_version,
+            "timeoutSeconds": seconds,
+            "allowWatchBookmarks": "false",
+        }
         try:
-            resp = self.v1.list_node(
-                field_selector=f"metadata.name={name}",
-                watch=True,
-                resource_version=resource_version,
-                timeout_seconds=seconds,
-                allow_watch_bookmarks=False,
-                _preload_content=False,
-                _request_timeout=(self.timeout, seconds + self.timeout),
-            )
+            timeout = (self.timeout, seconds + self.timeout)
+            resp = self._send("GET", CORE + "/nodes", {}, query, timeout=timeout)
         except Exception as exc:
             raise _error(exc) from exc
         self._watching = resp
@@ -208,12 +201,49 @@ class KubeClient:
             with contextlib.suppress(Exception):
                 resp.shutdown()
 
-    def _call(self, fn: Any, *args: Any, **kw: Any) -> dict[str, Any]:
+    def _call(
+        self,
+        method: str,
+        path: str,
+        where: dict[str, str] | None = None,
+        query: dict[str, Any] | None = None,
+        body: Any = None,
+        content: str = "application/json",
+    ) -> dict[str, Any]:
+        """The answer to `method path` (its {names} from `where`), as JSON."""
         try:
-            resp = fn(*args, _preload_content=False, _request_timeout=self.timeout, **kw)
+            resp = self._send(method, path, where or {}, query or {}, body, content)
             return json.loads(resp.data or b"{}")
         except Exception as exc:
             raise _error(exc) from exc
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        where: dict[str, str],
+        query: dict[str, Any],
+        body: Any = None,
+        content: str = "application/json",
+        timeout: Any = None,
+    ) -> Any:
+        """The raw answer (urllib3's), as the generated API classes ask: the service account's
+        token (BearerToken), JSON accepted, path parameters quoted by the ApiClient."""
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = content
+        return self.api.call_api(
+            path,
+            method,
+            path_params=where,
+            query_params=list(query.items()),
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+            _return_http_data_only=True,
+            _preload_content=False,
+            _request_timeout=timeout or self.timeout,
+        )
 
 
 def is_node(obj: Any) -> bool:

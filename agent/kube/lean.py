@@ -1,4 +1,4 @@
-"""The `kubernetes` client's transport and the three API classes the agent calls, loaded
+"""The `kubernetes` client's configuration, transport (ApiClient) and config loaders, loaded
 without the package's `__init__` files.
 
 `import kubernetes` runs `kubernetes/__init__.py` and `kubernetes/client/__init__.py`, which
@@ -6,7 +6,9 @@ import every API group and all of the client's models: about 59 MiB of RSS on a 
 whole budget is 64. The agent asks for raw JSON (`_preload_content=False`), so it never
 deserializes into a model. Here each parent package is registered as an empty package over its
 real directory, and only the modules the calls need are imported from it: the same code, about
-21 MiB. Where the whole package was imported already, that is used as it is.
+18 MiB. (The generated API classes are not needed either: agent/kube/client.py sends their
+requests through the ApiClient.) Where the whole package was imported already, that is used
+as it is.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from typing import Any
 _PACKAGES = (
     "kubernetes",
     "kubernetes.client",
-    "kubernetes.client.api",
     "kubernetes.client.models",  # never filled: nothing here deserializes into a model
     "kubernetes.config",
 )
@@ -36,12 +37,9 @@ _CLIENT_NAMES = {
 
 @functools.cache
 def api() -> types.SimpleNamespace:
-    """Configuration, ApiClient, ApiException, the three APIs and the config loaders."""
+    """Configuration, ApiClient, ApiException and the config loaders."""
     if "kubernetes" not in sys.modules:
         _register_empty_packages()
-    from kubernetes.client.api.coordination_v1_api import CoordinationV1Api
-    from kubernetes.client.api.core_v1_api import CoreV1Api
-    from kubernetes.client.api.custom_objects_api import CustomObjectsApi
     from kubernetes.client.api_client import ApiClient
     from kubernetes.client.configuration import Configuration
     from kubernetes.client.exceptions import ApiException
@@ -51,9 +49,6 @@ def api() -> types.SimpleNamespace:
         Configuration=Configuration,
         ApiClient=ApiClient,
         ApiException=ApiException,
-        CoreV1Api=CoreV1Api,
-        CoordinationV1Api=CoordinationV1Api,
-        CustomObjectsApi=CustomObjectsApi,
         load_incluster_config=load_incluster_config,
         load_kube_config=_load_kube_config,
     )

@@ -232,8 +232,9 @@ class CloudWatchSink:
 
     def _logs(self) -> Any:
         if self._client is None:
-            import boto3
             from botocore.config import Config
+
+            from agent.ship.aws import logs_client
 
             timeout = self.settings.request_timeout
             cfg = Config(
@@ -242,7 +243,7 @@ class CloudWatchSink:
                 read_timeout=timeout,
             )
             region = self.settings.region or self.identity.region
-            self._client = boto3.client("logs", region_name=region, config=cfg)
+            self._client = logs_client(region, cfg)
         return self._client
 
     def _put(self, batch: Batch) -> int:

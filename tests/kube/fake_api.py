@@ -18,10 +18,13 @@ from __future__ import annotations
 import copy
 import json
 import re
+import ssl
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
@@ -101,6 +104,20 @@ class FakeKubeAPI:
     def __enter__(self) -> FakeKubeAPI:
         self._thread.start()
         return self
+
+    def use_tls(self, cert: Path, key: Path) -> None:
+        """Serve HTTPS with `cert` (before `with`), as a cluster's API server does."""
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(cert, key)
+        self._server.socket = ctx.wrap_socket(self._server.socket, server_side=True)
+        self.url = f"https://127.0.0.1:{self._server.server_port}"
+        quiet, loud = ssl.SSLError, self._server.handle_error
+
+        def handle_error(request: Any, address: Any) -> None:
+            if not isinstance(sys.exc_info()[1], quiet):  # a client gone mid-handshake
+                loud(request, address)
+
+        self._server.handle_error = handle_error  # type: ignore[method-assign]
 
     def __exit__(self, *exc: object) -> None:
         with self.lock:
