@@ -353,7 +353,9 @@ def open_input(path: str) -> BinaryIO:
 def main(argv: list[str] | None = None) -> int:
     """`node-health scan`, reached without loading the rest of the CLI: start-up is most of a
     scan's time (see benchmarks/kernel_log.py)."""
-    ap = argparse.ArgumentParser(prog="node-health scan", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="node-health scan", description=(__doc__ or "").split("\n\n")[0]
+    )
     ap.add_argument(
         "path",
         nargs="?",
@@ -479,12 +481,13 @@ def summary(result: ScanResult, err: TextIO | None = None) -> None:
         err.write(f"  {count:6d}  {reason}\n")
     if result.output_error:
         err.write(f"node-health: cannot write the events to stdout: {result.output_error}\n")
+    verdict = str(result.verdict)
     if result.verdict is not Verdict.SCHEDULABLE:
         words = "needs the node out"
-    elif result.unknown:
-        words = f"could not judge: {result.unknown}"
-    elif not result.understood:
-        words = f"could not judge: not a format I know; I read {KNOWN}"
+    elif result.unknown or not result.understood:  # never "Schedulable" for what was not judged
+        verdict = "unknown"
+        words = result.unknown or f"not a format I know; I read {KNOWN}"
+        words = f"could not judge: {words}"
     else:
         words = "node fine"
-    err.write(f"verdict: {result.verdict} ({words})\n")
+    err.write(f"verdict: {verdict} ({words})\n")
