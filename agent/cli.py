@@ -128,7 +128,7 @@ def run(
     import asyncio
 
     if not once:
-        _keep_rich_out()
+        _keep_unused_out()
 
     from agent.daemon import run_daemon, run_once
 
@@ -155,14 +155,22 @@ def run(
     raise typer.Exit(code)
 
 
-def _keep_rich_out() -> None:
-    """The daemon prints no table: keep rich (about 5 MiB) out of its resident memory
-    (benchmarks/footprint.py). No structlog configuration can: `import structlog` itself runs
-    `structlog.dev` and `structlog.tracebacks`, each importing rich where it is installed (and
-    typer installs it). A None in sys.modules is Python's way to make an import fail; here once
-    typer (whose help and usage errors use rich) has parsed the command line. structlog falls
-    back to plain tracebacks, and the agent's logs are JSON anyway."""
-    sys.modules.setdefault("rich", None)  # type: ignore[assignment]
+def _keep_unused_out() -> None:
+    """The daemon prints no table and decodes no text of unknown charset: keep rich (about
+    5 MiB) and requests' charset detectors (charset_normalizer, 2 MiB) out of its resident
+    memory (benchmarks/footprint.py). No structlog configuration can keep rich out: `import
+    structlog` itself runs `structlog.dev` and `structlog.tracebacks`, each importing rich where
+    it is installed (and typer installs it). requests comes with the kubernetes client, for one
+    proxy helper; its detector only guesses the charset of a response read as text, which the
+    agent never does (the API's JSON is UTF-8, read as bytes by urllib3). A None in sys.modules
+    is Python's way to make an import fail; here once typer (whose help and usage errors use
+    rich) has parsed the command line. structlog falls back to plain tracebacks, and the agent's
+    logs are JSON anyway; requests' warning that it found no detector is silenced."""
+    import warnings
+
+    warnings.filterwarnings("ignore", "Unable to find acceptable character detection")
+    for name in ("rich", "charset_normalizer", "chardet"):
+        sys.modules.setdefault(name, None)  # type: ignore[assignment]
 
 
 def _events_table(lines: str, wide: bool) -> str:

@@ -130,3 +130,23 @@ def test_the_daemon_keeps_rich_out(cli_env, tmp_path) -> None:
     # `-X importtime` also lists each import of rich refused (structlog's try); a rich that
     # loads lists its modules (rich._extension, rich.console, ...)
     assert [m for m in imported if m.startswith("rich.")] == []
+
+
+def test_the_daemon_keeps_requests_charset_detectors_out() -> None:
+    """The kubernetes client's transport (requests comes with it) without charset_normalizer,
+    and without requests' warning that it found no detector (-W error makes one fail)."""
+    code = (
+        "import sys\n"
+        "from agent import cli\n"
+        "cli._keep_unused_out()\n"
+        "from agent.kube import lean\n"
+        "lean.api().ApiClient(lean.api().Configuration())\n"
+        "import requests\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('charset_normalizer', 'chardet'))"
+        " and sys.modules[m] is not None))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]" and out.stderr == ""
