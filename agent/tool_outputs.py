@@ -19,6 +19,7 @@ from checks import efa_output as efa
 from checks import neuron_output as neuron
 from checks.api import Finding, Status
 from checks.instance_types import expected
+from checks.kernel_log.engine import locate
 from checks.nvidia import dcgm, nccl, smi
 
 
@@ -127,28 +128,50 @@ KINDS = [
 
 def _markers(buf: bytes) -> list[tuple[int, int, int]]:
     """(start, end, kind) of every marker in `buf`, in order. The markers are line regexes;
-    each is tried only on the lines that hold one of its words (found by memchr-fast `find`):
-    a kernel log of a million lines costs a few `find`s, not a regex over every line."""
-    hits: dict[int, tuple[int, int]] = {}
+    each is tried only on the lines that hold one of its words, found in bulk (hyperscan: one
+    pass for every word; else a memchr-fast `find` pass a word): a kernel log of a million
+    lines costs a pass or a few, not a regex over every line."""
     size = len(buf)
+    lines: list[dict[int, int]] = [{0: _line_end(buf, 0)} for _ in KINDS]  # kind: start, stop
+    # the first line: no b"\n..." word finds it
+    for end, w in _word_ends(buf):
+        start = buf.rfind(b"\n", 0, max(end - 1, 0)) + 1  # the line of the word's last byte
+        for i in _WORD_KINDS[w]:
+            lines[i].setdefault(start, _line_end(buf, end))
+    hits: dict[int, tuple[int, int]] = {}
     for i, kind in enumerate(KINDS):
-        tried: set[int] = set()
-        for word in (*kind.words, b""):  # b"": the first line, which no b"\n..." word finds
-            p = buf.find(word) if word else 0
-            while p >= 0:
-                start = buf.rfind(b"\n", 0, p + max(len(word) - 1, 0)) + 1
-                stop = buf.find(b"\n", p + len(word))
-                stop = size if stop < 0 else stop
-                if start not in tried:
-                    tried.add(start)
-                    after = buf.find(b"\n", stop + 1)  # markers may span to the next line
-                    m = kind.marker.search(buf, start, size if after < 0 else after + 1)
-                    if m and m.start() not in hits:
-                        hits[m.start()] = (m.end(), i)
-                if not word or stop >= size:
-                    break
-                p = buf.find(word, stop + 1)
+        for start, stop in lines[i].items():
+            after = buf.find(b"\n", stop + 1)  # markers may span to the next line
+            m = kind.marker.search(buf, start, size if after < 0 else after + 1)
+            if m and m.start() not in hits:
+                hits[m.start()] = (m.end(), i)
     return sorted((start, end, i) for start, (end, i) in hits.items())
+
+
+def _line_end(buf: bytes, at: int) -> int:
+    stop = buf.find(b"\n", at)
+    return len(buf) if stop < 0 else stop
+
+
+_WORDS = sorted({w for kind in KINDS for w in kind.words})
+_WORD_KINDS = [[i for i, kind in enumerate(KINDS) if w in kind.words] for w in _WORDS]
+_LOCATE = locate(_WORDS)
+
+
+def _word_ends(buf: bytes) -> list[tuple[int, int]]:
+    """(end, index in _WORDS) of every occurrence of every word."""
+    if _LOCATE is not None:
+        return _LOCATE(buf)
+    hits = []
+    for w, word in enumerate(_WORDS):
+        p = buf.find(word)
+        while p >= 0:
+            hits.append((p + len(word), w))
+            stop = buf.find(b"\n", p + len(word))
+            if stop < 0:
+                break
+            p = buf.find(word, stop)  # one a line is enough (a b"\n..." word: the next line)
+    return hits
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -226,3 +227,25 @@ def test_scan_stays_free_of_the_checks_heavy_imports() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_without_hyperscan_the_same_sections_are_found(monkeypatch) -> None:
+    """Where hyperscan cannot be imported (it is built for x86-64 only), the markers' words are
+    found a `find` pass each: every fixture, and every two of them end to end, splits alike."""
+    import re
+
+    kernel_line = re.compile(rb"^\[ *\d+\.\d+\]", re.M)
+    files = sorted(p for p in (Path(__file__).parent / "fixtures").rglob("*") if p.is_file())
+    inputs = [p.read_bytes() for p in files]
+    inputs += [a + b"\n" + b for a, b in itertools.pairwise(inputs)]
+
+    def split() -> list[list[tuple[str, int, int]]]:
+        return [
+            [(s.kind.name, s.start, s.end) for s in tool_outputs.sections(buf, kernel_line)]
+            for buf in inputs
+        ]
+
+    fast = split()
+    monkeypatch.setattr(tool_outputs, "_LOCATE", None)
+    assert split() == fast
+    assert sum(map(len, fast)) > 50  # the fixtures hold tool outputs to split

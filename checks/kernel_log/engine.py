@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable
 
 Prefilter = Callable[[bytes], list[int]]
+Locator = Callable[[bytes], list[tuple[int, int]]]
 
 
 def build(anchors: list[str], engine: str = "auto") -> tuple[str, Prefilter]:
@@ -46,5 +47,28 @@ def _regex(anchors: list[str]) -> Prefilter:
 
     def scan(buf: bytes) -> list[int]:
         return [m.end() for m in alternation.finditer(buf)]
+
+    return scan
+
+
+def locate(words: list[bytes]) -> Locator | None:
+    """Where each of `words` ends in a buffer, every occurrence of every word, overlapping ones
+    too: sorted (end offset, word's index). One pass of hyperscan over the buffer, against one
+    `find` pass a word; None where hyperscan cannot be imported (the caller finds its own)."""
+    try:
+        import hyperscan
+    except ImportError:
+        return None
+    db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+    db.compile(
+        expressions=[re.escape(w) for w in words], ids=list(range(len(words))), elements=len(words)
+    )
+
+    def scan(buf: bytes) -> list[tuple[int, int]]:
+        hits: list[tuple[int, int]] = []
+        if buf:
+            db.scan(buf, match_event_handler=lambda i, _from, to, _f, _c: hits.append((to, i)))
+        hits.sort()
+        return hits
 
     return scan
