@@ -36,9 +36,9 @@ class Backoff:
         """Seconds to wait after one more failure; `retry_after` is the server's word."""
         low, high = self.spread
         wait = self.step * self.uniform(low, high)
-        if retry_after is not None:
-            floor = min(retry_after, RETRY_AFTER_CEILINGS * self.ceiling)
-            wait = max(wait, floor * self.uniform(1.0, max(1.0, high)))
+        if retry_after is not None:  # spread, then bounded: the bound is the longest wait
+            floor = retry_after * self.uniform(1.0, max(1.0, high))
+            wait = max(wait, min(floor, RETRY_AFTER_CEILINGS * self.ceiling))
         self.failures += 1
         return wait
 

@@ -94,7 +94,8 @@ class Agent:
         self.spool = SpoolSink(
             state / Paths.spool, settings.spool.max_segment_bytes, settings.spool.max_segments
         )
-        # The spool first: an event is on disk before any other sink ships it.
+        # The spool first: an event is on disk before CloudWatch ships it (a batch's events,
+        # held until its commit, reach the other sinks before: _publish).
         self.sinks: list[Sink] = [self.spool]
         if settings.stdout_events:
             self.sinks.append(StdoutSink())

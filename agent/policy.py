@@ -582,7 +582,9 @@ class Policy:
             "outbox": outbox,
         }
         self._dirty = False
-        return json.dumps(state, indent=1)
+        # default=str: a plugin's evidence may hold what JSON has no type for (a Path), which
+        # the events render as text; a dump that raised would stop the batch's commit
+        return json.dumps(state, indent=1, default=str)
 
     def _load(self, path: Path, boot_id: str | None) -> None:
         """The state a previous run saved. Any file that is not one (bad JSON, wrong types, a

@@ -257,7 +257,9 @@ class Ports:
                     listed = sorted(os.listdir(base))
                 except OSError:
                     continue  # not listable now: no ports this poll, listed again the next
-                ports = self._ports[dev] = [(p, f"{base}/{p}") for p in listed]
+                ports = [(p, f"{base}/{p}") for p in listed]
+                if ports:  # none yet: the device is registering (its ports come after)
+                    self._ports[dev] = ports
             out += [(dev, port, path) for port, path in ports]
         return out
 

@@ -135,8 +135,8 @@ class LinkCountersCheck(PollingCheck):
         for path in self._aer_files():
             total = aer_total(path)
             if total is None:  # not AER capable (no such file), or not what the kernel writes
-                if not os.path.exists(path):
-                    self._no_aer.add(path)
+                if not os.path.exists(path) and os.path.isdir(os.path.dirname(path)):
+                    self._no_aer.add(path)  # the device is there, without AER (not gone)
                 continue
             self.files_read += 1
             dev = path.rsplit("/", 2)[1]

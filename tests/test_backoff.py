@@ -64,3 +64,10 @@ def test_a_long_outage_stays_at_the_ceiling() -> None:
     for _ in range(5000):  # days of failures a few seconds apart: no overflow
         wait = b.next()
     assert wait == 30.0
+
+
+def test_a_huge_retry_after_is_bounded_whatever_the_jitter() -> None:
+    """The node writer's README bound, 150 s at most: the spread must not take it past."""
+    rng = random.Random(5)
+    waits = [Backoff(0.5, 30.0, uniform=rng.uniform).next(retry_after=86400.0) for _ in range(50)]
+    assert max(waits) <= 150.0

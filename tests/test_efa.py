@@ -234,3 +234,17 @@ async def test_a_port_that_cannot_be_read_has_its_device_listed_again(tmp_path) 
     assert faults(check._sysfs(check.options)) == [
         ("efa:rdmap16s27/2", "EfaPortDown", Action.REBOOT)
     ]
+
+
+def test_a_device_listed_before_its_ports_has_them_read_once_they_are_there(tmp_path) -> None:
+    """The kernel adds a device's ports/ directory, then each port (ib_setup_port_attrs): a
+    poll between the two finds none, and the ports that follow are read, a port down seen."""
+    sysfs(tmp_path, ["rdmap16s27"], state="1: DOWN")
+    ports = tmp_path / "sys/class/infiniband/rdmap16s27/ports"
+    (ports / "1").rename(tmp_path / "port-1")
+    check = efa(tmp_path, instance_type=None)
+    assert faults(check._sysfs(check.options)) == []  # registering: no port yet
+    (tmp_path / "port-1").rename(ports / "1")
+    assert faults(check._sysfs(check.options)) == [
+        ("efa:rdmap16s27/1", "EfaPortDown", Action.REBOOT)
+    ]

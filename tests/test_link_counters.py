@@ -224,3 +224,32 @@ def test_ports_and_pci_devices_that_appear_between_polls_are_read(tmp_path) -> N
     c.collect()
     host.ib("mlx5_1", port="2", link_downed=1)
     assert ("ib:mlx5_1/2", "NetworkDegraded", "LinkDowned") in faults(c.collect())
+
+
+def test_a_pci_device_removed_as_it_is_read_and_back_by_the_next_poll_is_read(
+    tmp_path, monkeypatch
+) -> None:
+    """A GPU removed and rescanned (its recovery) between the listing and the read of one
+    poll, and back by the next: the same listing, but its AER file is no reason to pass it
+    over from then on: only a device that is there without the file has no AER."""
+    import checks.link_counters
+
+    host = Host(tmp_path / "host")
+    host.aer("0000:53:00.0", 2)
+    dev = host.root / "sys/bus/pci/devices/0000:53:00.0"
+    real = checks.link_counters.aer_total
+    calls = []
+
+    def removed_as_read(path):
+        calls.append(path)
+        if len(calls) == 1:
+            dev.rename(tmp_path / "removed")
+        return real(path)
+
+    monkeypatch.setattr(checks.link_counters, "aer_total", removed_as_read)
+    c = check(host, tmp_path / "state", [0.0, 60.0, 120.0])
+    assert faults(c.collect()) == []
+    (tmp_path / "removed").rename(dev)  # rescanned
+    assert faults(c.collect()) == []
+    host.aer("0000:53:00.0", 30)
+    assert faults(c.collect()) == [("pci:0000:53:00.0", "PcieDegraded", "PcieCorrectableErrorRate")]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from agent.sinks.spool import SpoolSink
 
 
@@ -67,3 +69,38 @@ async def test_a_batch_and_its_checkpoint_land_whole_or_not_at_all(tmp_path: Pat
     assert spool.last_batch() == 2
     assert spool.last_checkpoints() == {"kernel_log": {"commit": 1}}
     assert [e["msg"] for e in lines(tmp_path) if "msg" in e] == ["a", "b"]
+
+
+async def test_a_segment_that_cannot_be_made_leaves_no_stale_descriptor(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Rotation closes the full segment, then makes the next; where that fails (a disk gone
+    read-only), the writes after must not use the closed descriptor's number (write to it,
+    fsync and close it at the next rotation), which the process may have given to another
+    file since."""
+    import os
+
+    import agent.sinks.spool
+
+    spool_dir, other = tmp_path / "spool", tmp_path / "other-file"
+    event = {"level": "info", "msg": "x" * 100}
+    async with SpoolSink(spool_dir, 150, 4) as spool:
+        await spool.emit(event | {"i": 0})
+        real_open = os.open
+
+        def read_only(path, flags, *args):
+            if str(path).endswith("0000000002.jsonl"):
+                raise OSError(30, "Read-only file system")
+            return real_open(path, flags, *args)
+
+        monkeypatch.setattr(agent.sinks.spool.os, "open", read_only)
+        with pytest.raises(OSError):  # the daemon counts it and goes on
+            await spool.emit(event | {"i": 1})
+        monkeypatch.setattr(agent.sinks.spool.os, "open", real_open)
+        fd = os.open(other, os.O_WRONLY | os.O_CREAT)  # the lowest free number: the closed one's
+        try:
+            await spool.emit(event | {"i": 2})
+        finally:
+            os.close(fd)
+    assert other.read_bytes() == b""
+    assert [e["i"] for e in lines(spool_dir)][-1] == 2

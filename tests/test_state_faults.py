@@ -3,9 +3,14 @@ failure is logged and counted, and SIGTERM still exits 0."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from pathlib import Path
 
-from tests.conftest import spooled, wait_for
+from agent.daemon import Agent
+from agent.identity import Identity
+from checks.api import Action, Finding, PollingCheck, Status
+from tests.conftest import planned, spooled, wait_for
 from tests.kube.test_daemon_kube import metric
 from tests.test_daemon import LABEL, _answers, faulty, free_port, get, start, stop
 
@@ -76,3 +81,45 @@ def test_a_spool_that_cannot_be_written_never_holds_the_node_decision(cli_env, t
     assert json.loads(node.read_text())["labels"][LABEL] == "UnschedulablePendingReplacement"
     failed = [line for line in proc.stderr if "sink_emit_failed" in line]
     assert len(failed) == 1 and '"spool"' in failed[0]
+
+
+class PathEvidence(PollingCheck):
+    """A plugin's fault whose evidence holds a value JSON has no type for (a Path)."""
+
+    name = "path_evidence"
+    interval = 0.05
+    timeout = 5
+
+    def collect(self) -> list[Finding]:
+        return [
+            Finding(
+                "gpu:0",
+                "PluginFault",
+                Status.FAULT,
+                "PluginSaysReboot",
+                "the plugin found a fault",
+                Action.REBOOT,
+                {"log": Path("/var/log/plugin.log")},
+            )
+        ]
+
+
+async def test_evidence_the_state_file_cannot_hold_never_stops_the_decision(settings_for):
+    """The event renders any evidence (as text); the policy's state must too: a save that
+    cannot serialise a tracker would lose the batch's events and the node decision."""
+    settings = settings_for()
+    daemon = Agent(settings, Identity("node-a"), [planned(PathEvidence)])
+    task = asyncio.create_task(daemon.serve())
+    node = settings.state_dir / "node-state.json"
+    try:
+        async with asyncio.timeout(10):
+            while not (node.exists() and "PendingReboot" in node.read_text()):
+                await asyncio.sleep(0.02)
+    finally:
+        daemon.stop()
+        await task
+    faults = [e for e in spooled(settings.state_dir) if e.get("reason") == "PluginSaysReboot"]
+    assert [e["evidence"] for e in faults] == [{"log": "/var/log/plugin.log"}]
+    saved = json.loads((settings.state_dir / "policy-state.json").read_text())
+    [tracker] = [t for t in saved["trackers"] if t["check"] == "path_evidence"]
+    assert tracker["evidence"] == {"log": "/var/log/plugin.log"}

@@ -197,6 +197,7 @@ class SpoolSink:
         assert self._fd is not None
         os.fsync(self._fd)
         os.close(self._fd)
+        self._fd = None  # a next segment that cannot be made: started again at the next write
         self._seq += 1
         self._open()
         for old in self.segments()[: -self.max_segments]:

@@ -87,9 +87,12 @@ class KernelLogCheck(StreamingCheck):
         cannot be read, or None. journalctl -b fails on an empty or absent one, and prints
         nothing, successfully, where it may open none of the files (the journal's ACL gives
         group adm read; a pod without it): that would read as a quiet kernel, so a file must
-        open for us before the journal is taken."""
+        open for us before the journal is taken. Only the system journal's files count
+        (system.journal, system@....journal): journald keeps the kernel's records there, and
+        gives each user read access to their own user-UID.journal (journalctl(1)), so the
+        pod's uid, the host's first user's, may open one that holds none."""
         dirs = (self.ctx.path("/var/log/journal"), self.ctx.path("/run/log/journal"))
-        files = [f for d in dirs for f in d.glob("*/*.journal")]
+        files = [f for d in dirs for f in d.glob("*/system*.journal")]
         if not files:
             return "no journal files under the host root"
         why = ""
