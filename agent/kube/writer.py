@@ -105,6 +105,8 @@ class KubeNodeWriter:
         self.writes = 0
         self.failing: dict[str, Failing] = {}  # part -> since when, and why
         self._wake = asyncio.Event()
+        self._closing = False  # a last pass asked for: the stop's
+        self._closed = asyncio.Event()  # that pass is done
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._tasks: list[asyncio.Task[None]] = []
@@ -120,13 +122,22 @@ class KubeNodeWriter:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        """A last pass of the reconcile loop, every part tried whatever its backoff, so the
+        decision asked for last (a fault just before a SIGTERM) lands if the API server lets
+        it; bounded by the caller (the daemon's stop budget). Then the loops end."""
         self._stop.set()
         self.client.stop_watch()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.to_thread(self._watcher.join, 5.0)
-        self.client.close()
+        try:
+            if any(not t.done() for t in self._tasks):
+                self._closing = True
+                self._wake.set()
+                await self._closed.wait()
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.to_thread(self._watcher.join, 5.0)
+            self.client.close()
 
     async def apply(self, state: NodeState) -> bool:
         """Take `state` as the one to reach; the write happens in the background."""
@@ -150,11 +161,14 @@ class KubeNodeWriter:
                 async with asyncio.timeout(recheck):
                     await self._wake.wait()
             self._wake.clear()
+            last = self._closing  # this pass is the stop's last
             if self.want is None:
+                if last:
+                    self._closed.set()
                 continue
             heart.busy()
             now = time.monotonic()
-            due = {p for p in PARTS if p not in self.failing or self.failing[p].at <= now}
+            due = {p for p in PARTS if last or p not in self.failing or self.failing[p].at <= now}
             if not due:
                 recheck = self._next_try(now)
                 heart.done()
@@ -169,6 +183,8 @@ class KubeNodeWriter:
             if recheck is None and self.refused:
                 recheck = BACKOFF_MAX  # nodes may have come back
             heart.done()
+            if last:
+                self._closed.set()
 
     def _next_try(self, now: float) -> float | None:
         if not self.failing:

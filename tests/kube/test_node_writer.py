@@ -431,3 +431,18 @@ def test_a_malformed_node_answer_never_stops_the_watch(api, kcfg, body):
         assert w.loops.problems() == []
 
     run(kcfg, steps)
+
+
+def test_a_decision_asked_for_just_before_the_stop_lands_whole(api, kcfg):
+    """A fault, then at once a SIGTERM: closing the writer makes its last pass, so the label,
+    the taint and the condition are on the Node (not the label alone, or nothing)."""
+    bad = state("UnschedulablePendingReboot", GPU_DOWN)
+
+    async def steps(w: KubeNodeWriter) -> None:
+        await until(lambda: w.node is not None)  # the first pass (nothing to write) is done
+        await w.apply(bad)  # and the writer closes at once
+
+    run(kcfg, steps)
+    assert labels(api).get(HEALTH) == "UnschedulablePendingReboot"
+    assert api.node("node-a")["spec"]["taints"][0]["value"] == "UnschedulablePendingReboot"
+    assert condition(api, "NvidiaGPUUnhealthy")["status"] == "True"
