@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+
+import pytest
 
 from agent.ship.batch import (
     EVENT_OVERHEAD,
@@ -133,6 +136,32 @@ def test_segments_in_order_and_one_the_spool_dropped_is_skipped(tmp_path) -> Non
     os.unlink(spool / "0000000001.jsonl")
     os.unlink(spool / "0000000002.jsonl")  # dropped while the spool was full
     assert [json.loads(line) for line, _ in reader.lines()] == [{"s": 3}]
+
+
+@pytest.mark.parametrize("segments", [[1], [1, 2]])
+def test_a_spool_made_anew_under_the_cursor_is_shipped_from_its_start(tmp_path, segments):
+    """The spool deleted (the cursor kept) and begun again from segment 1: what it holds was
+    never shipped. Before, the cursor's segment 3 (or its offset) hid it, depth 0."""
+    spool, cursor = tmp_path / "spool", tmp_path / "cursor"
+    for n in (1, 2, 3):
+        write(spool, n, [f'{{"old":{n}}}'] * 3)
+    reader = SpoolReader(spool, cursor)
+    reader.commit(list(reader.lines())[-1][1])  # all shipped: the cursor in segment 3
+    shutil.rmtree(spool)
+    for n in segments:
+        write(spool, n, [f'{{"new":{n}}}'])
+    again = SpoolReader(spool, cursor)
+    assert [json.loads(line) for line, _ in again.lines()] == [{"new": n} for n in segments]
+    assert again.depth() == sum(len(f'{{"new":{n}}}\n') for n in segments)
+
+
+def test_a_segment_shorter_than_the_cursor_is_read_from_its_start(tmp_path) -> None:
+    spool, cursor = tmp_path / "spool", tmp_path / "cursor"
+    write(spool, 1, ['{"old":1}'] * 5)
+    reader = SpoolReader(spool, cursor)
+    reader.commit(list(reader.lines())[-1][1])
+    write(spool, 1, ['{"new":1}'])  # the spool deleted, its first segment written again
+    assert [json.loads(line) for line, _ in SpoolReader(spool, cursor).lines()] == [{"new": 1}]
 
 
 def test_unreadable_spool_lines_are_counted_once_and_stepped_over(tmp_path) -> None:

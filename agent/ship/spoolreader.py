@@ -40,7 +40,7 @@ class SpoolReader:
 
     def lines(self, start: Position | None = None) -> Iterator[tuple[bytes, Position]]:
         """Whole lines after `start` (the cursor), each with the position just after it."""
-        seq, offset = start or self.position
+        seq, offset = self._from(start or self.position)
         segments = [s for s in self.segments() if s >= seq]
         if segments and segments[0] != seq:
             seq, offset = segments[0], 0  # the cursor's segment is gone: dropped while full
@@ -59,9 +59,25 @@ class SpoolReader:
             except FileNotFoundError:
                 continue  # dropped under us
 
+    def _from(self, position: Position) -> Position:
+        """`position`, or the spool's start where the spool was made anew under it (deleted
+        while the cursor was kept): its segments numbered from 1 again, or shorter than the
+        cursor's offset. What the new spool holds was never shipped."""
+        seq, offset = position
+        every = self.segments()
+        if every and (seq > every[-1] or (seq in every and offset > self._size(seq))):
+            return every[0], 0
+        return seq, offset
+
+    def _size(self, n: int) -> int:
+        try:
+            return (self.directory / f"{n:010d}{SUFFIX}").stat().st_size
+        except FileNotFoundError:
+            return 0
+
     def depth(self) -> int:
         """Bytes in the spool after the cursor: what is still to ship."""
-        seq, offset = self.position
+        seq, offset = self._from(self.position)
         total = 0
         for n in self.segments():
             if n < seq:
