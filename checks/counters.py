@@ -166,10 +166,10 @@ class Velocity:
                 self._dirty = True
                 if not events:
                     del self._events[key]
-            if not flagged and (
-                len(events) <= plan.under_polls and sum(e[1] for e in events) <= plan.under_total
-            ):
-                return []  # growing, but below every limit, with no strike to hold
+            if not flagged and len(events) <= plan.under_polls:
+                total = events[0][1] if len(events) == 1 else sum(e[1] for e in events)
+                if total <= plan.under_total:
+                    return []  # growing, but below every limit, with no strike to hold
         return self._judge(now, key, counter, plan, events)
 
     def _judge(
