@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import json
+import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -98,72 +99,108 @@ class Breach:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """The limits of one counter name, looked up once: each with its strike-key suffix, the
+    longest window, and how much a counter may grow within it without any limit to look at
+    (below the lowest `over` and the fewest `flaps`): what a busy but healthy counter does."""
+
+    limits: list[tuple[Limit, str]]
+    horizon: float
+    under_total: float
+    under_polls: float
+
+    @classmethod
+    def of(cls, limits: Iterable[Limit]) -> _Plan:
+        mine = list(limits)
+        return cls(
+            [(lim, f"\t{lim.counter}\t{lim.window:g}") for lim in mine],
+            max((lim.window for lim in mine), default=0.0),
+            min((lim.over for lim in mine if lim.over is not None), default=math.inf),
+            min((lim.flaps - 1 for lim in mine if lim.flaps is not None), default=math.inf),
+        )
+
+
 class Velocity:
     """Counter samples across polls, judged by `limits`, persisted in `path` (None: in memory)."""
 
     def __init__(self, limits: Iterable[Limit], path: Path | None, boot_id: str | None) -> None:
         self.limits = list(limits)
-        self._mine: dict[str, list[Limit]] = {}  # counter name -> the limits that match it
+        self._plans: dict[str, _Plan] = {}  # counter name -> the limits that match it
         self.path = path
         self.boot_id = boot_id
         self._values: dict[str, int] = {}
         self._events: dict[str, list[list[float]]] = {}  # key -> [[t, increase], ...]
         self._strikes: dict[str, int] = {}  # key\tlimit -> breach episodes this boot
         self._active: set[str] = set()  # key\tlimit in breach at the last poll
+        self._flagged: set[str] = set()  # keys with a strike or in breach: judged every poll
         self._dirty = False
         self.resets: list[str] = []  # keys that went backwards in the last poll
         self._load()
 
     def observe(self, now: float, key: str, counter: str, value: int) -> list[Breach]:
         """Record `value` of `counter` (under `key`) at `now`; the limits it breaches."""
-        mine = self._mine.get(counter)
-        if mine is None:
-            mine = self._mine[counter] = [lim for lim in self.limits if lim.matches(counter)]
+        plan = self._plans.get(counter)
+        if plan is None:
+            plan = self._plans[counter] = _Plan.of(
+                lim for lim in self.limits if lim.matches(counter)
+            )
         before = self._values.get(key)
+        events = self._events.get(key)
         if before != value:
             self._values[key] = value
             self._dirty = True
-        events = self._events.get(key)
-        if before is not None and value > before:
-            events = self._events.setdefault(key, [])
-            events.append([now, value - before])
-        elif before is not None and value < before:
-            self.resets.append(key)
-        if not events and not self._strikes and not self._active:
+            if before is not None and value > before:
+                if events is None:
+                    events = self._events[key] = []
+                events.append([now, value - before])
+            elif before is not None:
+                self.resets.append(key)
+        flagged = key in self._flagged
+        if not events and not flagged:
             return []  # the common case: a quiet counter
         if events:
-            horizon = now - max((lim.window for lim in mine), default=0.0)
+            horizon = now - plan.horizon
             if events[0][0] <= horizon:
                 events[:] = [e for e in events if e[0] > horizon]
                 self._dirty = True
                 if not events:
                     del self._events[key]
+            if not flagged and len(events) <= plan.under_polls:
+                total = events[0][1] if len(events) == 1 else sum(e[1] for e in events)
+                if total <= plan.under_total:
+                    return []  # growing, but below every limit, with no strike to hold
+        return self._judge(now, key, counter, plan, events)
+
+    def _judge(
+        self, now: float, key: str, counter: str, plan: _Plan, events: list[list[float]] | None
+    ) -> list[Breach]:
+        """Each limit of the counter against its window: a breach, or the strikes it holds."""
         breaches = []
-        for lim in mine:
-            sk = self._sk(key, lim)
+        for lim, suffix in plan.limits:
+            sk = key + suffix
             recent = [inc for t, inc in events or () if t > now - lim.window]
             got = len(recent) if lim.flaps is not None else sum(recent)
             threshold = lim.flaps - 1 if lim.flaps is not None else lim.over
             if recent and got > threshold:  # type: ignore[operator]
-                breaches.append(Breach(key, counter, lim, got, self._strike(sk, lim)))
+                breaches.append(Breach(key, counter, lim, got, self._strike(key, sk, lim)))
             else:
                 self._active.discard(sk)
                 if self._strikes.get(sk, 0) >= (lim.strikes or 0) > 0:
                     breaches.append(Breach(key, counter, lim, got, True))
+        if not any(key + s in self._active or key + s in self._strikes for _, s in plan.limits):
+            self._flagged.discard(key)
         return breaches
 
-    def _strike(self, sk: str, lim: Limit) -> bool:
+    def _strike(self, key: str, sk: str, lim: Limit) -> bool:
         """Count a breach episode (its first poll); True once `strikes` episodes are reached."""
+        self._flagged.add(key)
         if sk not in self._active:
             self._active.add(sk)
             if lim.strikes:
                 self._strikes[sk] = self._strikes.get(sk, 0) + 1
                 self._dirty = True
         return bool(lim.strikes) and self._strikes.get(sk, 0) >= lim.strikes  # type: ignore[operator]
-
-    @staticmethod
-    def _sk(key: str, lim: Limit) -> str:
-        return f"{key}\t{lim.counter}\t{lim.window:g}"
 
     def save(self) -> None:
         """Write the state if a value moved; a failed write only costs the baseline."""
@@ -200,6 +237,7 @@ class Velocity:
                 for k, v in state.get("events", {}).items()
             }
             self._strikes = {str(k): int(v) for k, v in state.get("strikes", {}).items()}
+            self._flagged = {sk.rsplit("\t", 2)[0] for sk in self._strikes}
 
 
 def boot_id(host_path: Path) -> str | None:

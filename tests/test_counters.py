@@ -53,3 +53,20 @@ def test_an_unreadable_state_file_is_a_new_baseline_and_an_unwritable_one_no_cra
     v = Velocity(limits, blocked / "counters.json", "boot")  # its directory is a file
     v.observe(0.0, "k", "c", 1)
     v.save()
+
+
+def test_a_struck_out_counter_growing_within_its_limit_stays_persistent_across_a_restart(
+    tmp_path,
+) -> None:
+    limits = [Limit.of({"counter": "c", "over": 5, "window": "1m", "strikes": 1})]
+    state = tmp_path / "counters.json"
+    v = Velocity(limits, state, "boot")
+    assert v.observe(0.0, "k", "c", 0) == []
+    assert [(b.increase, b.permanent) for b in v.observe(60.0, "k", "c", 10)] == [(10, True)]
+    assert [b.permanent for b in v.observe(120.0, "k", "c", 11)] == [True]  # 1/min now
+    v.save()
+    again = Velocity(limits, state, "boot")  # an agent restart in the same boot
+    assert [b.permanent for b in again.observe(180.0, "k", "c", 12)] == [True]
+    for t in (0.0, 60.0, 120.0, 180.0):  # another counter, growing within the limit: no breach
+        assert again.observe(t, "other", "c", int(t / 60)) == []
+    assert Velocity(limits, state, "boot-2").observe(240.0, "k", "c", 13) == []  # a reboot
