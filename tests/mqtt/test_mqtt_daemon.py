@@ -81,6 +81,8 @@ def test_events_status_and_last_will(cli_env, tmp_path, broker, sub):
         )
     )
     events = sub.on(f"{BASE}/events")
+    # MQTT gets a batch as it is decided, the spool once it is committed: just after
+    wait_for(lambda: len(spooled(state)) >= len(events))
     assert events == spooled(state)[: len(events)]  # the same events, in order
     status = sub.on(f"{BASE}/status")[-1]
     assert status["online"] is True
