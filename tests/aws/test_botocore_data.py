@@ -27,9 +27,7 @@ def test_the_cut_data_is_current() -> None:
 
 
 def test_the_cut_data_is_from_the_botocore_the_image_installs() -> None:
-    pins = dict(
-        line.split("==", 1) for line in (REPO / "constraints.txt").read_text().splitlines()
-    )
+    pins = dict(line.split("==", 1) for line in (REPO / "constraints.txt").read_text().splitlines())
     assert aws.VERSION.read_text().strip() == pins["botocore"], STALE
 
 
