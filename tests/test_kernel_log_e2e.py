@@ -27,21 +27,26 @@ def gpu_host(tmp_path: Path) -> Path:
     return root
 
 
-def test_xid_line_to_taint_and_no_repeat_after_restart(cli_env, tmp_path) -> None:
-    root = gpu_host(tmp_path)
-    state = tmp_path / "state"
-    env = (
-        cli_env
-        | {"NODE_HEALTH_HOST_ROOT": str(root)}
-        | {f"NODE_HEALTH_CHECKS__{name}__ENABLED": "false" for name in ("HANG", "FIXED", "BROKEN")}
-    )
-    proc = subprocess.Popen(
+QUIET = {f"NODE_HEALTH_CHECKS__{name}__ENABLED": "false" for name in ("HANG", "FIXED", "BROKEN")}
+
+
+def kernel_agent(
+    cli_env: dict[str, str], root: Path, stdout: int = subprocess.DEVNULL, **env: str
+) -> subprocess.Popen[str]:
+    """`node-health run` on `root` as the host, the tests' stand-in checks off; `env` more."""
+    return subprocess.Popen(
         [sys.executable, "-m", "agent", "run"],
-        env=env,
-        stdout=subprocess.DEVNULL,
+        env=cli_env | {"NODE_HEALTH_HOST_ROOT": str(root)} | QUIET | env,
+        stdout=stdout,
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def test_xid_line_to_taint_and_no_repeat_after_restart(cli_env, tmp_path) -> None:
+    root = gpu_host(tmp_path)
+    state = tmp_path / "state"
+    proc = kernel_agent(cli_env, root)
     writer = os.open(root / "dev/kmsg", os.O_RDWR | os.O_NONBLOCK)
     try:
         wait_for(lambda: (state / "node-state.json").exists())  # started and reconciled
@@ -83,14 +88,7 @@ def test_xid_line_to_taint_and_no_repeat_after_restart(cli_env, tmp_path) -> Non
     # The same boot, the record still in the buffer: a restart must not report it again.
     (root / "dev/kmsg").unlink()
     (root / "dev/kmsg").write_text(f"3,812,1843308145,-;{XID79}\n")
-    env = env | {"NODE_HEALTH_HTTP_LISTEN": "127.0.0.1:0"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "agent", "run"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = kernel_agent(cli_env, root, NODE_HEALTH_HTTP_LISTEN="127.0.0.1:0")
     time.sleep(1.5)
     proc.send_signal(signal.SIGTERM)
     proc.wait(10)

@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 
 from tests.conftest import spooled, wait_for
 from tests.kube.test_daemon_kube import metric
 from tests.test_daemon import free_port, get
-from tests.test_kernel_log_e2e import gpu_host
+from tests.test_kernel_log_e2e import gpu_host, kernel_agent
 
 XID = "NVRM: Xid (PCI:0000:{bus:02x}:00): 79, GPU has fallen off the bus."
 SAVES = 'node_health_state_save_errors_total{file="kernel-log"}'
@@ -22,18 +21,7 @@ def test_a_kernel_log_state_that_cannot_be_saved_never_stops_detection(cli_env, 
     root, state = gpu_host(tmp_path), tmp_path / "state"
     (state / ".kernel-log.json.tmp").mkdir(parents=True)  # every save of it fails
     port = free_port()
-    env = (
-        cli_env
-        | {"NODE_HEALTH_HOST_ROOT": str(root), "NODE_HEALTH_HTTP_LISTEN": f"127.0.0.1:{port}"}
-        | {f"NODE_HEALTH_CHECKS__{name}__ENABLED": "false" for name in ("HANG", "FIXED", "BROKEN")}
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "agent", "run"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = kernel_agent(cli_env, root, NODE_HEALTH_HTTP_LISTEN=f"127.0.0.1:{port}")
     writer = os.open(root / "dev/kmsg", os.O_RDWR | os.O_NONBLOCK)
     try:
         wait_for(lambda: (state / "node-state.json").exists())
@@ -69,18 +57,11 @@ def test_a_state_dir_under_a_file_still_leaves_the_kernel_log_check_detecting(cl
     kernel-log state's among them, and each XID is reported all the same."""
     root = gpu_host(tmp_path)
     (tmp_path / "file").write_text("")
-    env = (
-        cli_env
-        | {"NODE_HEALTH_HOST_ROOT": str(root)}
-        | {"NODE_HEALTH_STATE_DIR": str(tmp_path / "file" / "state")}
-        | {f"NODE_HEALTH_CHECKS__{name}__ENABLED": "false" for name in ("HANG", "FIXED", "BROKEN")}
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "agent", "run"],
-        env=env,
+    proc = kernel_agent(
+        cli_env,
+        root,
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        NODE_HEALTH_STATE_DIR=str(tmp_path / "file" / "state"),
     )
     writer = os.open(root / "dev/kmsg", os.O_RDWR | os.O_NONBLOCK)
     try:
