@@ -107,12 +107,15 @@ class LinkCountersCheck(PollingCheck):
 
     def _dirs(self, dev: str, port: str) -> list[str]:
         """The port's counter directories: EFA has no counters/, and its hw_counters are the
-        efa check's. Looked up once per port: a driver keeps its layout."""
+        efa check's. Kept once found: a driver keeps its layout; a port with none yet (the
+        kernel adds the port, then its counters) is looked at again next poll, but an EFA
+        port's, which never has counters/."""
         if (dirs := self._layout.get(port)) is None:
-            dirs = [f"{port}/counters"]
-            if not is_efa(Path(self._ports.root, dev)):
-                dirs.append(f"{port}/hw_counters")
-            dirs = self._layout[port] = [d for d in dirs if os.path.isdir(d)]
+            efa = is_efa(Path(self._ports.root, dev))
+            dirs = [f"{port}/counters"] + ([] if efa else [f"{port}/hw_counters"])
+            dirs = [d for d in dirs if os.path.isdir(d)]
+            if dirs or efa:
+                self._layout[port] = dirs
         return dirs
 
     def _aer_files(self) -> list[str]:

@@ -253,3 +253,17 @@ def test_a_pci_device_removed_as_it_is_read_and_back_by_the_next_poll_is_read(
     assert faults(c.collect()) == []
     host.aer("0000:53:00.0", 30)
     assert faults(c.collect()) == [("pci:0000:53:00.0", "PcieDegraded", "PcieCorrectableErrorRate")]
+
+
+def test_a_port_listed_before_its_counters_has_them_read_once_they_are_there(tmp_path) -> None:
+    """The kernel adds a port, then its counters/ directory: a poll between the two finds no
+    counter there, and the counters that follow are read, a link going down seen."""
+    host = Host(tmp_path / "host")
+    port = tmp_path / "host/sys/class/infiniband/mlx5_3/ports/1"
+    port.mkdir(parents=True)  # registering: no counters yet
+    c = check(host, tmp_path / "state", [0.0, 60.0, 120.0])
+    assert faults(c.collect()) == []
+    host.ib("mlx5_3", link_downed=2)
+    assert faults(c.collect()) == []  # the baseline
+    host.ib("mlx5_3", link_downed=3)
+    assert faults(c.collect()) == [("ib:mlx5_3/1", "NetworkDegraded", "LinkDowned")]
