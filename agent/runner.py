@@ -46,7 +46,15 @@ def _valid(f: object) -> Finding:
     fields = (f.component, f.condition, f.reason, f.message)
     if not all(isinstance(v, str) for v in fields) or not f.component or not f.condition:
         raise ValueError(f"a finding without component, condition, reason or message: {f!r}")
+    if not _a_time(f.ts) or not (f.clock is None or _a_time(f.clock)):
+        raise ValueError(f"a finding whose time is no time (ts {f.ts!r}, clock {f.clock!r})")
     return replace(f, status=Status(f.status), action=Action(f.action), evidence=dict(f.evidence))
+
+
+def _a_time(t: object) -> bool:
+    """Seconds an event can carry: a NaN, an infinity or a year past 9999 fails every time
+    format (rfc3339) and every window's comparison, in the middle of a batch."""
+    return isinstance(t, int | float) and not isinstance(t, bool) and 0 <= t < 253402300800
 
 
 class Runner:

@@ -78,6 +78,25 @@ async def test_plugin_findings_are_coerced_or_rejected_never_crash() -> None:
     assert "dict instead of a Finding" in second.message
 
 
+class TimelessCheck(FixedCheck):
+    name = "timeless"
+
+    def collect(self) -> list:
+        bad = [float("nan"), float("inf"), 1e20, -1.0, "now"]
+        self.polls += 1
+        return [Finding("gpu:0", "GpuHealth", Status.FAULT, "Bad", "m", ts=bad[self.polls - 1])]
+
+
+async def test_a_plugin_finding_whose_time_is_no_time_is_unknown_not_a_fault() -> None:
+    """Its event could not be stamped (rfc3339 raises on NaN, inf, a year past 9999): the
+    batch it was in would fail, its events and the node decision with it."""
+    runner = Runner([planned(TimelessCheck)], Collector(), Metrics())
+    for _ in range(5):
+        (got,) = await runner.run_round()
+        assert (got.status, got.reason) == (Status.UNKNOWN, "InvalidFinding"), got
+        assert "time is no time" in got.message
+
+
 async def test_blocking_check_never_stalls_the_event_loop() -> None:
     runner = Runner([planned(BlockingCheck)], Collector(), Metrics())
     ticks = 0
