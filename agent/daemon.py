@@ -50,7 +50,7 @@ from agent.policy import (
 from agent.runner import CHECK_ERROR, Runner
 from agent.server import serve_health
 from agent.sinks import Fanout, Sink
-from agent.sinks.spool import SpoolSink
+from agent.sinks.spool import MARK, SpoolSink
 from agent.sinks.stdout import StdoutSink
 from agent.statedir import StateDir
 from agent.supervise import Heart, Supervisor
@@ -58,6 +58,7 @@ from agent.threads import DaemonThreads, in_daemon_thread
 from checks.api import Action, Finding, Status, StreamingCheck
 
 RECORD_POLL = 2.0  # seconds between looks at the deep-check record (one stat)
+UNSPOOLED_MAX = 1 << 20  # bytes of spool lines kept while the spool cannot be written
 ECHO_CHARS = 1024  # of a command, in the event that answers it
 RUN_CHECK_LISTED = 50  # findings listed in a run-check's answer; the total is given too
 
@@ -72,6 +73,16 @@ class Paths:
     deep_check: str = deeprecord.DIRECTORY  # one <run id>.jsonl per run
     cloudwatch_cursor: str = "cloudwatch.cursor"  # how far the spool has shipped
     hardware_history: str = "hardware-history.json"  # faults and reboots per GPU / NIC
+
+
+def newest_lines(data: bytes, limit: int) -> tuple[bytes, int]:
+    """The last whole lines of `data` within `limit` bytes, and how many events (lines but
+    checkpoints) were left out."""
+    if len(data) <= limit:
+        return data, 0
+    nl = data.find(b"\n", len(data) - limit - 1)
+    cut = len(data) if nl < 0 else nl + 1
+    return data[cut:], sum(1 for ln in data[:cut].splitlines() if not ln.startswith(MARK))
 
 
 class Agent:
@@ -203,6 +214,7 @@ class Agent:
         self._save_failing = False  # the policy state's last save failed
         self._check_saves_failing: dict[str, str] = {}  # a check's state file: why not saved
         self._spool_failing = False  # the spool's last write failed
+        self._unspooled = b""  # what it failed to take, written first at the next try
         self._deadline: float | None = None  # the loop's time by which a stop is done
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
@@ -339,7 +351,7 @@ class Agent:
         the events in one spool write; once per batch, the state written (and fsynced) in a
         thread so that the loop goes on. Shielded: a stop while it is written waits for it
         (serve), so an older state never lands after the last one, nor a batch half-done."""
-        data = self.spool.take(checkpoints, self._batch + 1)
+        data = self._unspooled + self.spool.take(checkpoints, self._batch + 1)
         history = self.history.take()
         outbox = Outbox(self._batch + 1, data, history) if data or history is not None else None
         if outbox is not None:
@@ -368,6 +380,11 @@ class Agent:
             log.error("hardware_history_save_failed", path=str(path), error=str(exc))
 
     def _spool_write(self, data: bytes) -> None:
+        """One write of a batch's spool lines. What a full or read-only disk refuses is kept,
+        up to UNSPOOLED_MAX bytes (the oldest lines dropped past it, and counted as the spool
+        counts what it drops), and written first with the next batch: an outage of the disk
+        loses no event CloudWatch could still be sent."""
+        self._unspooled = b""
         if not data:
             return
         try:
@@ -377,6 +394,10 @@ class Agent:
             if not self._spool_failing:
                 log.error("sink_emit_failed", sink=self.spool.name, error=repr(exc))
             self._spool_failing = True
+            self._unspooled, lost = newest_lines(data, UNSPOOLED_MAX)
+            if lost:
+                self.spool.dropped_events += lost
+                log.warning("spool_unwritten_dropped_oldest", events=lost)
         else:
             if self._spool_failing:
                 log.info("sink_recovered", sink=self.spool.name)

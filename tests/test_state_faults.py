@@ -75,12 +75,24 @@ def test_a_spool_that_cannot_be_written_never_holds_the_node_decision(cli_env, t
         wait_for(lambda: node.exists() and "PendingReplacement" in node.read_text(), 20)
         errors = 'node_health_sink_errors_total{sink="spool"}'
         wait_for(lambda: metric(get(f"http://127.0.0.1:{port}/metrics")[1], errors) >= 2)
+        # The disk back: the events it refused are spooled with the next batch's, in order.
+        (state / "spool").unlink()
+        with kern.open("a") as fh:
+            fh.write(XIDS[0].replace("0000:01:00", "0000:03:00"))
+        gpus = ["gpu:0000:01:00", "gpu:0000:02:00", "gpu:0000:03:00"]
+        wait_for(
+            lambda: (
+                [e["component"] for e in spooled(state) if "xid" in e.get("evidence", {})] == gpus
+            )
+        )
     finally:
         assert stop(proc) < 10
     assert proc.returncode == 0
     assert json.loads(node.read_text())["labels"][LABEL] == "UnschedulablePendingReplacement"
-    failed = [line for line in proc.stderr if "sink_emit_failed" in line]
+    stderr = proc.stderr.read()
+    failed = [line for line in stderr.splitlines() if "sink_emit_failed" in line]
     assert len(failed) == 1 and '"spool"' in failed[0]
+    assert "sink_recovered" in stderr
 
 
 class PathEvidence(PollingCheck):
@@ -123,3 +135,14 @@ async def test_evidence_the_state_file_cannot_hold_never_stops_the_decision(sett
     saved = json.loads((settings.state_dir / "policy-state.json").read_text())
     [tracker] = [t for t in saved["trackers"] if t["check"] == "path_evidence"]
     assert tracker["evidence"] == {"log": "/var/log/plugin.log"}
+
+
+def test_what_the_spool_refused_is_kept_to_a_bound_of_whole_lines() -> None:
+    from agent.daemon import newest_lines
+
+    lines = [b'{"e":%d}\n' % i for i in range(10)] + [b'{"checkpoint":{"batch":3}}\n']
+    data = b"".join(lines)
+    assert newest_lines(data, len(data)) == (data, 0)
+    kept, lost = newest_lines(data, len(lines[-1]) + len(lines[-2]) + 3)
+    assert kept == lines[-2] + lines[-1] and lost == 9  # events left out; the checkpoint kept
+    assert newest_lines(data, 5) == (b"", 10)  # no whole line fits: every event counted
