@@ -211,9 +211,8 @@ class Agent:
             }
         )
         self._stop = asyncio.Event()
-        self._save_failing = False  # the policy state's last save failed
-        self._check_saves_failing: dict[str, str] = {}  # a check's state file: why not saved
-        self._spool_failing = False  # the spool's last write failed
+        # What fails its writes now (a state file by its name, the spool), and why: _spell.
+        self._failing: dict[str, str] = {}
         self._unspooled = b""  # what it failed to take, written first at the next try
         self._deadline: float | None = None  # the loop's time by which a stop is done
         self._wake = asyncio.Event()
@@ -389,19 +388,26 @@ class Agent:
             return
         try:
             self.spool.write(data)
-        except OSError as exc:  # a full disk: counted, said once a failing spell
+        except OSError as exc:  # a full disk: counted
             self._sink_failed(self.spool.name)
-            if not self._spool_failing:
-                log.error("sink_emit_failed", sink=self.spool.name, error=repr(exc))
-            self._spool_failing = True
             self._unspooled, lost = newest_lines(data, UNSPOOLED_MAX)
             if lost:
                 self.spool.dropped_events += lost
                 log.warning("spool_unwritten_dropped_oldest", events=lost)
+            self._spell("spool", exc, "sink_emit_failed", sink=self.spool.name)
         else:
-            if self._spool_failing:
-                log.info("sink_recovered", sink=self.spool.name)
-            self._spool_failing = False
+            self._spell("spool", None, "sink_recovered", sink=self.spool.name)
+
+    def _spell(self, what: str, exc: OSError | None, event: str, **fields: Any) -> None:
+        """A write of `what` failed (`exc`) or worked: said once a failing spell, with
+        `event`, and once when it ends, so a full disk does not fill the log."""
+        if exc is None:
+            if self._failing.pop(what, None) is not None:
+                log.info(event, **fields)
+            return
+        if what not in self._failing:
+            log.error(event, error=str(exc), **fields)
+        self._failing[what] = exc.strerror or str(exc)
 
     async def _write_state(self, path: Path, text: str) -> None:
         """A full or read-only state directory is logged and counted, and never stops the node
@@ -411,13 +417,9 @@ class Agent:
         except OSError as exc:
             self.policy.mark_dirty()
             self.metrics.state_save_errors.labels("policy-state").inc()
-            if not self._save_failing:  # said once a failing spell, not at every event
-                log.error("policy_state_save_failed", error=str(exc))
-            self._save_failing = True
+            self._spell("policy-state", exc, "policy_state_save_failed")
         else:
-            if self._save_failing:
-                log.info("policy_state_saved")
-            self._save_failing = False
+            self._spell("policy-state", None, "policy_state_saved")
 
     def _live(self) -> str | None:
         """Why the agent is not alive: stopping, or a loop dead or stuck (kubelet restarts it)."""
@@ -454,25 +456,20 @@ class Agent:
             check.committed(state)
         except OSError as exc:
             self.metrics.state_save_errors.labels(file).inc()
-            if file not in self._check_saves_failing:
-                log.error("check_state_save_failed", check=check.name, error=str(exc))
-            self._check_saves_failing[file] = exc.strerror or str(exc)
+            self._spell(file, exc, "check_state_save_failed", check=check.name)
         else:
-            if self._check_saves_failing.pop(file, None) is not None:
-                log.info("check_state_saved", check=check.name)
+            self._spell(file, None, "check_state_saved", check=check.name)
 
     def _warnings(self) -> list[str]:
         """For /healthz: a state directory that cannot be written (which says it all), else
         each state file that could not be saved."""
         if said := self.state_dir.warnings():
             return said
-        failing = dict(self._check_saves_failing)
-        if self._save_failing:
-            failing["policy-state"] = "not saved"
         return [
             f"state file {self.settings.state_dir / file}.json: {why}: kept in memory, "
             "tried again at the next change"
-            for file, why in sorted(failing.items())
+            for file, why in sorted(self._failing.items())
+            if file != "spool"
         ]
 
     def _checkpoints(self, findings: list[Finding]) -> dict[str, tuple[StreamingCheck, dict]]:
