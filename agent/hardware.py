@@ -142,7 +142,7 @@ class History:
         self.path, self.rules, self.inventory = path, rules, inventory
         # deferred: the agent writes the file, with the batch of events that changed it (take)
         self.deferred = deferred
-        self._deferred_text: str | None = None  # not taken yet
+        self._changed = False  # deferred: changed since the last take
         self.devices: dict[str, dict[str, Any]] = {}
         self.node: list[dict[str, Any]] = []  # the node's remediations
         self._held, self._unsaved = 0, False  # within `saving_once`; something to write then
@@ -238,20 +238,25 @@ class History:
         return dev
 
     def take(self) -> str | None:
-        """The file's new text, deferred since the last take; None: unchanged."""
-        text, self._deferred_text = self._deferred_text, None
-        return text
+        """The file's new text, if it changed since the last take; None: unchanged."""
+        if not self._changed:
+            return None
+        self._changed = False
+        return self._text()
+
+    def _text(self) -> str:
+        doc = {"version": VERSION, "devices": self.devices, "node": self.node}
+        return json.dumps(doc, indent=1)
 
     def _save(self) -> None:
         self._unsaved = bool(self._held)
         if self.path is None or self._held:
             return
-        doc = {"version": VERSION, "devices": self.devices, "node": self.node}
-        if self.deferred:
-            self._deferred_text = json.dumps(doc, indent=1)
+        if self.deferred:  # the text is made when it is taken, once a batch
+            self._changed = True
             return
         try:
-            write_atomic(self.path, json.dumps(doc, indent=1))
+            write_atomic(self.path, self._text())
         except OSError as exc:  # kept in memory; written again with the next entry
             log.error("hardware_history_save_failed", path=str(self.path), error=str(exc))
 
