@@ -105,17 +105,17 @@ class KubeClient:
     def create_object(
         self, group: str, version: str, namespace: str, plural: str, body: dict
     ) -> dict:
-        where = {"group": group, "version": version, "namespace": namespace, "plural": plural}
+        where = _kind(group, version, namespace, plural)
         return self._call("POST", CUSTOM, where, body=body)
 
     def get_object(self, group: str, version: str, namespace: str, plural: str, name: str) -> dict:
-        where = {"group": group, "version": version, "namespace": namespace, "plural": plural}
+        where = _kind(group, version, namespace, plural)
         return self._call("GET", CUSTOM + "/{name}", where | {"name": name})
 
     def list_objects(
         self, group: str, version: str, namespace: str, plural: str, label_selector: str
     ) -> list[dict[str, Any]]:
-        where = {"group": group, "version": version, "namespace": namespace, "plural": plural}
+        where = _kind(group, version, namespace, plural)
         answer = self._call("GET", CUSTOM, where, query={"labelSelector": label_selector})
         return list(answer.get("items") or [])
 
@@ -123,7 +123,7 @@ class KubeClient:
         self, group: str, version: str, namespace: str, plural: str, name: str
     ) -> None:
         """Deleted with its pods (propagation Background)."""
-        where = {"group": group, "version": version, "namespace": namespace, "plural": plural}
+        where = _kind(group, version, namespace, plural)
         query = {"propagationPolicy": "Background"}
         self._call("DELETE", CUSTOM + "/{name}", where | {"name": name}, query=query)
 
@@ -277,3 +277,8 @@ def _seconds(value: Any) -> float | None:
         return max(0.0, float(value))
     except (TypeError, ValueError):
         return None
+
+
+def _kind(group: str, version: str, namespace: str, plural: str) -> dict[str, str]:
+    """The path parameters of CUSTOM."""
+    return {"group": group, "version": version, "namespace": namespace, "plural": plural}
