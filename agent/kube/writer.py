@@ -40,6 +40,7 @@ log = structlog.get_logger("agent.kube")
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
 WATCH_SECONDS = 300
 CONFLICT_TRIES = 5  # 409s in one pass before it is left to the next
+LAST_PASS = 5.0  # seconds the stop gives the last pass (Kubernetes Events: 5 s too)
 
 
 class Breaker:
@@ -124,14 +125,16 @@ class KubeNodeWriter:
     async def __aexit__(self, *exc: object) -> None:
         """A last pass of the reconcile loop, every part tried whatever its backoff, so the
         decision asked for last (a fault just before a SIGTERM) lands if the API server lets
-        it; bounded by the caller (the daemon's stop budget). Then the loops end."""
+        it; at most LAST_PASS seconds (a loop waiting out a crash makes none), and within the
+        caller's bound (the daemon's stop budget). Then the loops end."""
         self._stop.set()
         self.client.stop_watch()
         try:
             if any(not t.done() for t in self._tasks):
                 self._closing = True
                 self._wake.set()
-                await self._closed.wait()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closed.wait(), LAST_PASS)
         finally:
             for task in self._tasks:
                 task.cancel()
